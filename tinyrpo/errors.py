@@ -1,0 +1,24 @@
+"""User-facing errors: one clear sentence, a non-zero exit code, no traceback.
+
+Every mistake a user can make (missing weights, an empty folder, a bad flag value, a corrupt checkpoint)
+raises `UserError` with a message that says what is wrong and what to do. The scripts wrap their
+`main` in `run_cli`, which prints that message and exits with status 2. Bugs (any other exception)
+still show their traceback, because those are ours to fix.
+"""
+import sys
+
+
+class UserError(Exception):
+    """Something the user can fix; the message says how."""
+
+
+def run_cli(main, argv=None):
+    """Call `main(argv)`; turn `UserError` and Ctrl-C into a one-line message and an exit code."""
+    try:
+        return main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted (checkpoints written so far are intact; use --resume to continue)", file=sys.stderr)
+        sys.exit(130)
