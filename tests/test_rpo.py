@@ -1,0 +1,105 @@
+"""Unit tests of RPO's formulas (Miao et al. 2024) on hand-computed values."""
+import math
+
+import pytest
+import torch
+
+from tinyrpo import dreambench
+from tinyrpo.rpo import (align_i, align_t, delta, harmonic_reward, l_pref, preference_probability,
+                         rpo_loss, sample_label)
+
+
+def test_harmonic_reward_paper_example():
+    # The paper's worked example (λ = 0.5): two images with the same arithmetic mean 0.455,
+    # one that copies the reference but ignores the prompt, one balanced.
+    a_i = torch.tensor([0.9, 0.7])
+    a_t = torch.tensor([0.01, 0.21])
+    h = harmonic_reward(a_i, a_t, 0.5)
+    assert h[0].item() == pytest.approx(0.020, abs=5e-4)
+    assert h[1].item() == pytest.approx(0.323, abs=5e-4)
+    assert ((a_i + a_t) / 2).tolist() == pytest.approx([0.455, 0.455])
+
+
+def test_harmonic_reward_limits():
+    a_i, a_t = torch.tensor([0.8]), torch.tensor([0.3])
+    assert harmonic_reward(a_i, a_t, 0.0).item() == pytest.approx(0.3)  # text only (training value)
+    assert harmonic_reward(a_i, a_t, 1.0).item() == pytest.approx(0.8)  # image only
+
+
+def test_alignments_map_cosine_to_unit_interval():
+    e = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), dim=-1)
+    refs = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+    # image 0: cos 1 with ref 0 -> 1, cos -1 with ref 1 -> 0; mean 0.5. image 1: cos 0 with both -> 0.5
+    assert align_i(e, refs).tolist() == pytest.approx([0.5, 0.5])
+    assert align_t(e, torch.tensor([[1.0, 0.0], [0.0, -1.0]])).tolist() == pytest.approx([1.0, 0.0])
+
+
+def test_bradley_terry_frequencies():
+    h_w = torch.full((200_000,), 0.9)
+    h_l = torch.full((200_000,), 0.2)
+    p = preference_probability(h_w[:1], h_l[:1]).item()
+    assert p == pytest.approx(1 / (1 + math.exp(-0.7)))
+    y = sample_label(h_w, h_l, generator=torch.Generator().manual_seed(0))
+    assert set(y.unique().tolist()) <= {0.0, 1.0}
+    assert y.mean().item() == pytest.approx(p, abs=0.005)
+    # equal rewards -> a fair coin
+    y = sample_label(h_l, h_l, generator=torch.Generator().manual_seed(1))
+    assert y.mean().item() == pytest.approx(0.5, abs=0.005)
+
+
+def test_l_pref_and_gradient_hand_computed():
+    d = torch.tensor([0.3, -0.2], requires_grad=True)
+    y = torch.tensor([1.0, 0.0])
+    beta = 2.0
+    loss = l_pref(d, y, beta)
+    # y=1: -log σ(0.6); y=0: -log σ(-β·(-0.2)) = -log σ(0.4)
+    expect = [-math.log(1 / (1 + math.exp(-0.6))), -math.log(1 / (1 + math.exp(-0.4)))]
+    assert loss.tolist() == pytest.approx(expect)
+    loss.sum().backward()
+    # d/dΔ of BCE(βΔ, y) = β(σ(βΔ) − y)
+    sig = lambda x: 1 / (1 + math.exp(-x))
+    assert d.grad.tolist() == pytest.approx([beta * (sig(0.6) - 1), beta * (sig(-0.4) - 0)])
+
+
+def test_rpo_loss_by_hand():
+    # one pair, 1 element per image: e = (pred - noise)^2
+    noise = torch.tensor([[0.0], [0.0]]).view(2, 1, 1, 1)
+    model = torch.tensor([0.5, 1.0]).view(2, 1, 1, 1).requires_grad_()
+    ref = torch.tensor([1.0, 0.5]).view(2, 1, 1, 1)
+    out = rpo_loss(model, ref, noise, torch.tensor([1.0]), beta=1.0)
+    # e_θ(w)=0.25, e_θ(l)=1, e_ref(w)=1, e_ref(l)=0.25 -> Δ = (1-0.25) - (0.25-1) = 1.5
+    assert out.delta.tolist() == pytest.approx([1.5])
+    assert out.l_sim.item() == pytest.approx(0.25)
+    assert out.l_pref.item() == pytest.approx(-math.log(1 / (1 + math.exp(-1.5))))
+    assert out.loss.item() == pytest.approx(out.l_sim.item() + out.l_pref.item())
+    out.loss.backward()
+    s = 1 / (1 + math.exp(-1.5))
+    # dL/de_θ(w) = 1 + (σ(Δ) − 1)·(−1); dL/de_θ(l) = (σ(Δ) − 1)·(+1); de/dpred = 2·pred
+    assert model.grad.flatten().tolist() == pytest.approx([(1 - (s - 1)) * 2 * 0.5, (s - 1) * 2 * 1.0])
+
+
+def test_delta_sign_convention():
+    # the policy got better than the base on w and worse on l -> Δ > 0
+    assert delta(torch.tensor(0.1), torch.tensor(0.9), torch.tensor(0.5), torch.tensor(0.5)).item() > 0
+
+
+def test_token_removed_before_scoring():
+    assert dreambench.remove_token("a sks dog on the beach", "sks") == "a dog on the beach"
+    assert dreambench.remove_token("a red sks backpack", "sks") == "a red backpack"
+    # only the whole word goes
+    assert dreambench.remove_token("a sks dog in sksland", "sks") == "a dog in sksland"
+
+
+def _official_prompts():
+    text = open(__file__.replace("test_rpo.py", "data/dreambench_prompts_and_classes.txt")).read()
+    lists = [[line.split("'")[1] for line in block.splitlines() if line.startswith("'")]
+             for block in text.split("prompt_list = [")[1:]]
+    classes = dict(line.split(",") for line in text.split("Prompts")[0].splitlines()[3:] if "," in line)
+    return lists, classes
+
+
+def test_dreambench_prompts_and_classes_equal_official_list():
+    (objects, live), classes = _official_prompts()
+    assert dreambench.OBJECT_PROMPTS == objects and len(objects) == 25
+    assert dreambench.LIVE_PROMPTS == live and len(live) == 25
+    assert dreambench.SUBJECT_CLASSES == classes and len(classes) == 30
