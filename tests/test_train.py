@@ -1,0 +1,174 @@
+"""End-to-end: train.py on tiny random weights and synthetic photos, then sample.py with its best.pt."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train
+from tests.fixtures import make_tiny_clip, make_tiny_sd
+
+ROOT = Path(__file__).resolve().parents[1]
+RES = 32  # tiny SD: VAE factor 2 -> 16x16 latents
+
+
+def make_subject(folder: Path, n=3, size=64, seed=0) -> Path:
+    """Synthetic 'photos': a coloured disc on a textured background, moved a little in each."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for k in range(n):
+        yy, xx = np.mgrid[:size, :size]
+        img = rng.integers(0, 60, (size, size, 3)).astype(np.uint8)
+        cx, cy = size // 2 + rng.integers(-6, 6), size // 2 + rng.integers(-6, 6)
+        img[(xx - cx) ** 2 + (yy - cy) ** 2 < (size // 4) ** 2] = (200, 60 + 20 * k, 40)
+        Image.fromarray(img).save(folder / f"{k:02d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("models")
+    return make_tiny_sd(d / "sd", layout="diffusers"), make_tiny_clip(d / "clip")
+
+
+def base_args(models, subject, out, *extra):
+    sd, clip = models
+    return ["--subject", str(subject), "--class-noun", "toy", "--weights", str(sd), "--reward-model", str(clip),
+            "--out", str(out), "--resolution", str(RES), "--images-per-prompt", "1", "--sample-steps", "2",
+            "--val-images-per-prompt", "1", "--gen-batch-size", "8", "--device", "cpu", "--lr", "1e-3",
+            "--log-every", "1", *extra]
+
+
+def test_end_to_end(models, tmp_path):
+    subject = make_subject(tmp_path / "subject")
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match="px"):  # 64-px synthetic photos are below the 256-px advice
+        assert train.main(base_args(models, subject, out, "--steps", "4", "--val-every", "2")) == 0
+    for f in ["config.json", "log.jsonl", "best.pt", "last.pt", "summary.json", "rewards.json",
+              "negatives/index.json", "val/step_00000.png", "val/step_00002.png", "val/step_00004.png"]:
+        assert (out / f).exists(), f
+    assert len(list((out / "negatives").glob("*.png"))) == 8  # 8 object prompts x 1 image
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if not r.get("val")]
+    vals = [r for r in log if r.get("val")]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert all({"loss", "l_sim", "l_pref", "delta", "label"} <= r.keys() for r in steps)
+    assert [v["step"] for v in vals] == [0, 2, 4]
+    # best.pt is the argmax of the validation reward
+    best = max(vals, key=lambda v: v["reward"])
+    meta = torch.load(out / "best.pt", weights_only=True)["meta"]
+    assert meta["step"] == best["step"] and meta["reward"] == pytest.approx(best["reward"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best_step"] == best["step"]
+    assert {"negatives", "train", "validation"} <= summary["seconds"].keys()
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["class_noun"] == "toy" and len(cfg["train_prompts"]) == 8
+
+    # sample.py with the fine-tuned U-Net differs from the base model with the same seed
+    import sample
+    ckpt = out / "last.pt" if meta["step"] == 0 else out / "best.pt"
+    common = ["--prompt", "a sks toy on the beach", "--steps", "2", "--n", "1", "--height", str(RES),
+              "--width", str(RES), "--device", "cpu", "--seed", "3"]
+    assert sample.main([*common, "--weights", str(models[0]), "--out", str(tmp_path / "base")]) == 0
+    if ckpt.name == "best.pt":
+        assert sample.main([*common, "--ckpt", str(ckpt), "--out", str(tmp_path / "tuned")]) == 0
+        a = sorted((tmp_path / "base").rglob("*.png"))
+        b = sorted((tmp_path / "tuned").rglob("*.png"))
+        assert a and b
+        assert not np.array_equal(np.asarray(Image.open(a[0])), np.asarray(Image.open(b[0])))
+
+
+def test_resume_matches_uninterrupted(models, tmp_path):
+    subject = make_subject(tmp_path / "subject")
+    full = tmp_path / "full"
+    train.main(base_args(models, subject, full, "--steps", "4", "--val-every", "2"))
+    # "interrupt" after step 2 by running only 2 steps, then resume to 4
+    part = tmp_path / "part"
+    train.main(base_args(models, subject, part, "--steps", "2", "--val-every", "2"))
+    train.main(base_args(models, subject, part, "--steps", "4", "--val-every", "2", "--resume"))
+    a = torch.load(full / "last.pt", weights_only=True)["unet"]
+    b = torch.load(part / "last.pt", weights_only=True)["unet"]
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    la = [json.loads(x) for x in (full / "log.jsonl").read_text().splitlines()]
+    lb = [json.loads(x) for x in (part / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in la] == [r["step"] for r in lb]
+
+
+def run_cli(args, cwd=ROOT):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "no_image", "unknown_class", "steps0", "lambda",
+                                  "no_weights", "no_reward", "unwritable", "exists", "resume_nothing"])
+def test_bad_input(models, tmp_path, case):
+    subject = make_subject(tmp_path / "subject", n=2)
+    out = tmp_path / "run"
+    args = base_args(models, subject, out, "--steps", "1")
+    expect = {"missing": "does not exist", "empty": "is empty", "no_image": "no readable image",
+              "unknown_class": "--class-noun", "steps0": "--steps", "lambda": "--lambda-val",
+              "no_weights": "tinyrpo.download", "no_reward": "tinyrpo.download", "unwritable": "cannot write",
+              "exists": "--resume", "resume_nothing": "no last.pt"}[case]
+    if case == "missing":
+        args[1] = str(tmp_path / "nope")
+    elif case == "empty":
+        (tmp_path / "empty").mkdir()
+        args[1] = str(tmp_path / "empty")
+    elif case == "no_image":
+        (tmp_path / "junk").mkdir()
+        (tmp_path / "junk" / "a.jpg").write_bytes(b"not a jpeg")
+        (tmp_path / "junk" / "notes.txt").write_text("hello")
+        args[1] = str(tmp_path / "junk")
+    elif case == "unknown_class":
+        i = args.index("--class-noun")
+        del args[i:i + 2]
+    elif case == "steps0":
+        args[args.index("--steps") + 1] = "0"
+    elif case == "lambda":
+        args += ["--lambda-val", "1.5"]
+    elif case == "no_weights":
+        args[args.index("--weights") + 1] = str(tmp_path / "weights" / "sd15")
+    elif case == "no_reward":
+        args[args.index("--reward-model") + 1] = str(tmp_path / "weights" / "clip")
+    elif case == "unwritable":
+        (tmp_path / "file").write_text("")
+        args[args.index("--out") + 1] = str(tmp_path / "file" / "run")
+    elif case == "exists":
+        out.mkdir()
+        (out / "last.pt").write_bytes(b"x")
+    elif case == "resume_nothing":
+        args.append("--resume")
+    r = run_cli(args)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr, r.stderr
+    assert expect in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error:")
+
+
+def test_corrupt_image_among_good_ones_is_skipped(tmp_path):
+    from tinyrpo.data import load_subject_images
+    subject = make_subject(tmp_path / "s", n=2, size=300)
+    (subject / "broken.jpg").write_bytes(b"\xff\xd8garbage")
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        images = load_subject_images(subject, 64)
+    assert len(images) == 2 and images[0].size == (64, 64)
+
+
+def test_image_modes_and_exif(tmp_path):
+    from tinyrpo.data import load_subject_images
+    d = tmp_path / "modes"
+    d.mkdir()
+    Image.new("RGBA", (300, 400), (255, 0, 0, 0)).save(d / "a.png")   # transparent -> white
+    Image.new("L", (300, 300), 128).save(d / "b.png")
+    Image.new("CMYK", (300, 300), (0, 255, 0, 0)).save(d / "c.jpg")
+    im = Image.new("RGB", (400, 300), (0, 0, 255))
+    exif = im.getexif()
+    exif[0x0112] = 6  # rotated 90°: the loaded photo must come out portrait before the crop
+    im.save(d / "d.jpg", exif=exif)
+    images = load_subject_images(d, 256)
+    assert all(i.mode == "RGB" and i.size == (256, 256) for i in images)
+    assert images[0].getpixel((10, 10)) == (255, 255, 255)
