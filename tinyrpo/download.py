@@ -1,6 +1,6 @@
 """Fetch the public weights (and the DreamBench images) tinyrpo needs, over plain HTTPS.
 
-    python -m tinyrpo.download                 # SD v1.5 + CLIP ViT-L/14 + CLIP ViT-B/32 + DINO ViT-S/16 into weights/
+    python -m tinyrpo.download                 # SD v1.5, CLIP ViT-L/14 and ViT-B/32, DINO ViT-S/16 into weights/
     python -m tinyrpo.download sd15 --fp16     # only Stable Diffusion, the half-size fp16 files
     python -m tinyrpo.download dreambench      # the 30 DreamBooth subjects into refs/
     python -m tinyrpo.download all --dir /data/weights
@@ -179,22 +179,31 @@ def remote_size(url, timeout=30.0):
         return None
 
 
-def _mkdir(folder, hint):
+def _or(hint):
+    return f", or {hint}" if hint else ""
+
+
+def _reason(e):
+    """'Connection refused' rather than '<urlopen error [Errno 111] Connection refused>'."""
+    r = getattr(e, "reason", None) or e
+    return getattr(r, "strerror", None) or str(r)
+
+
+def _mkdir(folder):
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create folder {folder}: {e.strerror or e}; "
-                        f"choose a folder you can write to{hint}") from None
+        raise UserError(f"cannot create folder {folder}: {_reason(e)}; use a folder you can write to") from None
 
 
-def _write_error(e, part, hint):
+def _write_error(e, part):
     if e.errno == errno.ENOSPC:
         return UserError(f"disk full while writing {part}: free some space and run the same command again "
                          f"(it resumes from {part.name})")
-    return UserError(f"could not write {part}: {e.strerror or e}{hint}")
+    return UserError(f"could not write {part}: {_reason(e)}; check the folder's permissions and free space")
 
 
-def _transfer(url, part, progress, timeout, hint):
+def _transfer(url, part, progress, timeout, hint, desc):
     """Append the rest of `url` to `part`. Raises _Retry on a network failure, UserError otherwise."""
     start = part.stat().st_size if part.exists() else 0
     try:
@@ -204,17 +213,17 @@ def _transfer(url, part, progress, timeout, hint):
             if _total_from_content_range(e.headers.get("Content-Range")) == start:
                 return
             part.unlink()
-            return _transfer(url, part, progress, timeout, hint)
+            return _transfer(url, part, progress, timeout, hint, desc)
         if e.code in (408, 429) or e.code >= 500:
             raise _Retry(f"HTTP {e.code} {e.reason}") from None
         if e.code == 404:
-            raise NotFound(f"{url} was not found (HTTP 404){hint}") from None
+            raise NotFound(f"{url} was not found (HTTP 404): check the address{_or(hint)}") from None
         if e.code in (401, 403):
             raise UserError(f"access to {url} was refused (HTTP {e.code}): the file may be gated "
-                            f"(accept its license on the site) or moved{hint}") from None
-        raise UserError(f"downloading {url} failed: HTTP {e.code} {e.reason}{hint}") from None
+                            f"(accept its license on the site) or moved{_or(hint)}") from None
+        raise UserError(f"downloading {url} failed: HTTP {e.code} {e.reason}{_or(hint)}") from None
     except _NETWORK_ERRORS as e:
-        raise _Retry(getattr(e, "reason", None) or e) from None
+        raise _Retry(_reason(e)) from None
 
     with resp:
         length = resp.headers.get("Content-Length")
@@ -233,24 +242,24 @@ def _transfer(url, part, progress, timeout, hint):
                                 f"{_gb(total - start)} and {part.parent} has {_gb(free)} free")
         got = 0
         bar = tqdm(total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024,
-                   desc=part.name[:-5], disable=not progress, leave=True, file=sys.stderr)
+                   desc=desc, disable=not progress, leave=True, file=sys.stderr)
         try:
             f = open(part, mode)
         except OSError as e:
             bar.close()
-            raise _write_error(e, part, hint) from None
+            raise _write_error(e, part) from None
         with f, bar:
             while True:
                 try:
                     chunk = resp.read(CHUNK)
                 except _NETWORK_ERRORS as e:
-                    raise _Retry(f"connection lost after {start + got} bytes ({e!r})") from None
+                    raise _Retry(f"connection lost after {start + got} bytes ({_reason(e)})") from None
                 if not chunk:
                     break
                 try:
                     f.write(chunk)
                 except OSError as e:
-                    raise _write_error(e, part, hint) from None
+                    raise _write_error(e, part) from None
                 got += len(chunk)
                 bar.update(len(chunk))
     # http.client returns b"" rather than raising when the server hangs up early: check the count.
@@ -270,38 +279,38 @@ def _gb(n):
     return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
-def fetch(url, path, *, retries=3, progress=True, timeout=60.0, hint=""):
+def fetch(url, path, *, retries=3, progress=True, timeout=60.0, hint="", desc=None):
     """Download `url` to `path`; returns True if bytes were fetched, False if the file was already there.
 
     Writes `path.part` and renames it when complete, so `path` is never half a file. A `.part` left by an
     interrupted run is resumed with `Range: bytes=N-` (a server that answers 200 instead restarts it).
     An existing `path` is kept when its size matches the server's (or the server cannot be asked).
-    Network failures are retried `retries` times; every failure ends in one UserError, ending with `hint`.
+    Network failures are retried `retries` times. Every failure ends in one UserError; `hint` is the
+    way around it offered last ("download it by hand into ...").
     """
     path = Path(path)
-    hint = f"; {hint}" if hint else ""
     if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
         raise UserError(f"cannot download {url}: not an http(s) address (a --base-url needs https://)")
     if path.is_file():
         size = remote_size(url, timeout)
         if size is None or size == path.stat().st_size:
             return False
-    _mkdir(path.parent, hint)
+    _mkdir(path.parent)
     part = path.with_name(path.name + ".part")
     for attempt in range(retries + 1):
         try:
-            _transfer(url, part, progress, timeout, hint)
+            _transfer(url, part, progress, timeout, hint, desc or path.name)
             break
         except _Retry as e:
             if attempt == retries:
                 resume = f" ({part.name} is kept: run again to resume)" if part.exists() else ""
                 raise UserError(f"could not reach {_host(url)} for {path.name}: {e}{resume}; "
-                                f"check your connection{hint}") from None
+                                f"check your connection{_or(hint)}") from None
             time.sleep(RETRY_WAIT * 2 ** attempt)
     try:
         os.replace(part, path)
     except OSError as e:
-        raise _write_error(e, path, hint) from None
+        raise _write_error(e, path) from None
     return True
 
 
@@ -312,7 +321,7 @@ def fetch(url, path, *, retries=3, progress=True, timeout=60.0, hint=""):
 def _fetch_model(what, dest, base_url, fp16, retries, progress):
     repo, folder, desc, _ = MODELS[what]
     out = Path(dest) / folder
-    hint = f"check --base-url, or download the files by hand into {out} as weights/README.md describes"
+    hint = f"download the files by hand into {out} as weights/README.md describes"
     fetched = 0
     for entry in model_files(what, fp16):
         alternatives = (("main", entry),) if isinstance(entry, str) else entry
@@ -320,7 +329,8 @@ def _fetch_model(what, dest, base_url, fp16, retries, progress):
         have = [(rev, f) for rev, f in alternatives if (out / f).is_file()]
         for i, (rev, f) in enumerate(have or alternatives):
             try:
-                new = fetch(hf_url(base_url, repo, f, rev), out / f, retries=retries, progress=progress, hint=hint)
+                new = fetch(hf_url(base_url, repo, f, rev), out / f, retries=retries, progress=progress, hint=hint,
+                            desc=f"{what}/{f}")
                 fetched += new
                 if new and f.endswith(".bin") and progress:
                     print(f"{what}: no model.safetensors published, using {f} (loaded with weights_only=True)")
@@ -328,9 +338,11 @@ def _fetch_model(what, dest, base_url, fp16, retries, progress):
             except NotFound:
                 if i == len(have or alternatives) - 1:
                     names = ", ".join(f"{f} ({rev})" for rev, f in alternatives)
-                    raise UserError(f"{repo} has none of {names} at {base_url} (HTTP 404); {hint}") from None
+                    raise UserError(f"{repo} has none of {names} at {base_url} (HTTP 404): "
+                                    f"check --base-url, or {hint}") from None
     if progress:
-        print(f"{what}: {desc} in {out} ({fetched} fetched, the rest already there)")
+        n = len(model_files(what, fp16))
+        print(f"{what}: {desc} in {out} ({n} files: {fetched} fetched, {n - fetched} already there)")
     return out
 
 
@@ -355,10 +367,10 @@ def download_dreambench(dest=DEFAULT_REFS, *, github_url=GITHUB_URL, retries=3, 
         if progress:
             print(f"dreambench: already in {dest} (delete {done} to fetch again)")
         return dest
-    hint = f"or copy the dataset/ folder of github.com/google/dreambooth into {dest} by hand"
+    hint = f"copy the dataset/ folder of github.com/google/dreambooth into {dest} by hand"
     url = f"{github_url.rstrip('/')}/{DREAMBENCH_ZIP}"
     archive = dest / "dreambooth-main.zip"
-    fetch(url, archive, retries=retries, progress=progress, hint=f"check --github-url, {hint}")
+    fetch(url, archive, retries=retries, progress=progress, hint=hint)
     try:
         with zipfile.ZipFile(archive) as z:
             names = z.namelist()
@@ -368,23 +380,23 @@ def download_dreambench(dest=DEFAULT_REFS, *, github_url=GITHUB_URL, retries=3, 
             members = [(n, rel) for n, rel in members if rel is not None]
             if not any(rel.name == done.name for _, rel in members):
                 raise UserError(f"{archive} has no dataset/prompts_and_classes.txt: it is not the google/dreambooth "
-                                f"repository; check --github-url, {hint}")
+                                f"repository: check --github-url, or {hint}")
             # prompts_and_classes.txt last: its presence means every image is in place.
             members.sort(key=lambda m: m[1].name == done.name)
             for name, rel in members:
                 target = dest / rel
-                _mkdir(target.parent, f"; {hint}")
+                _mkdir(target.parent)
                 tmp = target.with_name(target.name + ".part")
                 try:
                     with z.open(name) as src, open(tmp, "wb") as dst:
                         shutil.copyfileobj(src, dst)
                     os.replace(tmp, target)
                 except OSError as e:
-                    raise _write_error(e, tmp, f"; {hint}") from None
+                    raise _write_error(e, tmp) from None
     except zipfile.BadZipFile:
         archive.unlink()
         raise UserError(f"the file from {url} is not a valid zip (a broken transfer or an error page); "
-                        f"run the command again, {hint}") from None
+                        f"run the command again, or {hint}") from None
     archive.unlink()
     n = sum(1 for _, rel in members if rel.suffix.lower() in (".jpg", ".jpeg", ".png"))
     if progress:
