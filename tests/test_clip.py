@@ -34,7 +34,8 @@ TINY = CLIPConfig(text=TEXT, vision=VISION, projection_dim=16)
 def hf_text_config(t: CLIPTextConfig, eos_token_id: int) -> dict:
     return dict(
         vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-        num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads, max_position_embeddings=t.max_position_embeddings,
+        num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
+        max_position_embeddings=t.max_position_embeddings,
         layer_norm_eps=t.layer_norm_eps, hidden_act=t.hidden_act, eos_token_id=eos_token_id, bos_token_id=BOS,
     )
 

@@ -40,7 +40,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = (p(x).view(B, T, self.num_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, nh, T, hs)
+        q, k, v = (proj(x).view(B, T, self.num_heads, -1).transpose(1, 2)  # (B, nh, T, hs)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # scale 1/sqrt(hs), as CLIP
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -72,7 +73,8 @@ class EncoderLayer(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, num_layers: int, dim: int, num_heads: int, mlp_dim: int, act: str = "quick_gelu", eps: float = 1e-5):
+    def __init__(self, num_layers: int, dim: int, num_heads: int, mlp_dim: int,
+                 act: str = "quick_gelu", eps: float = 1e-5):
         super().__init__()
         self.layers = nn.ModuleList(EncoderLayer(dim, num_heads, mlp_dim, act, eps) for _ in range(num_layers))
 
@@ -138,9 +140,10 @@ class TextTransformer(nn.Module):
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
         self.eos_token_id = cfg.eos_token_id
-        self.embeddings = TextEmbeddings(cfg.vocab_size, cfg.max_position_embeddings, cfg.hidden_size)
-        self.encoder = Encoder(cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.intermediate_size, cfg.hidden_act, cfg.layer_norm_eps)
-        self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        D, eps = cfg.hidden_size, cfg.layer_norm_eps
+        self.embeddings = TextEmbeddings(cfg.vocab_size, cfg.max_position_embeddings, D)
+        self.encoder = Encoder(cfg.num_layers, D, cfg.num_heads, cfg.intermediate_size, cfg.hidden_act, eps)
+        self.final_layer_norm = nn.LayerNorm(D, eps=eps)
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """input_ids [B, T<=77] -> (last hidden state [B, T, D] after the final LayerNorm, pooled [B, D])."""
@@ -297,12 +300,13 @@ def clip_preprocess_tensor(x: torch.Tensor, size: int = 224) -> torch.Tensor:
 
     An approximation of `clip_preprocess` for use on the GPU during training: torch's antialiased bicubic
     follows PIL's filter, but works in float without PIL's rounding to uint8 (the test bounds the difference).
+    Computes in float32 (antialiased bicubic has no bf16 CPU kernel) and returns the input's dtype.
     """
     H, W = x.shape[-2:]
     h, w = (int(size * H / W), size) if W <= H else (size, int(size * W / H))
-    x = F.interpolate(x, size=(h, w), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    y = F.interpolate(x.float(), size=(h, w), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
     top, left = (h - size) // 2, (w - size) // 2
-    x = x[..., top : top + size, left : left + size]
-    mean = torch.tensor(CLIP_MEAN, device=x.device, dtype=x.dtype).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=x.device, dtype=x.dtype).view(3, 1, 1)
-    return (x - mean) / std
+    y = y[..., top : top + size, left : left + size]
+    mean = torch.tensor(CLIP_MEAN, device=x.device).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=x.device).view(3, 1, 1)
+    return ((y - mean) / std).to(x.dtype)

@@ -59,10 +59,10 @@ class DINO(nn.Module):
     def __init__(self, cfg: DINOConfig | None = None):
         super().__init__()
         self.config = cfg = cfg or DINOConfig()
-        D = cfg.hidden_size
+        D, eps = cfg.hidden_size, cfg.layer_norm_eps
         self.embeddings = DINOEmbeddings(cfg.num_channels, D, cfg.image_size, cfg.patch_size)
-        self.encoder = Encoder(cfg.num_layers, D, cfg.num_heads, cfg.intermediate_size, cfg.hidden_act, cfg.layer_norm_eps)
-        self.layernorm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
+        self.encoder = Encoder(cfg.num_layers, D, cfg.num_heads, cfg.intermediate_size, cfg.hidden_act, eps)
+        self.layernorm = nn.LayerNorm(D, eps=eps)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [B, 3, 224, 224] (see dino_preprocess) -> DINO embedding [B, D]: the class token
