@@ -44,15 +44,9 @@ def bytes_to_unicode() -> dict[int, str]:
     Printable latin-1 bytes map to themselves; the other 68 (control chars, space, ...) map to 256+n, so
     BPE never sees whitespace or control characters. The dict's order is the order of the vocabulary.
     """
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
 
 
 def read_bpe_gz(path: str | Path | None = None) -> tuple[dict[str, int], list[tuple[str, str]]]:
