@@ -237,6 +237,16 @@ def test_dreambench_extracts_into_refs(server, tmp_path):
     assert server.log == []
 
 
+def test_dreambench_wrong_zip(server, tmp_path):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("other-main/README.md", "not dreambooth")
+    server.files["/" + dl.DREAMBENCH_ZIP] = buf.getvalue()
+    with pytest.raises(UserError, match="github-url"):
+        dl.download_dreambench(tmp_path / "refs", github_url=server.url, progress=False)
+    assert not (tmp_path / "refs" / "dreambooth-main.zip").exists()  # a rerun fetches it again
+
+
 def test_dreambench_not_a_zip(server, tmp_path):
     server.files["/" + dl.DREAMBENCH_ZIP] = b"<html>rate limited</html>"
     with pytest.raises(UserError, match="not a valid zip"):

@@ -123,8 +123,8 @@ def missing_weights_message(kind, path, flag=None):
     if kind == "sd15":
         flag = flag or "--weights"
         return msg + f" or pass {flag} PATH to a single .safetensors file or a diffusers folder"
-    return msg + (f" or pass {flag} PATH to a folder with config.json and model.safetensors from {repo}"
-                  if flag else f" (files: config.json and model.safetensors from huggingface.co/{repo})")
+    files = f"config.json and model.safetensors from huggingface.co/{repo}"
+    return msg + (f" or pass {flag} PATH to a folder with {files}" if flag else f" or put {files} there by hand")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -302,9 +302,11 @@ def fetch(url, path, *, retries=3, progress=True, timeout=60.0, hint="", desc=No
             _transfer(url, part, progress, timeout, hint, desc or path.name)
             break
         except _Retry as e:
+            if attempt == retries and part.exists() and part.stat().st_size:
+                raise UserError(f"the download of {path.name} from {_host(url)} broke off: {e}; run the same "
+                                f"command again to resume from {part.name}{_or(hint)}") from None
             if attempt == retries:
-                resume = f" ({part.name} is kept: run again to resume)" if part.exists() else ""
-                raise UserError(f"could not reach {_host(url)} for {path.name}: {e}{resume}; "
+                raise UserError(f"could not reach {_host(url)} for {path.name}: {e}; "
                                 f"check your connection{_or(hint)}") from None
             time.sleep(RETRY_WAIT * 2 ** attempt)
     try:
@@ -329,8 +331,8 @@ def _fetch_model(what, dest, base_url, fp16, retries, progress):
         have = [(rev, f) for rev, f in alternatives if (out / f).is_file()]
         for i, (rev, f) in enumerate(have or alternatives):
             try:
-                new = fetch(hf_url(base_url, repo, f, rev), out / f, retries=retries, progress=progress, hint=hint,
-                            desc=f"{what}/{f}")
+                new = fetch(hf_url(base_url, repo, f, rev), out / f, retries=retries, progress=progress,
+                            hint=hint, desc=f"{what}/{f}")
                 fetched += new
                 if new and f.endswith(".bin") and progress:
                     print(f"{what}: no model.safetensors published, using {f} (loaded with weights_only=True)")
@@ -357,9 +359,8 @@ def _safe_member(name, prefix):
 
 
 def download_dreambench(dest=DEFAULT_REFS, *, github_url=GITHUB_URL, retries=3, progress=True):
-    """Put DreamBench (google/dreambooth `dataset/`) in `dest`: dest/<subject>/NN.jpg, dest/prompts_and_classes.txt.
-
-    Skipped when dest/prompts_and_classes.txt exists; that file is written last, so it marks a whole copy.
+    """Put DreamBench (google/dreambooth's `dataset/`) in `dest`: dest/<subject>/NN.jpg and
+    dest/prompts_and_classes.txt. Skipped when that file exists: it is written last, so it marks a whole copy.
     """
     dest = Path(dest)
     done = dest / "prompts_and_classes.txt"
@@ -378,11 +379,12 @@ def download_dreambench(dest=DEFAULT_REFS, *, github_url=GITHUB_URL, retries=3, 
             prefix = f"{top}/dataset/"
             members = [(n, _safe_member(n, prefix)) for n in names]
             members = [(n, rel) for n, rel in members if rel is not None]
-            if not any(rel.name == done.name for _, rel in members):
-                raise UserError(f"{archive} has no dataset/prompts_and_classes.txt: it is not the google/dreambooth "
-                                f"repository: check --github-url, or {hint}")
+            if not any(rel == Path(done.name) for _, rel in members):
+                archive.unlink()
+                raise UserError(f"the zip from {url} has no dataset/prompts_and_classes.txt, so it is not the "
+                                f"google/dreambooth repository: check --github-url, or {hint}")
             # prompts_and_classes.txt last: its presence means every image is in place.
-            members.sort(key=lambda m: m[1].name == done.name)
+            members.sort(key=lambda m: m[1] == Path(done.name))
             for name, rel in members:
                 target = dest / rel
                 _mkdir(target.parent)
@@ -459,8 +461,12 @@ def main(argv=None):
     for w in args.what:
         if w not in CHOICES:
             p.error(f"unknown WHAT {w!r}: choose from {', '.join(CHOICES)}")
-    download(args.what, args.dir, args.base_url, args.fp16, refs=args.refs, github_url=args.github_url,
-             retries=max(0, args.retries))
+    try:
+        download(args.what, args.dir, args.base_url, args.fp16, refs=args.refs, github_url=args.github_url,
+                 retries=max(0, args.retries))
+    except KeyboardInterrupt:  # run_cli's message is about training checkpoints; this one is about .part files
+        print("interrupted: run the same command again to resume the unfinished file", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
