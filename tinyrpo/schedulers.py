@@ -110,7 +110,7 @@ class NoiseSchedule:
         return self.timesteps
 
     def _coefficients(self, t, final_alpha_bar: torch.Tensor):
-        """ᾱ_t and ᾱ_prev of the step t -> t - T//n; before the chain's start ᾱ_prev is `final_alpha_bar`."""
+        """ᾱ_t and ᾱ_prev of the step t -> t - T//n; past the last step (t - T//n < 0) ᾱ_prev is `final_alpha_bar`."""
         t, prev_t = int(t), int(t) - self.step_ratio
         a_t = self.alphas_cumprod[t]
         a_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else final_alpha_bar
