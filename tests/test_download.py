@@ -91,6 +91,12 @@ def serve_sd15(srv, fp16=False, big=300_000):
     return files
 
 
+def closed_port():
+    with socket.socket() as s:  # a port nothing listens on once this socket closes
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def tree(folder):
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()}
 
@@ -173,7 +179,7 @@ def test_present_files_are_not_downloaded_again(server, tmp_path):
     assert tree(tmp_path / "sd15") == want
 
     # Offline, files already there are trusted.
-    dl.download(["sd15"], tmp_path, base_url="http://127.0.0.1:9", retries=0, progress=False)
+    dl.download(["sd15"], tmp_path, base_url=f"http://127.0.0.1:{closed_port()}", retries=0, progress=False)
 
 
 @pytest.mark.parametrize("served", ["main/model.safetensors", "refs%2Fpr%2F1/model.safetensors",
@@ -278,10 +284,7 @@ def test_cli_help(tmp_path):
 
 
 def test_cli_unreachable_is_one_line(tmp_path):
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    r = _cli("sd15", "--base-url", f"http://127.0.0.1:{port}", "--retries", "0", cwd=tmp_path)
+    r = _cli("sd15", "--base-url", f"http://127.0.0.1:{closed_port()}", "--retries", "0", cwd=tmp_path)
     assert r.returncode != 0
     assert "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()

@@ -56,7 +56,7 @@ def _safe_or_bin(pr):
 
 
 def _sd15_files(fp16):
-    v = ".fp16" if fp16 else ""  # diffusers' "variant" naming; the loader accepts either name
+    v = ".fp16" if fp16 else ""  # diffusers names a half-precision copy with the "fp16" variant: NAME.fp16.safetensors
     return ["model_index.json", "scheduler/scheduler_config.json",
             "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/tokenizer_config.json",
             "tokenizer/special_tokens_map.json",
