@@ -32,7 +32,7 @@ from tinyrpo.download import DEFAULT_REWARD_CLIP, DEFAULT_SD
 from tinyrpo.errors import UserError
 from tinyrpo.pipeline import generate, image_grid, to_pil
 from tinyrpo.reward import CLIPScorer, score
-from tinyrpo.rpo import sample_label
+from tinyrpo.rpo import RPOLoss, sample_label
 from tinyrpo.weights import load_clip, load_sd
 
 METHODS = ("rpo",)  # the loss of each method is a small pure function; RPO's is tinyrpo.rpo.rpo_loss
@@ -166,6 +166,37 @@ def embed_prompts(sd, prompts: list[str], device) -> torch.Tensor:
     """Text-encoder conditioning [N, 77, D] for each prompt, computed once for the whole run."""
     ids = sd.tokenizer(prompts).to(device)
     return sd.text_encoder(ids).float()
+
+
+def rpo_forward(policy, ref, x_t, t, cond, noise, y, beta: float, autocast) -> RPOLoss:
+    """Policy and frozen-reference predictions on the same noisy pair, then the RPO loss (eqs. 7-9).
+
+    `policy`/`ref` are callables (sample, t, context) -> ε̂: tinyrpo U-Nets, compiled or not (the
+    benchmark passes diffusers' U-Net wrapped the same way). The loss runs outside autocast in fp32
+    accumulation; on a GPU it is the fused Triton kernel (tinyrpo/kernels.py).
+    """
+    with autocast:
+        model_pred = policy(x_t, t, cond)
+        with torch.no_grad():
+            ref_pred = ref(x_t, t, cond)
+    return kernels.rpo_loss(model_pred, ref_pred, noise, y, beta)
+
+
+def optimizer_step(loss, model, opt, grad_clip: float, scaler=None) -> torch.Tensor:
+    """Backward, gradient-norm clip (really applied), AdamW step; returns the pre-clip norm (no host sync)."""
+    if scaler is not None:  # fp16: scale the loss so small gradients don't underflow
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+    else:
+        loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -397,23 +428,8 @@ class Trainer:
                 tt = torch.cat([t, t])
                 cond = torch.cat([c_w.expand(B, -1, -1), c_prompts[l_prompt[j]]])
                 x_t = sched.add_noise(x0, noise, tt)
-                with self.autocast():
-                    model_pred = self.policy_fwd(x_t, tt, cond)
-                    with torch.no_grad():
-                        ref_pred = self.ref_fwd(x_t, tt, cond)
-                out = kernels.rpo_loss(model_pred, ref_pred, noise, y, cfg.beta)  # eqs. (7)-(9)
-                if self.scaler is not None:
-                    self.scaler.scale(out.loss).backward()
-                    self.scaler.unscale_(self.opt)
-                else:
-                    out.loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
-                if self.scaler is not None:
-                    self.scaler.step(self.opt)
-                    self.scaler.update()
-                else:
-                    self.opt.step()
-                self.opt.zero_grad(set_to_none=True)
+                out = rpo_forward(self.policy_fwd, self.ref_fwd, x_t, tt, cond, noise, y, cfg.beta, self.autocast())
+                grad_norm = optimizer_step(out.loss, self.policy, self.opt, cfg.grad_clip, self.scaler)
                 pending.append((step, out.loss.detach(), out.l_sim.detach(), out.l_pref.detach(),
                                 out.delta.detach(), y, t, grad_norm.detach()))
 
