@@ -1,0 +1,578 @@
+"""DreamBench evaluation (Ruiz et al. 2023, DreamBooth sec. 4.1): DINO, CLIP-I, CLIP-T and RPO's λ-Harmonic.
+
+    python -m tinyrpo.evaluate --ckpt runs/dog/best.pt --subject refs/dog     # a model fine-tuned by train.py
+    python -m tinyrpo.evaluate --subject refs/dog                             # the base model
+    python -m tinyrpo.evaluate --real --subject refs/dog                      # the reference photos themselves
+    python -m tinyrpo.evaluate --dreambench refs --out runs/dreambench -- --steps 400 --lr 5e-6
+                                     # train (train.py gets everything after --) and evaluate every subject
+
+For each of the 25 official prompts of the subject's set (live for dogs and cats, object otherwise) the model
+draws --images-per-prompt images (DDIM, seed + p for prompt p, as sample.py), and each image is scored:
+
+    DINO    cosine of DINO ViT-S/16 class-token embeddings, averaged over all (reference, generated) pairs
+    CLIP-I  the same with CLIP image embeddings (ViT-B/32 by default, as DreamBooth)
+    CLIP-T  cosine of the CLIP embeddings of the image and of its prompt with the subject token removed
+            ("a sks dog on the beach" is scored as "a dog on the beach": CLIP has never seen "sks")
+    h_λ     RPO's λ-Harmonic reward (eq. 5) at --lambda-val, with the evaluation CLIP:
+            ALIGN-I = (cos + 1) / 2 averaged over references, ALIGN-T = (cos + 1) / 2
+
+A prompt's score is the mean over its images, the overall score the mean over all images (= over prompts).
+The reference photos are scored against each other too (each pair once per direction, never an image with
+itself): the "real images" row. Its CLIP-T is the photos against "a photo of a {class}" (not in the paper).
+Reference photos are loaded as train.py loads them (EXIF-rotated, RGB, center-cropped to --resolution).
+
+Writes into --out (default <ckpt folder>/eval, or runs/base-<subject>/eval, runs/real-<subject>/eval):
+eval.json (per prompt and overall, with the settings and the model paths; written last, so it marks a
+finished evaluation), eval.md (the table printed at the end) and grids/pNN-<prompt>.png.
+
+--dreambench ROOT runs every subject folder of ROOT found in DreamBench's table (or --subjects a,b): train.py
+with --subject ROOT/<name> --out OUT/<name> --class-noun <class> and every argument after `--`, then the
+evaluation of OUT/<name>/best.pt. It resumes: a subject with a finished eval.json is skipped, a training
+run with last.pt but no summary.json continues with --resume. --weights, --token and --device, when given
+here, are passed on to train.py too (unless set after `--`). Aggregates go to OUT/dreambench.{json,md}.
+"""
+import argparse
+import gc
+import json
+import os
+import re
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from tinyrpo import dreambench
+from tinyrpo.checkpoint import apply_checkpoint, load_checkpoint
+from tinyrpo.data import load_subject, resolve_class
+from tinyrpo.download import DEFAULT_DINO, DEFAULT_EVAL_CLIP, DEFAULT_SD, missing_weights_message
+from tinyrpo.dino import DINO, dino_preprocess
+from tinyrpo.errors import UserError, run_cli
+from tinyrpo.pipeline import generate, image_grid, to_pil
+from tinyrpo.reward import CLIPScorer
+from tinyrpo.rpo import harmonic_reward
+from tinyrpo.weights import load_clip, load_dino, load_sd
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+METRICS = ("dino", "clip_i", "clip_t", "align_i", "align_t", "harmonic")
+REFERENCE_TEXT = "a photo of a {}"  # CLIP-T of the real images (CLIP's own zero-shot template)
+
+# DreamBench results as published (mean over the 30 subjects, 25 prompts each). The real-image and
+# DreamBooth rows are DreamBooth's Table 1; RPO's is Miao et al. 2024, Table 1 (they report no DINO).
+PAPER_ROWS = [
+    ("Real images (paper)", {"dino": 0.774, "clip_i": 0.885, "clip_t": None}),
+    ("DreamBooth (SD) (paper)", {"dino": 0.668, "clip_i": 0.803, "clip_t": 0.305}),
+    ("RPO (λ_val=0.5, paper)", {"dino": None, "clip_i": 0.833, "clip_t": 0.314}),
+]
+REWARD_MODEL_NOTE = ("note: evaluated with the training reward model; CLIP-I/CLIP-T are then not independent "
+                     "of what was optimized")
+
+
+# ------------------------------------------------------------------------------------------------- metrics
+
+def pair_cosine(a: torch.Tensor, b: torch.Tensor, exclude_self: bool = False) -> torch.Tensor:
+    """For each row of `a`, its mean cosine similarity with every row of `b`: [N].
+
+    a: [N, D] generated-image embeddings, b: [R, D] reference embeddings (any norm). The mean over rows of
+    the result is the mean over all N·R pairs: DreamBooth's DINO and CLIP-I. With `exclude_self`, a and b
+    are the same R images and image i is compared with the R − 1 others (the "real images" row).
+    """
+    sim = F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T  # (N, R)
+    if not exclude_self:
+        return sim.mean(dim=1)
+    n = sim.shape[0]
+    if sim.shape != (n, n) or n < 2:
+        raise ValueError(f"exclude_self needs the same >= 2 images on both sides, got {tuple(sim.shape)}")
+    return sim.masked_fill(torch.eye(n, dtype=torch.bool, device=sim.device), 0.0).sum(dim=1) / (n - 1)
+
+
+def text_cosine(image_embs: torch.Tensor, text_embs: torch.Tensor) -> torch.Tensor:
+    """CLIP-T: cosine of image i with text i, [N] (row i of text_embs is image i's prompt)."""
+    return (F.normalize(image_embs.float(), dim=-1) * F.normalize(text_embs.float(), dim=-1)).sum(dim=-1)
+
+
+def scoring_prompt(prompt: str, token: str) -> str:
+    """The text CLIP-T scores: the prompt without the subject token, class noun kept."""
+    return dreambench.remove_token(prompt, token)
+
+
+def harmonic_scores(clip_i: torch.Tensor, clip_t: torch.Tensor, lam: float) -> dict[str, torch.Tensor]:
+    """ALIGN-I, ALIGN-T and h_λ (eq. 5) from the cosines, as training scores them (tinyrpo.rpo).
+
+    ALIGN-I = mean over references of (cos + 1) / 2 = (CLIP-I + 1) / 2, which is rpo.align_i
+    (the mean of an affine map is the map of the mean); ALIGN-T = (CLIP-T + 1) / 2 = rpo.align_t.
+    """
+    a_i, a_t = (clip_i + 1) / 2, (clip_t + 1) / 2
+    return {"align_i": a_i, "align_t": a_t, "harmonic": harmonic_reward(a_i, a_t, lam)}
+
+
+def image_scores(gen: "Embeddings", refs: "Embeddings", text_embs: torch.Tensor, lam: float,
+                 exclude_self: bool = False) -> dict[str, torch.Tensor]:
+    """Every metric for each image: {name: [N]} (see METRICS)."""
+    scores = {"dino": pair_cosine(gen.dino, refs.dino, exclude_self),
+              "clip_i": pair_cosine(gen.clip, refs.clip, exclude_self),
+              "clip_t": text_cosine(gen.clip, text_embs)}
+    return scores | harmonic_scores(scores["clip_i"], scores["clip_t"], lam)
+
+
+def mean_scores(scores: dict[str, torch.Tensor], index=slice(None)) -> dict[str, float]:
+    return {k: v[index].mean().item() for k, v in scores.items()}
+
+
+# ------------------------------------------------------------------------------------------------- models
+
+@dataclass
+class Embeddings:
+    dino: torch.Tensor  # [N, 384] DINO class tokens (float32, unnormalized)
+    clip: torch.Tensor  # [N, P] CLIP image embeddings (float32, L2-normalized)
+
+
+class Embedder:
+    """The two evaluation networks, inference only, in float32 (the metrics are small differences)."""
+
+    def __init__(self, clip, dino: DINO, batch_size: int = 32):
+        self.clip = CLIPScorer(clip, batch_size=batch_size)
+        self.dino = dino.eval().requires_grad_(False)
+        self.batch_size = batch_size
+
+    @torch.inference_mode()
+    def dino_embed(self, images) -> torch.Tensor:
+        p = next(self.dino.parameters())
+        x = dino_preprocess(images, self.dino.config.image_size).to(p.device, p.dtype)
+        return self.dino(x).float()
+
+    def images(self, images, desc: str = "scoring", progress: bool = True) -> Embeddings:
+        dino, clip = [], []
+        for i in tqdm(range(0, len(images), self.batch_size), desc=desc, unit="batch", leave=False,
+                      disable=not progress):
+            chunk = images[i:i + self.batch_size]
+            dino.append(self.dino_embed(chunk))
+            clip.append(self.clip.embed_images(chunk))
+        return Embeddings(torch.cat(dino), torch.cat(clip))
+
+    def texts(self, prompts: list[str]) -> torch.Tensor:
+        return self.clip.embed_texts(prompts)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: this PyTorch sees no CUDA GPU; use --device cpu")
+    return device
+
+
+def check_eval_weights(eval_clip, dino) -> None:
+    """Missing evaluation weights: say which download gets them (the loader can't tell B/32 from L/14)."""
+    for kind, path, flag in (("clip-b32", eval_clip, "--eval-clip"), ("dino", dino, "--dino")):
+        if not Path(path).exists():
+            raise UserError(missing_weights_message(kind, path, flag))
+
+
+def load_embedder(eval_clip, dino, device: torch.device) -> Embedder:
+    check_eval_weights(eval_clip, dino)
+    return Embedder(load_clip(eval_clip, device=device, dtype=torch.float32),
+                    load_dino(dino, device=device, dtype=torch.float32))
+
+
+def same_path(a, b) -> bool:
+    return a is not None and b is not None and Path(a).resolve() == Path(b).resolve()
+
+
+def slug(text: str, limit: int = 48) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-") or "prompt"
+
+
+# ------------------------------------------------------------------------------------------------- one subject
+
+@dataclass
+class EvalSettings:
+    images_per_prompt: int = 4
+    seed: int = 0
+    steps: int = 50
+    guidance: float = 7.5
+    scheduler: str = "ddim"
+    resolution: int | None = None   # None: the checkpoint's training resolution, else 512
+    lambda_val: float = 0.5
+    batch_size: int | None = None   # images per U-Net pass (pipeline default: 8)
+    device: str = "auto"
+    dtype: str = "auto"             # the SD model's; the evaluation networks always run in float32
+    progress: bool = True
+
+    def validate(self):
+        checks = [(self.images_per_prompt >= 1, f"--images-per-prompt must be at least 1 (got {self.images_per_prompt})"),
+                  (self.steps >= 1, f"--steps must be at least 1 (got {self.steps})"),
+                  (self.guidance >= 0, f"--guidance must be >= 0 (got {self.guidance})"),
+                  (0.0 <= self.lambda_val <= 1.0, f"--lambda-val must be in [0, 1] (got {self.lambda_val})"),
+                  (self.resolution is None or self.resolution >= 8,
+                   f"--resolution must be at least 8 (got {self.resolution})"),
+                  (self.batch_size is None or self.batch_size >= 1,
+                   f"--batch-size must be at least 1 (got {self.batch_size})"),
+                  (self.dtype in ("auto", *DTYPES), f"--dtype must be auto, {', '.join(DTYPES)} (got {self.dtype})")]
+        for ok, msg in checks:
+            if not ok:
+                raise UserError(msg)
+
+
+def reference_block(embedder: Embedder, refs: Embeddings, class_noun: str, lam: float) -> dict | None:
+    """The real-images row: the reference photos against each other (no self-pairs)."""
+    n = refs.clip.shape[0]
+    if n < 2:
+        return None
+    text = REFERENCE_TEXT.format(class_noun)
+    scores = image_scores(refs, refs, embedder.texts([text] * n), lam, exclude_self=True)
+    return {"images": n, "clip_t_text": text, **mean_scores(scores)}
+
+
+def evaluate_subject(subject_dir, out=None, ckpt=None, weights=None, eval_clip=DEFAULT_EVAL_CLIP,
+                     dino=DEFAULT_DINO, token=None, class_noun=None, live=None, real=False,
+                     settings: EvalSettings | None = None, embedder: Embedder | None = None) -> dict:
+    """Generate, score and write eval.json / eval.md / grids for one subject. Returns eval.json's content.
+
+    ckpt None evaluates the base model (`weights`); `real` scores only the reference photos.
+    `embedder` lets --dreambench load the evaluation networks once.
+    """
+    s = settings or EvalSettings()
+    s.validate()
+    t0 = time.perf_counter()
+    device = resolve_device(s.device)
+    dtype = DTYPES[s.dtype] if s.dtype != "auto" else (torch.float16 if device.type == "cuda" else torch.float32)
+    subject_dir = Path(subject_dir)
+    meta = {}
+    if ckpt is not None:
+        _, meta = load_checkpoint(ckpt)  # fails early on a bad file; memory-mapped, so cheap
+    weights = None if real else (weights or meta.get("base") or DEFAULT_SD)
+    if weights is not None and not Path(weights).exists():
+        raise UserError(missing_weights_message("sd15", weights, "--weights"))
+    embedder = embedder or load_embedder(eval_clip, dino, device)  # before any work: missing weights fail fast
+    token = token or meta.get("token") or "sks"
+    class_noun = resolve_class(subject_dir, class_noun or meta.get("class_noun"))
+    live = meta.get("live") if live is None else live
+    resolution = s.resolution or meta.get("config", {}).get("resolution") or 512
+    subject = load_subject(subject_dir, token, class_noun, live, resolution)
+    if real and len(subject.images) < 2:
+        raise UserError(f"--real compares the reference photos with each other: {subject_dir} needs at least 2")
+    kind = "real" if real else ("ckpt" if ckpt else "base")
+    if out is None:
+        out = Path(ckpt).parent / "eval" if ckpt else Path("runs") / f"{kind}-{subject.name}" / "eval"
+    out = Path(out)
+    try:
+        (out if real else out / "grids").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write to --out {out}: {e.strerror}; choose a folder you can write to") from None
+
+    reward_model = meta.get("reward_model")
+    notes = [REWARD_MODEL_NOTE] if same_path(eval_clip, reward_model) else []
+    refs = embedder.images(subject.images, desc="scoring references", progress=s.progress)
+    reference = reference_block(embedder, refs, subject.class_noun, s.lambda_val)
+
+    templates = dreambench.LIVE_PROMPTS if subject.live else dreambench.OBJECT_PROMPTS
+    prompts = dreambench.fill(templates, subject.token, subject.class_noun)
+    per_prompt, overall = [], None
+    if real:
+        overall = {k: reference[k] for k in METRICS}
+    else:
+        n = s.images_per_prompt
+        images = generate_images(weights, ckpt, prompts, s, device, dtype, resolution)
+        gen = embedder.images(images, desc="scoring images", progress=s.progress)
+        texts = [scoring_prompt(p, subject.token) for p in prompts]
+        scores = image_scores(gen, refs, embedder.texts([t for t in texts for _ in range(n)]), s.lambda_val)
+        overall = mean_scores(scores)
+        for p, (prompt, text) in enumerate(zip(prompts, texts)):
+            rows = slice(p * n, (p + 1) * n)
+            grid = Path("grids") / f"p{p:02d}-{slug(prompt)}.png"
+            image_grid(images[rows], cols=min(n, 4)).save(out / grid)
+            per_prompt.append({"prompt": prompt, "scored_text": text, "seed": s.seed + p, "grid": str(grid),
+                               **mean_scores(scores, rows),
+                               "per_image": {k: v[rows].tolist() for k, v in scores.items()}})
+
+    result = {
+        "subject": subject.name, "subject_dir": str(subject_dir), "kind": kind, "token": subject.token,
+        "class_noun": subject.class_noun, "live": subject.live, "reference_images": len(subject.images),
+        "models": {"ckpt": None if ckpt is None else str(ckpt), "weights": None if weights is None else str(weights),
+                   "eval_clip": str(eval_clip), "dino": str(dino), "training_reward_model": reward_model},
+        "settings": {**{k: v for k, v in vars(s).items() if k != "progress"}, "resolution": resolution,
+                     "device": str(device), "dtype": None if real else str(dtype).removeprefix("torch."), "prompt_set": "live" if subject.live else "object"},
+        "out": str(out), "notes": notes, "overall": overall, "reference": reference, "prompts": per_prompt,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    (out / "eval.md").write_text(markdown(result))
+    tmp = out / "eval.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out / "eval.json")  # last: its presence marks a finished evaluation
+    return result
+
+
+def generate_images(weights, ckpt, prompts, s: EvalSettings, device, dtype, resolution):
+    """The DreamBench images: --images-per-prompt per prompt, prompt-major, as PIL images."""
+    sd = load_sd(weights, device, dtype)
+    factor = sd.vae.downsample_factor
+    if resolution % factor:
+        raise UserError(f"--resolution {resolution} is not a multiple of the VAE's downsampling factor {factor}")
+    if ckpt is not None:
+        apply_checkpoint(sd, ckpt)
+    n = len(prompts) * s.images_per_prompt
+    if s.progress:
+        print(f"generating {n} images ({len(prompts)} prompts x {s.images_per_prompt}, {s.steps} steps)",
+              file=sys.stderr)
+    images, _ = generate(sd, prompts, n=s.images_per_prompt, steps=s.steps, guidance=s.guidance,
+                         scheduler=s.scheduler, seed=s.seed, height=resolution, width=resolution,
+                         batch_size=s.batch_size, progress=s.progress, desc=f"generating {n} images")
+    del sd
+    free_memory(device)
+    return to_pil(images)
+
+
+def free_memory(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------------- tables
+
+def fmt(v) -> str:
+    return "–" if v is None else f"{v:.3f}"
+
+
+def markdown(result: dict) -> str:
+    r, models = result, result["models"]
+    lines = [f"# DreamBench evaluation: {r['subject']} ({r['class_noun']}, {r['kind']})", ""]
+    model = models["ckpt"] or models["weights"] or "reference photos"
+    lines += [f"model: {model}; eval CLIP {models['eval_clip']}, DINO {models['dino']}",
+              f"λ_val = {r['settings']['lambda_val']}; CLIP-T scores the prompt without '{r['token']}'", ""]
+    lines += [*r["notes"], ""] if r["notes"] else []
+    lines += ["| # | prompt | DINO | CLIP-I | CLIP-T | h_λ |", "|---|---|---|---|---|---|"]
+    for p, row in enumerate(r["prompts"]):
+        lines.append(f"| {p} | {row['prompt']} | " + " | ".join(fmt(row[k]) for k in ("dino", "clip_i", "clip_t",
+                                                                                        "harmonic")) + " |")
+    o = r["overall"]
+    name = "reference photos (no self-pairs)" if r["kind"] == "real" else "overall"
+    lines.append(f"| | **{name}** | **{fmt(o['dino'])}** | **{fmt(o['clip_i'])}** | **{fmt(o['clip_t'])}** | "
+                 f"**{fmt(o['harmonic'])}** |")
+    if r["reference"] and r["kind"] != "real":
+        ref = r["reference"]
+        lines.append(f"| | real images ({ref['images']}, no self-pairs; CLIP-T vs \"{ref['clip_t_text']}\") | "
+                     + " | ".join(fmt(ref[k]) for k in ("dino", "clip_i", "clip_t", "harmonic")) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def aggregate(results: list[dict], lam: float) -> dict:
+    """Mean over subjects (each subject weighted equally, as DreamBooth's table)."""
+    def mean(rows, k):
+        vals = [row[k] for row in rows if row is not None and row.get(k) is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    overall = [r["overall"] for r in results]
+    refs = [r["reference"] for r in results]
+    return {"subjects": [r["subject"] for r in results], "lambda_val": lam,
+            "mean": {k: mean(overall, k) for k in METRICS}, "real_images": {k: mean(refs, k) for k in METRICS},
+            "per_subject": {r["subject"]: r["overall"] for r in results},
+            "notes": sorted({n for r in results for n in r["notes"]}), "paper": dict(PAPER_ROWS)}
+
+
+def aggregate_markdown(agg: dict) -> str:
+    n = len(agg["subjects"])
+    lines = [f"# DreamBench: {n} subjects", "", *agg["notes"], "",
+             "| method | DINO | CLIP-I | CLIP-T |", "|---|---|---|---|"]
+    for name, row in PAPER_ROWS:
+        lines.append(f"| {name} | {fmt(row['dino'])} | {fmt(row['clip_i'])} | {fmt(row['clip_t'])} |")
+    ref, m = agg["real_images"], agg["mean"]
+    lines.append(f"| Real images (measured) | {fmt(ref['dino'])} | {fmt(ref['clip_i'])} | {fmt(ref['clip_t'])} |")
+    lines.append(f"| **this run ({n} subjects)** | **{fmt(m['dino'])}** | **{fmt(m['clip_i'])}** | "
+                 f"**{fmt(m['clip_t'])}** |")
+    lines += ["", f"λ-Harmonic (λ_val = {agg['lambda_val']}): {fmt(m['harmonic'])}", "",
+              "| subject | DINO | CLIP-I | CLIP-T | h_λ |", "|---|---|---|---|---|"]
+    for name, o in agg["per_subject"].items():
+        lines.append(f"| {name} | " + " | ".join(fmt(o[k]) for k in ("dino", "clip_i", "clip_t", "harmonic")) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------- DreamBench
+
+def find_subjects(root, wanted: str | None) -> list[Path]:
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(missing_weights_message("dreambench", root, "--dreambench"))
+    found = sorted(d for d in root.iterdir() if d.is_dir() and d.name in dreambench.SUBJECT_CLASSES)
+    if not found:
+        raise UserError(f"no DreamBench subject folders (dog, cat2, backpack, ...) in {root}; "
+                        + missing_weights_message("dreambench", root, "--dreambench"))
+    if wanted:
+        names = [w.strip() for w in wanted.split(",") if w.strip()]
+        by_name = {d.name: d for d in found}
+        unknown = [w for w in names if w not in by_name]
+        if unknown:
+            raise UserError(f"--subjects: {', '.join(unknown)} not found in {root}; "
+                            f"available: {', '.join(by_name)}")
+        found = [by_name[w] for w in dict.fromkeys(names)]
+    return found
+
+
+def read_finished(path: Path) -> dict | None:
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return result if isinstance(result, dict) and result.get("overall") else None
+
+
+def train_args_for(subject: Path, run: Path, train_args: list[str], forward: dict) -> list[str]:
+    """train.py's argv for one subject; `forward` holds this command's options train.py also takes."""
+    args = ["--subject", str(subject), "--out", str(run), "--class-noun", dreambench.SUBJECT_CLASSES[subject.name]]
+    given = {a.split("=")[0] for a in train_args if a.startswith("--")}
+    for flag, value in forward.items():
+        if value is not None and flag not in given:
+            args += [flag, str(value)]
+    args += train_args
+    if (run / "last.pt").exists() and "--resume" not in args:
+        args.append("--resume")
+    return args
+
+
+def duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def run_dreambench(root, out, train_args: list[str], subjects: str | None, args, settings: EvalSettings) -> dict:
+    if any(a in ("--subject", "--out") or a.startswith(("--subject=", "--out=")) for a in train_args):
+        raise UserError("--subject and --out for train.py are set per subject by --dreambench; "
+                        "remove them after `--` (use --out before `--` for the whole benchmark)")
+    settings.validate()
+    folders = find_subjects(root, subjects)
+    check_eval_weights(args.eval_clip, args.dino)  # before hours of training, not after
+    out = Path(out or "runs/dreambench")
+    forward = {"--weights": args.weights, "--token": args.token, "--device": args.device_given}
+    try:
+        import train  # the repository's train.py, importable when run from the repository root
+    except ModuleNotFoundError:
+        raise UserError("--dreambench calls train.py: run this command from the tinyrpo repository root") from None
+
+    embedder = None
+    results, spent, done_here = [], 0.0, 0
+    print(f"DreamBench: {len(folders)} subjects from {root} into {out}; train.py args: "
+          f"{shlex.join(train_args) or '(defaults)'}")
+    for i, folder in enumerate(folders):
+        run = out / folder.name
+        finished = read_finished(run / "eval" / "eval.json")
+        if finished is not None:
+            results.append(finished)
+            print(f"[{i + 1:2d}/{len(folders)}] {folder.name}: done before, skipped")
+            continue
+        t0 = time.perf_counter()
+        if not ((run / "summary.json").exists() and (run / "best.pt").exists()):
+            train.main(train_args_for(folder, run, train_args, forward))
+            free_memory(resolve_device(settings.device))
+        if embedder is None:
+            embedder = load_embedder(args.eval_clip, args.dino, resolve_device(settings.device))
+        result = evaluate_subject(folder, out=run / "eval", ckpt=run / "best.pt", weights=args.weights,
+                                  eval_clip=args.eval_clip, dino=args.dino, token=args.token,
+                                  settings=settings, embedder=embedder)
+        results.append(result)
+        spent += time.perf_counter() - t0
+        done_here += 1
+        left = sum(1 for f in folders[i + 1:] if read_finished(out / f.name / "eval" / "eval.json") is None)
+        o = result["overall"]
+        print(f"[{i + 1:2d}/{len(folders)}] {folder.name}: DINO {o['dino']:.3f} CLIP-I {o['clip_i']:.3f} "
+              f"CLIP-T {o['clip_t']:.3f} in {duration(time.perf_counter() - t0)}; {left} to go, "
+              f"ETA {duration(spent / done_here * left)}", flush=True)
+
+    agg = aggregate(results, settings.lambda_val)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "dreambench.json").write_text(json.dumps(agg, indent=2) + "\n")
+    table = aggregate_markdown(agg)
+    (out / "dreambench.md").write_text(table)
+    print("\n" + table)
+    print(f"wrote {out / 'dreambench.json'} and {out / 'dreambench.md'}")
+    return agg
+
+
+# ------------------------------------------------------------------------------------------------- command
+
+def parse_args(argv):
+    examples = __doc__.split("\n\n")[1]
+    p = argparse.ArgumentParser(
+        prog="python -m tinyrpo.evaluate", description=__doc__.split("\n\n")[0],
+        epilog=f"examples:\n{examples}\n\nWith --dreambench every argument after `--` goes to train.py.\n"
+               "The metrics and outputs are described in `python -m pydoc tinyrpo.evaluate`.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--ckpt", default=None, help="checkpoint written by train.py (omit it to evaluate the base model)")
+    a("--subject", default=None, help="folder of the subject's reference photos, e.g. refs/dog")
+    a("--real", action="store_true", help="score the reference photos against each other (no model)")
+    a("--dreambench", default=None, metavar="ROOT",
+      help="train and evaluate every DreamBench subject folder in ROOT (train.py gets the args after --)")
+    a("--subjects", default=None, help="with --dreambench: only these subjects, comma-separated (e.g. dog,cat2)")
+    a("--out", default=None, help="output folder (default: <ckpt folder>/eval, runs/base-<subject>/eval or "
+                                  "runs/real-<subject>/eval; runs/dreambench with --dreambench)")
+    a("--weights", default=None, help=f"base SD v1 weights (default: the checkpoint's base, else {DEFAULT_SD})")
+    a("--eval-clip", default=DEFAULT_EVAL_CLIP,
+      help="CLIP model (HF layout) for CLIP-I, CLIP-T and h_λ (default: %(default)s)")
+    a("--dino", default=DEFAULT_DINO, help="DINO ViT-S/16, HF or original layout (default: %(default)s)")
+    a("--token", default=None, help="the subject's identifier (default: the checkpoint's, else sks)")
+    a("--class-noun", default=None, help="the subject's class (default: the checkpoint's, or DreamBench's table)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--live", dest="live", action="store_true", default=None,
+                   help="use the 25 live-subject prompts (default for dogs and cats)")
+    g.add_argument("--object", dest="live", action="store_false", help="use the 25 object prompts")
+    a("--images-per-prompt", type=int, default=4, help="images generated per prompt (default: %(default)s)")
+    a("--seed", type=int, default=0, help="prompt p uses seed + p (default: %(default)s)")
+    a("--steps", type=int, default=50, help="DDIM steps (default: %(default)s)")
+    a("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: %(default)s)")
+    a("--resolution", type=int, default=None, help="image size in pixels (default: the checkpoint's, else 512)")
+    a("--lambda-val", type=float, default=0.5, help="λ of the λ-Harmonic score (default: %(default)s)")
+    a("--batch-size", type=int, default=None, help="images per U-Net pass (default: at most 8)")
+    a("--device", default=None, help="auto, cpu, cuda or cuda:N (default: auto)")
+    a("--dtype", default="auto", choices=["auto", *DTYPES],
+      help="SD's dtype; auto is fp16 on CUDA, else fp32 (CLIP and DINO always run in fp32)")
+    a("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after the first `--` belongs to train.py (with --dreambench).
+    train_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    args.device_given, args.device = args.device, args.device or "auto"
+    settings = EvalSettings(images_per_prompt=args.images_per_prompt, seed=args.seed, steps=args.steps,
+                            guidance=args.guidance, resolution=args.resolution, lambda_val=args.lambda_val,
+                            batch_size=args.batch_size, device=args.device, dtype=args.dtype, progress=args.progress)
+    if args.dreambench:
+        for flag, value in (("--subject", args.subject), ("--ckpt", args.ckpt), ("--class-noun", args.class_noun),
+                            ("--real", args.real or None)):
+            if value is not None:
+                raise UserError(f"{flag} evaluates one subject; --dreambench takes each subject of ROOT "
+                                f"(choose them with --subjects)")
+        run_dreambench(args.dreambench, args.out, train_args, args.subjects, args, settings)
+        return 0
+    if train_args:
+        raise UserError(f"arguments after `--` ({shlex.join(train_args)}) are for train.py and only "
+                        f"used with --dreambench")
+    if args.subjects:
+        raise UserError("--subjects selects DreamBench subjects; use it with --dreambench ROOT")
+    if args.subject is None:
+        raise UserError("pass --subject DIR (the reference photos, e.g. refs/dog) or --dreambench ROOT")
+    if args.real and args.ckpt:
+        raise UserError("--real scores the reference photos, not a model; drop --ckpt")
+    result = evaluate_subject(args.subject, out=args.out, ckpt=args.ckpt, weights=args.weights,
+                              eval_clip=args.eval_clip, dino=args.dino, token=args.token,
+                              class_noun=args.class_noun, live=args.live, real=args.real, settings=settings)
+    print(markdown(result))
+    where = Path(result["out"])
+    print(f"wrote {where / 'eval.json'}, {where / 'eval.md'}" + ("" if args.real else f" and {where / 'grids'}/"))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
