@@ -9,7 +9,9 @@ import torch
 
 def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """e(x) = mean over C, H, W of (target - pred)^2, one value per sample: [N, ...] -> [N]."""
-    diff = pred.float() - target.float()
+    # At least float32 (bf16/fp16 are upcast; float64 stays float64, so gradcheck can run on this).
+    dtype = torch.promote_types(pred.dtype, torch.float32)
+    diff = pred.to(dtype) - target.to(dtype)
     return diff.pow(2).flatten(1).mean(dim=1)
 
 
