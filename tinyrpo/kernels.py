@@ -86,7 +86,10 @@ def rpo_loss(model_pred: torch.Tensor, ref_pred: torch.Tensor, noise: torch.Tens
 
 def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor,
                  fused: bool | None = None) -> torch.Tensor:
-    """`tinyrpo.losses.weighted_mse`, mean_n w_n·e_n, fused into Triton kernels on the GPU (see rpo_loss)."""
+    """`tinyrpo.losses.weighted_mse`, mean_n w_n·e_n, fused into Triton kernels on the GPU (see rpo_loss).
+
+    Only `pred` gets a gradient on the fused path (targets and weights are data, not parameters).
+    """
     if _use_triton(pred, fused):
         return torch.ops.tinyrpo.weighted_mse(pred, target, weights)
     return losses.weighted_mse(pred, target, weights)
@@ -272,6 +275,8 @@ if HAS_TRITON:
 
     _rpo_loss_op.register_autograd(_rpo_backward, setup_context=_rpo_setup_context)
 
+    # Shapes only, for torch.compile's fake tensors. triton_op would trace the body instead, which
+    # works on a GPU but not under TRITON_INTERPRET (the interpreted kernel would run on fake data).
     @_rpo_loss_op.register_fake
     def _(model_pred, ref_pred, noise, y, beta):
         scalar = model_pred.new_empty((), dtype=torch.float32)
