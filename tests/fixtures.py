@@ -1,0 +1,229 @@
+"""Tiny but complete checkpoints in the public layouts, for the sampling / training / evaluation tests.
+
+    make_tiny_sd(dest, layout="diffusers" | "single", fp16=False, seed=0)  -> folder or .safetensors file
+    make_tiny_clip(dest, projection_dim=32, seed=0)                         -> folder (model.safetensors, config.json)
+    make_tiny_dino(dest, layout="hf" | "original", seed=0)                  -> folder, or the .pth file
+
+Weights are tests.util.randomize_ values (std 0.05), written with safetensors, with the config.json files
+diffusers / transformers write, so `from_pretrained` of the reference libraries reads the same files.
+The sizes also obey the rules a config-less single file is read by (norm groups 32, 8 U-Net heads, text
+heads = width / 64), so the "single" layout loads to the very same model as the "diffusers" one.
+The tokenizer is the real CLIP vocabulary (tinyrpo's vendored copy), so real prompts work.
+"""
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from tests.util import randomize_
+from tinyrpo.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
+from tinyrpo.dino import DINO, DINOConfig
+from tinyrpo.schedulers import SchedulerConfig, make_betas
+from tinyrpo.tokenizer import CLIPTokenizer
+from tinyrpo.unet import UNet, UNetConfig
+from tinyrpo.vae import AutoencoderKL, VAEConfig
+from tinyrpo.weights import (TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, DINO_HF, DINO_ORIGINAL, Renames,
+                             compvis_unet_table, compvis_vae_table, expand)
+
+# Two levels each; the U-Net attends on level 0 only (as SD v1 attends on all levels but the last).
+TINY_UNET = UNetConfig(block_out_channels=(32, 64), layers_per_block=2, attention_levels=(True, False), num_heads=8,
+                       cross_attention_dim=128, norm_num_groups=32, sample_size=16)
+TINY_VAE = VAEConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32, sample_size=32)  # factor 2
+TINY_TEXT = CLIPTextConfig(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=2)  # real vocab: 49408
+TINY_CLIP_TEXT = CLIPTextConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2)
+TINY_CLIP_VISION = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, image_size=32,
+                                    patch_size=8)
+TINY_DINO = DINOConfig(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=256, patch_size=8, image_size=32)
+
+
+def _json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def _save(state: dict, path: Path, dtype=None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous() for k, t in state.items()}
+    save_file(state, str(path))
+
+
+# ---- config.json files as diffusers / transformers write them (SD v1.5's, resized)
+
+
+def unet_config_json(cfg: UNetConfig) -> dict:
+    return {"_class_name": "UNet2DConditionModel", "_diffusers_version": "0.6.0", "act_fn": "silu",
+            "attention_head_dim": cfg.num_heads,  # diffusers' name for the number of heads in SD v1
+            "block_out_channels": list(cfg.block_out_channels), "center_input_sample": False,
+            "cross_attention_dim": cfg.cross_attention_dim,
+            "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention_levels],
+            "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": cfg.in_channels,
+            "layers_per_block": cfg.layers_per_block, "mid_block_scale_factor": 1, "norm_eps": 1e-05,
+            "norm_num_groups": cfg.norm_num_groups, "out_channels": cfg.out_channels, "sample_size": cfg.sample_size,
+            "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in cfg.attention_levels[::-1]]}
+
+
+def vae_config_json(cfg: VAEConfig) -> dict:
+    n = len(cfg.block_out_channels)
+    return {"_class_name": "AutoencoderKL", "_diffusers_version": "0.6.0", "act_fn": "silu",
+            "block_out_channels": list(cfg.block_out_channels), "down_block_types": ["DownEncoderBlock2D"] * n,
+            "in_channels": cfg.in_channels, "latent_channels": cfg.latent_channels,
+            "layers_per_block": cfg.layers_per_block, "norm_num_groups": cfg.norm_num_groups,
+            "out_channels": cfg.out_channels, "sample_size": cfg.sample_size, "scaling_factor": cfg.scaling_factor,
+            "up_block_types": ["UpDecoderBlock2D"] * n}
+
+
+def clip_text_config_json(cfg: CLIPTextConfig, eos_token_id: int = 2) -> dict:
+    # SD v1.5's text_encoder/config.json says eos_token_id 2 (a leftover): kept, as the loader must cope.
+    return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "hidden_act": cfg.hidden_act,
+            "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+            "num_attention_heads": cfg.num_heads, "num_hidden_layers": cfg.num_layers,
+            "max_position_embeddings": cfg.max_position_embeddings, "layer_norm_eps": cfg.layer_norm_eps,
+            "vocab_size": cfg.vocab_size, "bos_token_id": 0 if eos_token_id == 2 else 49406,
+            "eos_token_id": eos_token_id, "pad_token_id": 1, "torch_dtype": "float32"}
+
+
+SCHEDULER_JSON = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
+                  "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
+                  "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+                  "trained_betas": None}
+MODEL_INDEX_JSON = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.6.0",
+                    "feature_extractor": [None, None], "requires_safety_checker": False, "safety_checker": [None, None],
+                    "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+                    "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+                    "vae": ["diffusers", "AutoencoderKL"]}
+
+
+# ---- Stable Diffusion
+
+
+@lru_cache(maxsize=4)
+def tiny_sd_models(seed: int = 0) -> tuple[UNet, AutoencoderKL, CLIPTextModel]:
+    """The tiny networks (cached per seed: treat them as read-only)."""
+    return (randomize_(UNet(TINY_UNET), seed=seed), randomize_(AutoencoderKL(TINY_VAE), seed=seed + 1),
+            randomize_(CLIPTextModel(TINY_TEXT), seed=seed + 2))
+
+
+@lru_cache(maxsize=1)
+def _tokenizer() -> CLIPTokenizer:
+    return CLIPTokenizer.from_bpe_gz()
+
+
+def schedule_buffers(n: int = 1000) -> dict:
+    """The noise-schedule buffers LatentDiffusion saves into every single file (loaders ignore them)."""
+    betas = make_betas(SchedulerConfig(num_train_timesteps=n))
+    a = torch.cumprod(1 - betas, 0)
+    a_prev = torch.cat([torch.ones(1), a[:-1]])
+    var = betas * (1 - a_prev) / (1 - a)
+    return {"betas": betas, "alphas_cumprod": a, "alphas_cumprod_prev": a_prev, "sqrt_alphas_cumprod": a.sqrt(),
+            "sqrt_one_minus_alphas_cumprod": (1 - a).sqrt(), "log_one_minus_alphas_cumprod": (1 - a).log(),
+            "sqrt_recip_alphas_cumprod": (1 / a).sqrt(), "sqrt_recipm1_alphas_cumprod": (1 / a - 1).sqrt(),
+            "posterior_variance": var, "posterior_log_variance_clipped": var.clamp_min(1e-20).log(),
+            "posterior_mean_coef1": betas * a_prev.sqrt() / (1 - a),
+            "posterior_mean_coef2": (1 - a_prev) * (1 - betas).sqrt() / (1 - a)}
+
+
+def to_compvis(unet: UNet, vae: AutoencoderKL, text: CLIPTextModel) -> dict:
+    """The three networks as one CompVis-layout state dict, by running weights.py's tables backwards
+    (tests/test_weights.py checks the result against diffusers' own converter)."""
+    unet_names, vae_names = Renames(compvis_unet_table(unet.cfg)), Renames(compvis_vae_table(vae.cfg))
+    state = {UNET_PREFIX + unet_names.file_name(k): t for k, t in unet.state_dict().items()}
+    for k, t in vae.state_dict().items():
+        if ".mid_block.attentions.0.to_" in k and k.endswith("weight"):
+            t = t[:, :, None, None]  # CompVis: 1x1 convs
+        state[VAE_PREFIX + vae_names.file_name(k)] = t
+    state.update({TEXT_PREFIX + k: t for k, t in text.state_dict().items()})
+    state[TEXT_PREFIX + "text_model.embeddings.position_ids"] = torch.arange(text.config.max_position_embeddings)[None]
+    state.update(schedule_buffers())
+    return state
+
+
+def make_tiny_sd(dest, layout: str = "diffusers", fp16: bool = False, seed: int = 0,
+                 legacy_vae_attention: bool = False) -> Path:
+    """A tiny SD v1 at `dest`: a diffusers folder (returned), or for layout="single" the same weights as
+    dest/tiny-sd-v1.safetensors in the CompVis layout (returned). fp16: store half-precision weights (the
+    folder then holds only diffusers' `.fp16.` variant files). legacy_vae_attention: the VAE's attention
+    named query/key/value/proj_attn, as diffusers saved it before 0.14."""
+    dest = Path(dest)
+    unet, vae, text = tiny_sd_models(seed)
+    dtype = torch.float16 if fp16 else None
+    if layout == "single":
+        path = dest / "tiny-sd-v1.safetensors"
+        _save(to_compvis(unet, vae, text), path, dtype)
+        return path
+    assert layout == "diffusers", f"unknown layout {layout!r}"
+    v = ".fp16" if fp16 else ""
+    _save(unet.state_dict(), dest / "unet" / f"diffusion_pytorch_model{v}.safetensors", dtype)
+    _json(dest / "unet" / "config.json", unet_config_json(unet.cfg))
+    vae_state = vae.state_dict()
+    if legacy_vae_attention:
+        new = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+        for k in list(vae_state):
+            for a, b in new.items():
+                if f"attentions.0.{a}." in k:
+                    vae_state[k.replace(f"attentions.0.{a}.", f"attentions.0.{b}.")] = vae_state.pop(k)
+    _save(vae_state, dest / "vae" / f"diffusion_pytorch_model{v}.safetensors", dtype)
+    _json(dest / "vae" / "config.json", vae_config_json(vae.cfg))
+    _save(text.state_dict(), dest / "text_encoder" / f"model{v}.safetensors", dtype)
+    _json(dest / "text_encoder" / "config.json", clip_text_config_json(text.config))
+    _tokenizer().save_vocab(dest / "tokenizer")
+    _json(dest / "scheduler" / "scheduler_config.json", SCHEDULER_JSON)
+    _json(dest / "model_index.json", MODEL_INDEX_JSON)
+    return dest
+
+
+# ---- CLIP and DINO
+
+
+def make_tiny_clip(dest, projection_dim: int = 32, seed: int = 0) -> Path:
+    """A tiny CLIPModel (real vocabulary, 32-pixel images in 8-pixel patches) as an HF folder."""
+    dest = Path(dest)
+    cfg = CLIPConfig(text=TINY_CLIP_TEXT, vision=TINY_CLIP_VISION, projection_dim=projection_dim)
+    _save(randomize_(CLIPModel(cfg), seed=seed).state_dict(), dest / "model.safetensors")
+    t, v = cfg.text, cfg.vision
+    text_config = clip_text_config_json(t, eos_token_id=49407)
+    del text_config["architectures"], text_config["torch_dtype"]
+    _json(dest / "config.json", {
+        "architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": projection_dim,
+        "logit_scale_init_value": 2.6592, "torch_dtype": "float32",
+        "text_config": {**text_config, "projection_dim": projection_dim},
+        "vision_config": {"model_type": "clip_vision_model", "hidden_act": v.hidden_act, "hidden_size": v.hidden_size,
+                          "intermediate_size": v.intermediate_size, "num_attention_heads": v.num_heads,
+                          "num_hidden_layers": v.num_layers, "image_size": v.image_size, "patch_size": v.patch_size,
+                          "num_channels": v.num_channels, "layer_norm_eps": v.layer_norm_eps,
+                          "projection_dim": projection_dim}})
+    return dest
+
+
+def dino_to_original(state: dict) -> dict:
+    """tinyrpo/HF-named DINO tensors -> DINO's own names, q/k/v fused back into attn.qkv."""
+    layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.layers."))
+    names = Renames(expand(DINO_ORIGINAL, layers))
+    out = {names.file_name(k): t for k, t in state.items()}
+    for i in range(layers):
+        for p in ("weight", "bias"):
+            out[f"blocks.{i}.attn.qkv.{p}"] = torch.cat([out.pop(f"blocks.{i}.attn.{x}.{p}") for x in "qkv"])
+    return out
+
+
+def make_tiny_dino(dest, layout: str = "hf", seed: int = 0) -> Path:
+    """A tiny DINO ViT: layout "hf" = an HF ViTModel folder (model.safetensors, config.json), returned;
+    "original" = DINO's own names in dest/dino_tiny.pth (torch.save), returned."""
+    dest = Path(dest)
+    model = randomize_(DINO(TINY_DINO), seed=seed)
+    if layout == "original":
+        dest.mkdir(parents=True, exist_ok=True)
+        torch.save(dino_to_original(model.state_dict()), dest / "dino_tiny.pth")
+        return dest / "dino_tiny.pth"
+    assert layout == "hf", f"unknown layout {layout!r}"
+    names = Renames(expand(DINO_HF, TINY_DINO.num_layers))
+    _save({names.file_name(k): t for k, t in model.state_dict().items()}, dest / "model.safetensors")
+    c = TINY_DINO
+    _json(dest / "config.json", {
+        "architectures": ["ViTModel"], "model_type": "vit", "hidden_size": c.hidden_size,
+        "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads, "intermediate_size": c.intermediate_size,
+        "hidden_act": c.hidden_act, "image_size": c.image_size, "patch_size": c.patch_size,
+        "num_channels": c.num_channels, "qkv_bias": True, "layer_norm_eps": 1e-12,  # as facebook/dino-vits16's
+        "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "torch_dtype": "float32"})
+    return dest

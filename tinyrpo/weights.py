@@ -1,0 +1,765 @@
+"""Loading public checkpoints into tinyrpo's networks: the one module that knows file layouts.
+
+    load_sd(path)    Stable Diffusion v1.x: one .safetensors file (CompVis layout) or a diffusers folder
+    load_clip(path)  CLIP: an HF folder (model.safetensors, config.json) or the weight file itself
+    load_dino(path)  DINO ViT: HF facebook/dino-vits16 names or DINO's own (timm) names; .safetensors/.pth/.bin
+
+tinyrpo's modules carry the diffusers / HF names, so those files load with a plain strict load_state_dict.
+Every other layout is mapped by rules: one table per network from the file's module paths to ours, built
+from the config by a few loops (so a tiny model maps as well as SD v1.5), `{i}` standing for a layer
+index, the longest matching dotted prefix winning. The few fixes that are not renames (1x1 convs stored
+where we have linears, DINO's fused qkv) sit beside the tables.
+
+A single file carries no config, so every size is read off tensor shapes, as openai/CLIP's build_model
+does; what shapes cannot tell (head counts) follows SD v1's rule. Every load is strict: a tensor missing,
+left over (beyond the known non-weights) or of the wrong shape raises one WeightsError naming the file and
+the first few offending tensors, and checkpoints of other models (SD 2.x, SDXL, inpainting) are refused
+by name. Models are built on the meta device and the file's tensors are assigned, so no memory or time
+goes into a random initialization that would be overwritten.
+
+Mirrors diffusers/loaders/single_file_utils.py (convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint,
+convert_ldm_clip_checkpoint) and transformers' convert_dino_to_pytorch.py; tests/test_weights.py checks
+the CompVis mapping against diffusers' converter, value for value.
+"""
+import hashlib
+import json
+import pickle
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+from torch.overrides import TorchFunctionMode
+
+from tinyrpo import download
+from tinyrpo.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
+from tinyrpo.dino import DINO, DINOConfig
+from tinyrpo.errors import UserError
+from tinyrpo.schedulers import DDIMScheduler, SchedulerConfig, from_diffusers_config
+from tinyrpo.tokenizer import CLIPTokenizer
+from tinyrpo.unet import UNet, UNetConfig
+from tinyrpo.vae import AutoencoderKL, VAEConfig
+
+
+class WeightsError(UserError):
+    """A weight file that is missing, unreadable, or not the model it was given as."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading files
+
+
+def read_state_dict(path) -> dict[str, torch.Tensor]:
+    """Every tensor of a .safetensors file, or of a .pth / .bin / .ckpt state dict (weights_only=True)."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(path)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise WeightsError(f"{path} holds Python objects that torch.load(weights_only=True) refuses to run "
+                           f"({str(e).splitlines()[0]}); use the .safetensors version of these weights") from None
+    except Exception as e:  # safetensors and zip/pickle raise many types on a corrupt or cut-short file
+        raise WeightsError(f"cannot read {path} ({type(e).__name__}: {e}): the file is corrupt or incomplete; "
+                           "delete it and download it again") from None
+    # A Lightning .ckpt keeps its weights under "state_dict"; DINO's training checkpoints under "teacher".
+    for key in ("state_dict", "teacher"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{path} is not a state dict of tensors")
+    return obj
+
+
+def _read_json(path) -> dict:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"cannot read {path}: {e}") from None
+
+
+def _first_file(folder: Path, names: list[str], what: str) -> Path:
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    raise WeightsError(f"{folder} has no {what} weights: expected {' or '.join(names[:2])}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Renaming by tables of dotted prefixes
+
+
+class Renames:
+    """A file's tensor names -> tinyrpo's, by a table of module paths; the longest matching prefix wins.
+
+    The rest of a name is kept, so `input_blocks.1.1 -> down_blocks.0.attentions.0` carries every tensor
+    inside that block. A name that matches no entry is unknown (None), or kept as is if `passthrough`.
+    """
+
+    def __init__(self, table: dict[str, str], passthrough: bool = False):
+        self.table, self.passthrough = table, passthrough
+        self.inverse = {v: k for k, v in table.items()}
+
+    @staticmethod
+    def _lookup(table: dict[str, str], name: str, keep: bool) -> str | None:
+        parts = name.split(".")
+        for n in range(len(parts), 0, -1):
+            head = ".".join(parts[:n])
+            if head in table:
+                return ".".join([table[head], *parts[n:]])
+        return name if keep else None
+
+    def __call__(self, name: str) -> str | None:
+        return self._lookup(self.table, name, self.passthrough)
+
+    def file_name(self, ours: str) -> str:
+        """The file's name for one of our tensors (to say which one is missing)."""
+        return ours if self.passthrough else self._lookup(self.inverse, ours, True)
+
+
+def expand(template: dict[str, str], num_layers: int) -> dict[str, str]:
+    """A table with `{i}` entries written out for layers 0 .. num_layers-1 (gpt-fast's templated table)."""
+    table = {}
+    for a, b in template.items():
+        table.update({a.format(i=i): b.format(i=i) for i in range(num_layers)} if "{i}" in a else {a: b})
+    return table
+
+
+def _indices(names, pattern: str) -> list[int]:
+    """The distinct integers matched by the one group of `pattern` at the start of names, sorted."""
+    rx = re.compile(pattern)
+    return sorted({int(m.group(1)) for k in names if (m := rx.match(k))})
+
+
+# ---- the Stable Diffusion U-Net: CompVis ldm/modules/diffusionmodules/openaimodel.py -> diffusers
+
+# Inside a ResBlock: CompVis keeps nn.Sequential indices (in_layers = [GroupNorm, SiLU, Conv], emb_layers =
+# [SiLU, Linear], out_layers = [GroupNorm, SiLU, Dropout, Conv]); diffusers names the modules.
+UNET_RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+               "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+
+
+def compvis_unet_table(cfg: UNetConfig) -> dict[str, str]:
+    """CompVis U-Net module paths -> ours. Inside an attention block (SpatialTransformer ->
+    Transformer2DModel) the names already agree: norm, proj_in, transformer_blocks.*, proj_out."""
+    n, L = len(cfg.block_out_channels), cfg.layers_per_block
+    table = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
+             "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out"}
+
+    def resnet(src, dst):
+        table.update({f"{src}.{a}": f"{dst}.{b}" for a, b in UNET_RESNET.items()})
+
+    # input_blocks is one flat list: conv_in, then per level L x [resnet, attention?] and, on every level
+    # but the last, a downsampler of its own. So level l, layer j sits at 1 + l*(L+1) + j.
+    i = 1
+    for lvl in range(n):
+        for j in range(L):
+            resnet(f"input_blocks.{i}.0", f"down_blocks.{lvl}.resnets.{j}")
+            if cfg.attention_levels[lvl]:
+                table[f"input_blocks.{i}.1"] = f"down_blocks.{lvl}.attentions.{j}"
+            i += 1
+        if lvl < n - 1:
+            table[f"input_blocks.{i}.0.op"] = f"down_blocks.{lvl}.downsamplers.0.conv"
+            i += 1
+    resnet("middle_block.0", "mid_block.resnets.0")
+    table["middle_block.1"] = "mid_block.attentions.0"
+    resnet("middle_block.2", "mid_block.resnets.1")
+    # output_blocks: deepest level first, L+1 x [resnet, attention?], the level's last one also holding the
+    # upsampler, at index 2 after an attention and 1 otherwise.
+    i = 0
+    for u, lvl in enumerate(reversed(range(n))):
+        attn = cfg.attention_levels[lvl]
+        for j in range(L + 1):
+            resnet(f"output_blocks.{i}.0", f"up_blocks.{u}.resnets.{j}")
+            if attn:
+                table[f"output_blocks.{i}.1"] = f"up_blocks.{u}.attentions.{j}"
+            if j == L and lvl > 0:
+                table[f"output_blocks.{i}.{2 if attn else 1}.conv"] = f"up_blocks.{u}.upsamplers.0.conv"
+            i += 1
+    return table
+
+
+# ---- the VAE: CompVis ldm/modules/diffusionmodules/model.py (Encoder/Decoder) -> diffusers AutoencoderKL
+
+VAE_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+# The same block as saved by diffusers before 0.14 (many 2022-era uploads)
+VAE_LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def compvis_vae_table(cfg: VAEConfig) -> dict[str, str]:
+    n, L = len(cfg.block_out_channels), cfg.layers_per_block
+    table = {"quant_conv": "quant_conv", "post_quant_conv": "post_quant_conv"}
+
+    def resnet(src, dst):  # same names as diffusers' ResnetBlock2D but for the shortcut
+        table.update({f"{src}.{a}": f"{dst}.{a}" for a in ("norm1", "conv1", "norm2", "conv2")})
+        table[f"{src}.nin_shortcut"] = f"{dst}.conv_shortcut"
+
+    for part in ("encoder", "decoder"):
+        table.update({f"{part}.conv_in": f"{part}.conv_in", f"{part}.norm_out": f"{part}.conv_norm_out",
+                      f"{part}.conv_out": f"{part}.conv_out"})
+        resnet(f"{part}.mid.block_1", f"{part}.mid_block.resnets.0")
+        resnet(f"{part}.mid.block_2", f"{part}.mid_block.resnets.1")
+        table.update({f"{part}.mid.attn_1.{a}": f"{part}.mid_block.attentions.0.{b}" for a, b in VAE_ATTENTION.items()})
+    for lvl in range(n):
+        for j in range(L):
+            resnet(f"encoder.down.{lvl}.block.{j}", f"encoder.down_blocks.{lvl}.resnets.{j}")
+        if lvl < n - 1:
+            table[f"encoder.down.{lvl}.downsample.conv"] = f"encoder.down_blocks.{lvl}.downsamplers.0.conv"
+        # The decoder's up.{lvl} works at resolution level lvl (up.0 is the full-size one, run last);
+        # diffusers numbers its up_blocks in the order they run, so up.{lvl} is up_blocks.{n-1-lvl}.
+        u = n - 1 - lvl
+        for j in range(L + 1):
+            resnet(f"decoder.up.{lvl}.block.{j}", f"decoder.up_blocks.{u}.resnets.{j}")
+        if lvl > 0:
+            table[f"decoder.up.{lvl}.upsample.conv"] = f"decoder.up_blocks.{u}.upsamplers.0.conv"
+    return table
+
+
+def vae_legacy_table() -> dict[str, str]:
+    return {f"{part}.mid_block.attentions.0.{a}": f"{part}.mid_block.attentions.0.{b}"
+            for part in ("encoder", "decoder") for a, b in VAE_LEGACY_ATTENTION.items()}
+
+
+_VAE_ATTN_WEIGHT = re.compile(r"(en|de)coder\.mid_block\.attentions\.0\.to_(q|k|v|out\.0)\.weight")
+
+
+def vae_conv_to_linear(name: str, t: torch.Tensor) -> torch.Tensor:
+    """CompVis computes the VAE's mid attention q/k/v/proj_out with 1x1 convs [C, C, 1, 1]; we (and
+    diffusers) use linears [C, C] over the flattened pixels: the same numbers, one reshape apart."""
+    if _VAE_ATTN_WEIGHT.fullmatch(name) and t.ndim == 4 and t.shape[2:] == (1, 1):
+        return t.flatten(1)
+    return t
+
+
+# ---- DINO ViT: HF transformers ViTModel and facebookresearch/dino (timm) -> tinyrpo (CLIP's block names)
+
+DINO_HF = {
+    "embeddings": "embeddings",
+    "encoder.layer.{i}.layernorm_before": "encoder.layers.{i}.layer_norm1",
+    "encoder.layer.{i}.attention.attention.query": "encoder.layers.{i}.self_attn.q_proj",
+    "encoder.layer.{i}.attention.attention.key": "encoder.layers.{i}.self_attn.k_proj",
+    "encoder.layer.{i}.attention.attention.value": "encoder.layers.{i}.self_attn.v_proj",
+    "encoder.layer.{i}.attention.output.dense": "encoder.layers.{i}.self_attn.out_proj",
+    "encoder.layer.{i}.layernorm_after": "encoder.layers.{i}.layer_norm2",
+    "encoder.layer.{i}.intermediate.dense": "encoder.layers.{i}.mlp.fc1",
+    "encoder.layer.{i}.output.dense": "encoder.layers.{i}.mlp.fc2",
+    "layernorm": "layernorm",
+}
+DINO_ORIGINAL = {
+    "cls_token": "embeddings.cls_token",
+    "pos_embed": "embeddings.position_embeddings",
+    "patch_embed.proj": "embeddings.patch_embeddings.projection",
+    "blocks.{i}.norm1": "encoder.layers.{i}.layer_norm1",
+    "blocks.{i}.attn.q": "encoder.layers.{i}.self_attn.q_proj",  # q, k, v: the thirds of attn.qkv, see split_qkv
+    "blocks.{i}.attn.k": "encoder.layers.{i}.self_attn.k_proj",
+    "blocks.{i}.attn.v": "encoder.layers.{i}.self_attn.v_proj",
+    "blocks.{i}.attn.proj": "encoder.layers.{i}.self_attn.out_proj",
+    "blocks.{i}.norm2": "encoder.layers.{i}.layer_norm2",
+    "blocks.{i}.mlp.fc1": "encoder.layers.{i}.mlp.fc1",
+    "blocks.{i}.mlp.fc2": "encoder.layers.{i}.mlp.fc2",
+    "norm": "layernorm",
+}
+_QKV = re.compile(r"(blocks\.\d+\.attn\.)qkv\.(weight|bias)")
+
+
+def split_qkv(state: dict) -> dict:
+    """DINO's attention is one Linear `attn.qkv` whose output rows are [q; k; v] (vision_transformer.py
+    reshapes its output to (B, N, 3, heads, head_dim)); split it into the three projections we keep."""
+    out = {}
+    for k, t in state.items():
+        m = _QKV.fullmatch(k)
+        if m:
+            for name, third in zip("qkv", t.chunk(3, dim=0)):
+                out[f"{m[1]}{name}.{m[2]}"] = third
+        else:
+            out[k] = t
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One network's tensors, renamed, with the config that fits them; strict build
+
+
+def _few(names: list[str], n: int = 4) -> str:
+    return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
+
+
+def mismatch_error(source, what, missing=(), unexpected=(), misshaped=(), hint="") -> WeightsError:
+    parts = [f"{label} {_few(list(names))}" for label, names in
+             (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if names]
+    return WeightsError(f"{source} does not match {what}: {'; '.join(parts)}" + (f"; {hint}" if hint else ""))
+
+
+class _SkipInit(TorchFunctionMode):
+    """Skip the random initialization of a model whose every tensor is about to be replaced. (On the meta
+    device torch still runs it, and its first normal_ there costs seconds of imports.)"""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in ("normal_", "uniform_", "trunc_normal_", "kaiming_uniform_"):
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
+def empty_model(cls, cfg) -> nn.Module:
+    """`cls(cfg)` on the meta device: names and shapes, no memory, no initialization."""
+    with torch.device("meta"), _SkipInit():
+        return cls(cfg)
+
+
+@dataclass
+class Part:
+    """One network: its tensors under our names, its config, and how to talk about the file's names."""
+    cls: type
+    cfg: object
+    state: dict  # our name -> tensor
+    source: str  # the file, for messages
+    what: str  # e.g. "the SD v1 U-Net"
+    file_name: Callable[[str], str]  # our name -> the file's (to name a missing tensor)
+    origin: dict = field(default_factory=dict)  # our name -> the file's, for every tensor in state
+    unknown: list = field(default_factory=list)  # the file's names that map to nothing
+    hint: str = ""
+
+    def check(self) -> None:
+        """Raise a WeightsError unless the tensors are exactly the model's, name for name and shape for shape."""
+        expected = empty_model(self.cls, self.cfg).state_dict()
+        missing = [self.file_name(k) for k in expected if k not in self.state]
+        unexpected = self.unknown + [self.origin.get(k, k) for k in self.state if k not in expected]
+        misshaped = [f"{self.origin.get(k, k)} {list(self.state[k].shape)} (expected {list(v.shape)})"
+                     for k, v in expected.items() if k in self.state and self.state[k].shape != v.shape]
+        if missing or unexpected or misshaped:
+            raise mismatch_error(self.source, self.what, missing, unexpected, misshaped, self.hint)
+
+    def build(self, device="cpu", dtype=torch.float32) -> nn.Module:
+        """The model on `device` in `dtype` (floating tensors cast; integer ones kept), in eval mode."""
+        self.check()
+        model = empty_model(self.cls, self.cfg)
+        state = {k: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for k, t in self.state.items()}
+        model.load_state_dict(state, strict=True, assign=True)
+        if str(device) != "meta":
+            left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+            assert not left, f"{self.cls.__name__} has tensors no checkpoint holds (non-persistent buffers?): {left[:3]}"
+        return model.eval()
+
+    def shape(self, ours: str) -> torch.Size:
+        """The shape of one of our tensors, or the error that names it missing (used while inferring sizes)."""
+        if ours not in self.state:
+            raise mismatch_error(self.source, self.what, missing=[self.file_name(ours)], hint=self.hint)
+        return self.state[ours].shape
+
+
+def rename(state: dict, renames: Callable[[str], str | None], fix=None) -> tuple[dict, dict, list]:
+    """-> (our name -> tensor, our name -> file name, file names that map to nothing or collide)."""
+    out, origin, unknown = {}, {}, []
+    for k, t in state.items():
+        new = renames(k)
+        if new is None or new in out:
+            unknown.append(k)
+            continue
+        out[new] = fix(new, t) if fix else t
+        origin[new] = k
+    return out, origin, unknown
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stable Diffusion v1: single file (CompVis layout)
+
+UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
+# Tensors real single files carry besides the weights: LatentDiffusion's noise-schedule buffers (we compute
+# the schedule), the text encoder's position_ids, the EMA's bookkeeping and, in non-"emaonly" files,
+# model_ema.<name-without-dots> copies of every U-Net weight (the plain copies are the EMA'd ones in
+# SD v1.5's pruned files; diffusers also loads those by default).
+SCHEDULE_BUFFERS = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+                    "posterior_mean_coef1", "posterior_mean_coef2"}
+SD1_HINT = "is this an SD v1.x checkpoint?"
+SD1_ONLY = "tinyrpo supports Stable Diffusion v1.x only (e.g. v1-5-pruned-emaonly.safetensors)"
+
+
+def _ignored_single(k: str) -> bool:
+    return k in SCHEDULE_BUFFERS or k.startswith("model_ema.") or k.endswith("position_ids")
+
+
+def refuse_other_single_files(names, source: str) -> None:
+    """Name the model family of a single file that is not SD v1 (its text encoder gives it away first)."""
+    names = list(names)
+    if any(k.startswith(("conditioner.embedders.", UNET_PREFIX + "label_emb.")) for k in names):
+        raise WeightsError(f"{source} is a Stable Diffusion XL checkpoint (conditioner.embedders.*, label_emb); "
+                           + SD1_ONLY)
+    if any(k.startswith("cond_stage_model.model.") for k in names):
+        raise WeightsError(f"{source} is a Stable Diffusion 2.x checkpoint (OpenCLIP text encoder "
+                           f"cond_stage_model.model.*); " + SD1_ONLY)
+    if not any(k.startswith(UNET_PREFIX) for k in names):
+        if any(k.startswith(("down_blocks.", "conv_in.")) for k in names):
+            what = "a diffusers U-Net file alone; pass the diffusers folder that holds unet/, vae/, text_encoder/"
+        elif any("lora" in k.lower() for k in names):
+            what = "a LoRA, not a full model; pass the base SD v1.x checkpoint"
+        else:
+            what = f"not a Stable Diffusion v1.x single-file checkpoint (no {UNET_PREFIX}* tensors)"
+        raise WeightsError(f"{source} is {what}")
+
+
+def infer_compvis_unet_config(p: Part) -> UNetConfig:
+    """Every U-Net size from the CompVis names' shapes; heads and groups cannot be seen, so SD v1's 8 and 32."""
+    n_in = len(_indices(p.state, r"input_blocks\.(\d+)\."))
+    ops = _indices(p.state, r"input_blocks\.(\d+)\.0\.op\.")
+    L = ops[0] - 1 if ops else n_in - 1  # the first downsampler follows level 0's L layers
+    levels = max(1, n_in // (L + 1)) if L > 0 else 1  # conv_in + n*L layers + (n-1) downsamplers = n*(L+1)
+    chs, attn = [], []
+    for lvl in range(levels):
+        i = 1 + lvl * (L + 1)
+        chs.append(p.shape(f"input_blocks.{i}.0.out_layers.3.weight")[0])
+        attn.append(f"input_blocks.{i}.1.proj_in.weight" in p.state)
+    proj_in = p.shape("middle_block.1.proj_in.weight")
+    if len(proj_in) == 2:  # SD 2.x uses linear proj_in/proj_out (use_linear_projection)
+        raise WeightsError(f"{p.source} has linear attention projections (proj_in {list(proj_in)}): it is a "
+                           f"Stable Diffusion 2.x U-Net; " + SD1_ONLY)
+    return UNetConfig(in_channels=p.shape("input_blocks.0.0.weight")[1], out_channels=p.shape("out.2.weight")[0],
+                      block_out_channels=tuple(chs), layers_per_block=L, attention_levels=tuple(attn),
+                      num_heads=8, cross_attention_dim=p.shape("middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1],
+                      norm_num_groups=32)
+
+
+def infer_compvis_vae_config(p: Part) -> VAEConfig:
+    levels = _indices(p.state, r"encoder\.down\.(\d+)\.")
+    return VAEConfig(in_channels=p.shape("encoder.conv_in.weight")[1], out_channels=p.shape("decoder.conv_out.weight")[0],
+                     latent_channels=p.shape("post_quant_conv.weight")[0],
+                     block_out_channels=tuple(p.shape(f"encoder.down.{i}.block.0.conv2.weight")[0] for i in levels),
+                     layers_per_block=len(_indices(p.state, r"encoder\.down\.0\.block\.(\d+)\.")), norm_num_groups=32)
+
+
+def infer_clip_text_config(p: Part, hf: dict | None = None, prefix: str = "text_model.") -> CLIPTextConfig:
+    """Sizes from shapes; heads, eps and activation from an HF config when there is one, else OpenAI's
+    (heads = width / 64, as openai/CLIP's build_model)."""
+    hf = hf or {}
+    vocab, width = p.shape(prefix + "embeddings.token_embedding.weight")
+    eos = hf.get("eos_token_id")  # openai's config.json files say 2, a leftover: keep 49407 then
+    return CLIPTextConfig(vocab_size=vocab, hidden_size=width,
+                          intermediate_size=p.shape(prefix + "encoder.layers.0.mlp.fc1.weight")[0],
+                          num_layers=len(_indices(p.state, re.escape(prefix) + r"encoder\.layers\.(\d+)\.")),
+                          num_heads=hf.get("num_attention_heads", max(1, width // 64)),
+                          max_position_embeddings=p.shape(prefix + "embeddings.position_embedding.weight")[0],
+                          layer_norm_eps=hf.get("layer_norm_eps", 1e-5), hidden_act=hf.get("hidden_act", "quick_gelu"),
+                          eos_token_id=eos if isinstance(eos, int) and eos > 2 else CLIPTextConfig.eos_token_id)
+
+
+def text_part(state: dict, hf: dict | None, source: str, what: str = "the SD v1 text encoder (CLIP text tower)",
+              hint: str = "", strip: str = "") -> Part:
+    """A CLIP text tower under `text_model.*`. Older single files and transformers 5.x's save_pretrained
+    write its names without the `text_model.` prefix (embeddings.*, encoder.*, final_layer_norm.*)."""
+    def ours(k):
+        k = k[len(strip):]
+        return k if k.startswith("text_model.") else "text_model." + k
+    renamed = {ours(k): t for k, t in state.items() if not k.endswith("position_ids")}
+    p = Part(CLIPTextModel, None, renamed, source, what, file_name=lambda k: strip + k,
+             origin={ours(k): k for k in state}, hint=hint)
+    p.cfg = infer_clip_text_config(p, hf)
+    return p
+
+
+def sd_single_file_parts(state: dict, source: str) -> dict[str, Part]:
+    """Split an SD v1 single file into U-Net, VAE and text-encoder parts under our names, sizes inferred."""
+    refuse_other_single_files(state, source)
+    groups = {UNET_PREFIX: {}, VAE_PREFIX: {}, TEXT_PREFIX: {}}
+    strays = []
+    for k, t in state.items():
+        if _ignored_single(k):
+            continue
+        prefix = next((g for g in groups if k.startswith(g)), None)
+        if prefix is None:
+            strays.append(k)
+        else:
+            groups[prefix][k[len(prefix):]] = t
+    for prefix, what in ((VAE_PREFIX, "VAE"), (TEXT_PREFIX, "text encoder")):
+        if not groups[prefix]:
+            raise WeightsError(f"{source} has no {what} ({prefix}* tensors): it is not a complete SD v1.x "
+                               "checkpoint; pass one with all three parts, or a diffusers folder")
+
+    # U-Net: infer the config from the file's names, then rename with the table that config implies.
+    raw = Part(UNet, None, groups[UNET_PREFIX], source, "the SD v1 U-Net", lambda k: UNET_PREFIX + k, hint=SD1_HINT)
+    unet_cfg = infer_compvis_unet_config(raw)
+    renames = Renames(compvis_unet_table(unet_cfg))
+    s, origin, unknown = rename(raw.state, renames)
+    unet = Part(UNet, unet_cfg, s, source, "the SD v1 U-Net", lambda k: UNET_PREFIX + renames.file_name(k),
+                {k: UNET_PREFIX + v for k, v in origin.items()}, [UNET_PREFIX + k for k in unknown] + strays, SD1_HINT)
+
+    raw = Part(AutoencoderKL, None, groups[VAE_PREFIX], source, "the SD v1 VAE", lambda k: VAE_PREFIX + k, hint=SD1_HINT)
+    vae_cfg = infer_compvis_vae_config(raw)
+    renames_vae = Renames(compvis_vae_table(vae_cfg))
+    s, origin, unknown = rename(raw.state, renames_vae, vae_conv_to_linear)
+    vae = Part(AutoencoderKL, vae_cfg, s, source, "the SD v1 VAE", lambda k: VAE_PREFIX + renames_vae.file_name(k),
+               {k: VAE_PREFIX + v for k, v in origin.items()}, [VAE_PREFIX + k for k in unknown], SD1_HINT)
+
+    text = text_part({TEXT_PREFIX + k: t for k, t in groups[TEXT_PREFIX].items()}, None, source,
+                     hint=SD1_HINT, strip=TEXT_PREFIX)
+    return {"unet": unet, "vae": vae, "text_encoder": text}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stable Diffusion v1: diffusers folder
+
+# diffusers UNet2DConditionModel options whose other values are other models (SD 2.x, SDXL, ...) or
+# change the math; SD v1 uses these.
+SD1_UNET_OPTIONS = {"use_linear_projection": False, "addition_embed_type": None, "class_embed_type": None,
+                    "encoder_hid_dim": None, "transformer_layers_per_block": 1, "only_cross_attention": False,
+                    "dual_cross_attention": False, "mid_block_type": "UNetMidBlock2DCrossAttn",
+                    "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu", "norm_eps": 1e-5,
+                    "resnet_time_scale_shift": "default", "time_embedding_type": "positional",
+                    "conv_in_kernel": 3, "conv_out_kernel": 3, "center_input_sample": False,
+                    "num_class_embeds": None, "time_cond_proj_dim": None}
+
+
+def unet_config_from_diffusers(d: dict, source: str = "unet/config.json") -> UNetConfig:
+    """UNetConfig from diffusers' unet/config.json, refusing what SD v1 never uses."""
+    for key, want in SD1_UNET_OPTIONS.items():
+        got = d.get(key, want)
+        if got != want and not (isinstance(got, list) and all(g == want for g in got)):
+            model = ("an SDXL U-Net" if key == "addition_embed_type"
+                     else "an SD 2.x U-Net" if key == "use_linear_projection" else "not an SD v1 U-Net")
+            raise WeightsError(f"{source} sets {key}={got!r} (SD v1: {want!r}): {model}; " + SD1_ONLY)
+    down, up = d.get("down_block_types", []), d.get("up_block_types", [])
+    attn = [t == "CrossAttnDownBlock2D" for t in down]
+    known = {"CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"}
+    if not down or set(down + up) - known or [t == "CrossAttnUpBlock2D" for t in up][::-1] != attn:
+        raise WeightsError(f"{source} has blocks {down} / {up}, not an SD v1 U-Net's; " + SD1_ONLY)
+    # diffusers' `attention_head_dim` is, for SD v1, the number of heads (8), not a head size: its
+    # UNet2DConditionModel reads `num_attention_heads or attention_head_dim` as the head count.
+    heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)
+    if isinstance(heads, list):
+        if len(set(heads)) != 1:
+            raise WeightsError(f"{source} has a different head count per level {heads}: an SD 2.x U-Net; " + SD1_ONLY)
+        heads = heads[0]
+    ctx = d.get("cross_attention_dim", 768)
+    if ctx == 1024:
+        raise WeightsError(f"{source} has cross_attention_dim 1024 (OpenCLIP ViT-H text states): an SD 2.x "
+                           "U-Net; " + SD1_ONLY)
+    return UNetConfig(in_channels=d.get("in_channels", 4), out_channels=d.get("out_channels", 4),
+                      block_out_channels=tuple(d["block_out_channels"]), layers_per_block=d.get("layers_per_block", 2),
+                      attention_levels=tuple(attn), num_heads=heads, cross_attention_dim=ctx,
+                      norm_num_groups=d.get("norm_num_groups", 32), sample_size=d.get("sample_size", 64))
+
+
+def vae_config_from_diffusers(d: dict) -> VAEConfig:
+    return VAEConfig(in_channels=d.get("in_channels", 3), out_channels=d.get("out_channels", 3),
+                     latent_channels=d.get("latent_channels", 4), block_out_channels=tuple(d["block_out_channels"]),
+                     layers_per_block=d.get("layers_per_block", 2), norm_num_groups=d.get("norm_num_groups", 32),
+                     scaling_factor=d.get("scaling_factor", 0.18215), sample_size=d.get("sample_size", 512))
+
+
+def _weights_file(folder: Path, stem: str) -> Path:
+    # diffusers' "fp16" variant files (`*.fp16.safetensors`) stand in when the plain ones are absent.
+    return _first_file(folder, [f"{stem}.safetensors", f"{stem}.fp16.safetensors", f"{stem}.bin", f"{stem}.fp16.bin"],
+                       folder.name)
+
+
+def _not_a_folder_message(folder: Path) -> str:
+    files = sorted(p.name for p in folder.glob("*.safetensors"))
+    also = f"; it holds {_few(files, 3)}: pass that file instead" if files else ""
+    return (f"{folder} has no unet/ subfolder, so it is not a diffusers Stable Diffusion folder (unet/, vae/, "
+            f"text_encoder/, tokenizer/, scheduler/){also}")
+
+
+def sd_folder_parts(folder: Path) -> dict[str, Part]:
+    """U-Net, VAE and text-encoder parts of a diffusers folder; each config.json is honoured."""
+    if not (folder / "unet").is_dir():
+        raise WeightsError(_not_a_folder_message(folder))
+    index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
+    pipeline = str(index.get("_class_name", ""))
+    if "XL" in pipeline or (folder / "text_encoder_2").is_dir():
+        raise WeightsError(f"{folder} is a Stable Diffusion XL folder ({pipeline or 'text_encoder_2/'}); " + SD1_ONLY)
+    for sub in ("unet", "vae", "text_encoder"):
+        if not (folder / sub).is_dir():
+            raise WeightsError(f"{folder} has no {sub}/ subfolder: a diffusers SD v1 folder needs unet/, vae/, "
+                               "text_encoder/ (tokenizer/ and scheduler/ are optional here)")
+
+    unet_file = _weights_file(folder / "unet", "diffusion_pytorch_model")
+    vae_file = _weights_file(folder / "vae", "diffusion_pytorch_model")
+    text_file = _weights_file(folder / "text_encoder", "model")
+    text_config = folder / "text_encoder" / "config.json"
+    return {"unet": unet_part(read_state_dict(unet_file), _read_json(folder / "unet" / "config.json"), str(unet_file)),
+            "vae": vae_part(read_state_dict(vae_file), _read_json(folder / "vae" / "config.json"), str(vae_file)),
+            "text_encoder": text_part(read_state_dict(text_file),
+                                      _read_json(text_config) if text_config.is_file() else None, str(text_file))}
+
+
+def unet_part(state: dict, config: dict, source: str) -> Part:
+    """A diffusers U-Net file: our names already, so nothing to rename."""
+    cfg = unet_config_from_diffusers(config, str(Path(source).with_name("config.json")))
+    return Part(UNet, cfg, state, source, "the SD v1 U-Net", lambda k: k, {k: k for k in state},
+                hint="does unet/config.json describe this file?")
+
+
+def vae_part(state: dict, config: dict, source: str) -> Part:
+    """A diffusers VAE file, in either attention naming."""
+    legacy = Renames(vae_legacy_table(), passthrough=True)
+    s, origin, unknown = rename(state, legacy, vae_conv_to_linear)
+    return Part(AutoencoderKL, vae_config_from_diffusers(config), s, source, "the SD v1 VAE", legacy.file_name,
+                origin, unknown, hint="does vae/config.json describe this file?")
+
+
+def check_sd_parts(parts: dict[str, Part], source: str) -> None:
+    """The three networks must fit together (a U-Net from one model and a VAE from another would not)."""
+    u, v, t = parts["unet"].cfg, parts["vae"].cfg, parts["text_encoder"].cfg
+    if u.in_channels == 9:
+        raise WeightsError(f"{source} is an inpainting model (its U-Net takes 9 input channels: latents, mask and "
+                           "masked image); tinyrpo fine-tunes the text-to-image model: use v1-5-pruned-emaonly")
+    if not u.in_channels == u.out_channels == v.latent_channels:
+        raise WeightsError(f"{source}: the U-Net maps {u.in_channels} to {u.out_channels} channels but the VAE's "
+                           f"latents have {v.latent_channels}; " + SD1_ONLY)
+    if u.cross_attention_dim != t.hidden_size:
+        raise WeightsError(f"{source}: the U-Net attends to {u.cross_attention_dim}-wide text states but the text "
+                           f"encoder gives {t.hidden_size}; " + SD1_ONLY)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The base model's identity
+
+FINGERPRINT_TENSORS = ("conv_in.weight", "time_embedding.linear_1.weight",
+                       "mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight", "conv_out.weight")
+
+
+def unet_fingerprint(cfg: UNetConfig, state: dict) -> str:
+    """16 hex digits naming a base U-Net: sha256 of its config and of a few of its tensors.
+
+    The tensors are hashed rounded to fp16, so a file and its .fp16 variant, in either layout, loaded in
+    any dtype, give the same fingerprint; sample_size is left out, as a single file cannot tell it.
+    """
+    h = hashlib.sha256(json.dumps({k: v for k, v in asdict(cfg).items() if k != "sample_size"}, sort_keys=True).encode())
+    for name in FINGERPRINT_TENSORS:
+        h.update(state[name].detach().to("cpu", torch.float16).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Public loaders
+
+
+@dataclass
+class StableDiffusion:
+    unet: UNet
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler: DDIMScheduler
+    scheduler_config: SchedulerConfig
+    source: str  # the path given to load_sd
+    fingerprint: str  # see unet_fingerprint
+
+
+def load_sd(path, device="cpu", dtype=torch.float32) -> StableDiffusion:
+    """Stable Diffusion v1.x from one .safetensors file (CompVis layout) or a diffusers folder.
+
+    Models come back in eval mode with requires_grad left on (freeze what you do not train). The folder's
+    tokenizer/ and scheduler/scheduler_config.json are used when present, else the vocabulary shipped
+    with tinyrpo and SD v1.5's schedule.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise WeightsError(download.missing_weights_message("sd15", path))
+    if path.is_dir():
+        parts = sd_folder_parts(path)
+        tok = path / "tokenizer"
+        tokenizer = (CLIPTokenizer.from_files(tok / "vocab.json", tok / "merges.txt")
+                     if (tok / "vocab.json").is_file() and (tok / "merges.txt").is_file() else CLIPTokenizer.from_bpe_gz())
+        sched = path / "scheduler" / "scheduler_config.json"
+        scheduler_config = from_diffusers_config(sched) if sched.is_file() else SchedulerConfig()
+    else:
+        parts = sd_single_file_parts(read_state_dict(path), str(path))
+        tokenizer, scheduler_config = CLIPTokenizer.from_bpe_gz(), SchedulerConfig()
+    check_sd_parts(parts, str(path))
+    parts["unet"].check()
+    fingerprint = unet_fingerprint(parts["unet"].cfg, parts["unet"].state)
+    return StableDiffusion(unet=parts["unet"].build(device, dtype), vae=parts["vae"].build(device, dtype),
+                           text_encoder=parts["text_encoder"].build(device, dtype), tokenizer=tokenizer,
+                           scheduler=DDIMScheduler(scheduler_config), scheduler_config=scheduler_config,
+                           source=str(path), fingerprint=fingerprint)
+
+
+def _hf_weights(path: Path, kind: str, extra: tuple = ()) -> tuple[Path, dict | None]:
+    """(weight file, config.json dict or None) for an HF folder or a weight file given directly."""
+    if not path.exists():
+        raise WeightsError(download.missing_weights_message(kind, path))
+    folder = path if path.is_dir() else path.parent
+    file = _first_file(path, ["model.safetensors", "pytorch_model.bin", *extra], kind) if path.is_dir() else path
+    config = folder / "config.json"
+    return file, (_read_json(config) if config.is_file() else None)
+
+
+def clip_part(state: dict, hf: dict | None, source: str) -> Part:
+    """An HF CLIPModel file: sizes from shapes (B/32, B/16, L/14 alike), heads/eps/act from config.json if any."""
+    state = {k: t for k, t in state.items() if not k.endswith("position_ids")}
+    what = "CLIP (HF CLIPModel layout)"
+    if not any(k.startswith("vision_model.") for k in state) or not any(k.startswith("text_model.") for k in state):
+        raise mismatch_error(source, what, missing=["text_model.* and vision_model.*"],
+                             hint="pass a full CLIP model such as openai/clip-vit-large-patch14")
+    p = Part(CLIPModel, None, state, source, what, lambda k: k, {k: k for k in state})
+    hf = hf or {}
+    text = infer_clip_text_config(p, hf.get("text_config"))
+    vhf = hf.get("vision_config") or {}
+    width = p.shape("vision_model.embeddings.class_embedding")[0]
+    _, channels, patch, _ = p.shape("vision_model.embeddings.patch_embedding.weight")
+    positions = p.shape("vision_model.embeddings.position_embedding.weight")[0]
+    grid = round((positions - 1) ** 0.5)  # one position per patch of a square image, plus the class token
+    vision = CLIPVisionConfig(hidden_size=width, intermediate_size=p.shape("vision_model.encoder.layers.0.mlp.fc1.weight")[0],
+                              num_layers=len(_indices(state, r"vision_model\.encoder\.layers\.(\d+)\.")),
+                              num_heads=vhf.get("num_attention_heads", max(1, width // 64)), image_size=grid * patch,
+                              patch_size=patch, num_channels=channels, layer_norm_eps=vhf.get("layer_norm_eps", 1e-5),
+                              hidden_act=vhf.get("hidden_act", "quick_gelu"))
+    p.cfg = CLIPConfig(text=text, vision=vision, projection_dim=p.shape("visual_projection.weight")[0])
+    return p
+
+
+def load_clip(path, device="cpu", dtype=torch.float32) -> CLIPModel:
+    """CLIP from an HF folder (model.safetensors or pytorch_model.bin, + config.json) or the file itself."""
+    path = Path(path)
+    kind = "clip-b32" if path.name == download.MODELS["clip-b32"][1] else "clip-l14"
+    file, hf = _hf_weights(path, kind)
+    return clip_part(read_state_dict(file), hf, str(file)).build(device, dtype)
+
+
+def dino_part(state: dict, hf: dict | None, source: str) -> Part:
+    """A DINO ViT in HF ViTModel names or DINO's own; `hf` (config.json) is used for the HF layout only."""
+    # DINO's training checkpoints prefix the backbone ("module.", "backbone."), as its load_pretrained_weights
+    # strips; the projection head (head.*) and HF's pooler (pooler.*) play no part in the features.
+    for prefix in ("module.", "backbone."):
+        state = {k.removeprefix(prefix): t for k, t in state.items()}
+    state = {k: t for k, t in state.items() if not k.startswith(("head.", "pooler."))}
+    if "cls_token" in state:  # DINO original / timm
+        layers = len(_indices(state, r"blocks\.(\d+)\."))
+        renames, state, hf = Renames(expand(DINO_ORIGINAL, layers)), split_qkv(state), None
+        file_name = lambda k: re.sub(r"attn\.[qkv]\.", "attn.qkv.", renames.file_name(k))  # noqa: E731
+        eps = 1e-6  # DINO's vision_transformer.py: partial(nn.LayerNorm, eps=1e-6)
+    elif "embeddings.cls_token" in state:  # HF ViTModel
+        layers = len(_indices(state, r"encoder\.layer\.(\d+)\."))
+        renames = Renames(expand(DINO_HF, layers))
+        file_name = renames.file_name
+        # HF's ViTConfig defaults to 1e-12 and facebook/dino-vits16 keeps it; DINO trained with 1e-6.
+        eps = hf.get("layer_norm_eps", 1e-12) if hf is not None else 1e-6
+    else:
+        raise mismatch_error(source, "DINO ViT (HF ViTModel or DINO names)", missing=["cls_token / embeddings.cls_token"],
+                             hint="pass facebook/dino-vits16 or dino_deitsmall16_pretrain.pth")
+    s, origin, unknown = rename(state, renames)
+    origin = {k: re.sub(r"attn\.[qkv]\.", "attn.qkv.", v) for k, v in origin.items()}
+    p = Part(DINO, None, s, source, "DINO ViT", file_name, origin, unknown)
+    hf = hf or {}
+    width = p.shape("embeddings.cls_token")[-1]
+    _, channels, patch, _ = p.shape("embeddings.patch_embeddings.projection.weight")
+    grid = round((p.shape("embeddings.position_embeddings")[1] - 1) ** 0.5)
+    p.cfg = DINOConfig(hidden_size=width, num_layers=layers, num_heads=hf.get("num_attention_heads", max(1, width // 64)),
+                       intermediate_size=p.shape("encoder.layers.0.mlp.fc1.weight")[0], patch_size=patch,
+                       image_size=grid * patch, num_channels=channels, layer_norm_eps=eps,
+                       hidden_act=hf.get("hidden_act", "gelu"))
+    return p
+
+
+def load_dino(path, device="cpu", dtype=torch.float32) -> DINO:
+    """DINO from an HF folder (facebook/dino-vits16: model.safetensors or pytorch_model.bin, config.json) or a
+    weight file in either naming (e.g. dino_deitsmall16_pretrain.pth)."""
+    path = Path(path)
+    pth = sorted(p.name for p in path.glob("*.pth")) if path.is_dir() else []
+    file, hf = _hf_weights(path, "dino", tuple(pth))
+    return dino_part(read_state_dict(file), hf, str(file)).build(device, dtype)
