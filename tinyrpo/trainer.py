@@ -417,7 +417,7 @@ class Trainer:
             with self.phase("train"):
                 i = torch.randint(n_w, (B,), generator=self.gen)
                 j = torch.randint(n_l, (B,), generator=self.gen)
-                t = torch.randint(0, sched.config.num_train_timesteps, (B,), generator=self.gen)
+                t = torch.randint(0, sched.cfg.num_train_timesteps, (B,), generator=self.gen)
                 eps = torch.randn((B, *w_latents.shape[1:]), generator=self.gen)
                 y = sample_label(h_w[i], h_l[j], generator=self.gen)            # eq. (6)
                 i, j, t, eps, y = (v.to(device, non_blocking=True) for v in (i, j, t, eps, y))
