@@ -68,7 +68,7 @@ def test_matches_diffusers(name, tmp_path):
     x = torch.randn(B, cfg.in_channels, hw, hw, generator=g)
     ctx = torch.randn(B, 7, cfg.cross_attention_dim, generator=g)
     with torch.no_grad():
-        for t in (torch.tensor([3, 981]), torch.tensor(500), 999):
+        for t in (torch.tensor([3, 981]), torch.tensor(500), 999, torch.tensor([7.0])):
             want = ref(x, t, ctx).sample
             got = ours(x, t, ctx)
             assert got.shape == (B, cfg.out_channels, hw, hw)

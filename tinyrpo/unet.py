@@ -265,7 +265,8 @@ class UpBlock(_Stage):
     def forward(self, x, skips, temb, context, upsample_size=None):
         # `skips` in push order; the last pushed is used first.
         for i, (resnet, skip) in enumerate(zip(self.resnets, reversed(skips))):
-            x = self._run(resnet, torch.cat([x, skip], dim=1), temb)
+            x = torch.cat([x, skip], dim=1)  # the skip connection: stack channels (frees the old x before the resnet)
+            x = self._run(resnet, x, temb)
             if self.attentions is not None:
                 x = self._run(self.attentions[i], x, context)
         if self.upsamplers is not None:
@@ -328,8 +329,7 @@ class UNet(nn.Module):
 
     def forward(self, sample, timestep, encoder_hidden_states):
         B = sample.shape[0]
-        t = torch.as_tensor(timestep, device=sample.device)
-        t = t.expand(B) if t.ndim == 0 else t
+        t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(B)  # int, 0-d, [1] or [B]
         w = self.time_embedding.linear_1.weight
         temb = self.time_embedding(timestep_embedding(t, w.shape[1]).to(w.dtype))  # (B, 4*C0)
         ctx = encoder_hidden_states
