@@ -45,7 +45,9 @@ def _json(path: Path, obj: dict) -> None:
 
 def _save(state: dict, path: Path, dtype=None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous() for k, t in state.items()}
+    if dtype is not None:
+        state = {k: t.to(dtype) if t.is_floating_point() else t for k, t in state.items()}
+    state = {k: t.contiguous() for k, t in state.items()}
     save_file(state, str(path))
 
 

@@ -13,7 +13,7 @@ from tests.fixtures import (TINY_DINO, TINY_TEXT, TINY_UNET, TINY_VAE, clip_text
                             make_tiny_clip, make_tiny_dino, make_tiny_sd, unet_config_json, vae_config_json)
 from tests.util import max_rel_err, randomize_
 from tinyrpo import weights as W
-from tinyrpo.clip import CLIP_VIT_B32, CLIP_VIT_L14, CLIPTextConfig
+from tinyrpo.clip import CLIP_VIT_B16, CLIP_VIT_B32, CLIP_VIT_L14, CLIPTextConfig
 from tinyrpo.dino import DINOConfig
 from tinyrpo.schedulers import SchedulerConfig
 from tinyrpo.unet import UNetConfig
@@ -75,10 +75,20 @@ def test_sd15_diffusers_layout(vae_manifest):
     assert (unet.cfg, vae.cfg, text.cfg) == (UNetConfig(), VAEConfig(), CLIPTextConfig())
 
 
-@pytest.mark.parametrize("manifest, expected", [("clip_vit_b32_hf.json", CLIP_VIT_B32), ("clip_vit_l14_hf.json", CLIP_VIT_L14)])
-def test_clip_layout_and_inferred_config(manifest, expected):
+def _b16(state):  # openai/clip-vit-base-patch16: B/32 with 16-pixel patches, so 14 x 14 + 1 positions
+    state["vision_model.embeddings.patch_embedding.weight"] = torch.empty(768, 3, 16, 16, device="meta")
+    state["vision_model.embeddings.position_embedding.weight"] = torch.empty(197, 768, device="meta")
+
+
+@pytest.mark.parametrize("manifest, edit, expected", [("clip_vit_b32_hf.json", None, CLIP_VIT_B32),
+                                                      ("clip_vit_b32_hf.json", _b16, CLIP_VIT_B16),
+                                                      ("clip_vit_l14_hf.json", None, CLIP_VIT_L14)],
+                         ids=["B/32", "B/16", "L/14"])
+def test_clip_layout_and_inferred_config(manifest, edit, expected):
     state = meta_state(manifest)
     state["text_model.embeddings.position_ids"] = torch.empty(1, 77, dtype=torch.long, device="meta")  # ignored
+    if edit:
+        edit(state)
     part = W.clip_part(state, None, manifest)
     part.build("meta")
     assert part.cfg == expected
@@ -105,7 +115,8 @@ def test_compvis_rules_agree_with_diffusers_converter_at_sd15_size():
     parts = W.sd_single_file_parts(state, "sd15")
     refs = {"unet": conv.convert_ldm_unet_checkpoint(state, SD15_UNET_JSON),
             "vae": conv.convert_ldm_vae_checkpoint(state, SD15_VAE_JSON),
-            "text_encoder": {k: v for k, v in conv.convert_ldm_clip_checkpoint(state).items() if "position_ids" not in k}}
+            "text_encoder": conv.convert_ldm_clip_checkpoint(state)}
+    del refs["text_encoder"]["text_model.embeddings.position_ids"]
     for name, ref in refs.items():
         ours = parts[name].state
         assert set(ours) == set(ref), (name, sorted(set(ours) ^ set(ref))[:5])
@@ -159,7 +170,8 @@ def test_single_file_matches_diffusers_converter(tmp_path):
             ("vae", conv.convert_ldm_vae_checkpoint(state, vae_json), "diffusion_pytorch_model", vae_json),
             ("text_encoder", conv.convert_ldm_clip_checkpoint(state), "model", clip_text_config_json(TINY_TEXT))]:
         (ref / sub).mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in tensors.items() if "position_ids" not in k}, ref / sub / f"{name}.safetensors")
+        tensors = {k: v.contiguous() for k, v in tensors.items() if "position_ids" not in k}
+        save_file(tensors, ref / sub / f"{name}.safetensors")
         (ref / sub / "config.json").write_text(json.dumps(config))
     assert_sd_matches(sd, *reference_sd(ref))
 
@@ -206,8 +218,24 @@ def test_layouts_dtypes_and_fingerprint(tmp_path):
     bf16 = load_sd(path)
     assert bf16.vae.decoder.conv_out.weight.dtype == torch.float32
     assert folder.fingerprint == single.fingerprint == fp16.fingerprint and len(folder.fingerprint) == 16
-    assert load_sd(make_tiny_sd(tmp_path / "other", seed=1)).fingerprint != folder.fingerprint
+    assert load_sd(make_tiny_sd(tmp_path / "other", layout="single", seed=1)).fingerprint != folder.fingerprint
     assert single.source == str(tmp_path / "single" / "tiny-sd-v1.safetensors")
+
+
+@torch.no_grad()
+def test_text_encoder_saved_by_transformers(tmp_path):
+    """transformers 5.x writes a CLIPTextModel without the `text_model.` prefix; such a folder loads too."""
+    transformers = pytest.importorskip("transformers")
+    folder = make_tiny_sd(tmp_path / "sd")
+    ref = transformers.CLIPTextModel(transformers.CLIPTextConfig.from_pretrained(folder / "text_encoder")).eval()
+    state = load_file(folder / "text_encoder" / "model.safetensors")
+    ref.load_state_dict({k.removeprefix("text_model."): v for k, v in state.items()})  # its in-memory names
+    shutil.rmtree(folder / "text_encoder")
+    ref.save_pretrained(folder / "text_encoder")  # (one loaded by from_pretrained would keep the file's names)
+    assert not any(k.startswith("text_model.") for k in load_file(folder / "text_encoder" / "model.safetensors"))
+    sd = load_sd(folder)
+    ids = sd.tokenizer(["a photo of sks dog"])
+    assert max_rel_err(sd.text_encoder(ids), ref(input_ids=ids).last_hidden_state) <= TOL
 
 
 @torch.no_grad()
@@ -223,6 +251,17 @@ def test_load_clip_matches_transformers(tmp_path):
     assert max_rel_err(ours.encode_image(pixels), out.image_embeds) <= TOL
     assert max_rel_err(ours(ids, pixels), out.logits_per_image) <= TOL
     assert load_clip(folder / "model.safetensors").config == ours.config  # the file itself, config.json beside it
+    # and a file written by transformers itself
+    cfg = transformers.CLIPConfig(
+        text_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4),
+        vision_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=16), projection_dim=16)
+    randomize_(transformers.CLIPModel(cfg), seed=5).save_pretrained(tmp_path / "hf")
+    ours, ref = load_clip(tmp_path / "hf"), transformers.CLIPModel.from_pretrained(tmp_path / "hf").eval()
+    out = ref(input_ids=ids, pixel_values=pixels)
+    assert max_rel_err(ours(ids, pixels), out.logits_per_image) <= TOL
+    assert max_rel_err(ours.encode_image(pixels), out.image_embeds) <= TOL
+
     bare = tmp_path / "bare"
     bare.mkdir()
     shutil.copy(folder / "model.safetensors", bare)
@@ -233,8 +272,9 @@ def test_load_clip_matches_transformers(tmp_path):
 def test_load_dino_matches_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     c = TINY_DINO
-    cfg = transformers.ViTConfig(hidden_size=c.hidden_size, num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
-                                 intermediate_size=c.intermediate_size, image_size=c.image_size, patch_size=c.patch_size)
+    cfg = transformers.ViTConfig(hidden_size=c.hidden_size, num_hidden_layers=c.num_layers,
+                                 num_attention_heads=c.num_heads, intermediate_size=c.intermediate_size,
+                                 image_size=c.image_size, patch_size=c.patch_size)
     ref = randomize_(transformers.ViTModel(cfg), seed=3).eval()  # with its pooler, which the loader ignores
     ref.save_pretrained(tmp_path / "hf")
     pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -372,7 +412,8 @@ def test_bad_tensors_are_named(tmp_path, edit, fragments):
 def test_ignorable_tensors_are_ignored(tmp_path):
     """Schedule buffers and position_ids (in every fixture single file) and EMA copies load without complaint."""
     def add_ema(s):
-        s.update({"model_ema." + k[len("model."):].replace(".", ""): v.clone() for k, v in list(s.items()) if k.startswith(U)})
+        unet = [k for k in s if k.startswith(U)]
+        s.update({"model_ema." + k[len("model."):].replace(".", ""): s[k].clone() for k in unet})
         s["model_ema.decay"], s["model_ema.num_updates"] = torch.tensor(0.9999), torch.tensor(1000, dtype=torch.int32)
     load_sd(edit_single_file(tmp_path, add_ema))
 

@@ -20,6 +20,20 @@ goes into a random initialization that would be overwritten.
 Mirrors diffusers/loaders/single_file_utils.py (convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint,
 convert_ldm_clip_checkpoint) and transformers' convert_dino_to_pytorch.py; tests/test_weights.py checks
 the CompVis mapping against diffusers' converter, value for value.
+
+Facts that trip loaders:
+- CompVis keeps the U-Net's down path as one flat `input_blocks` list (conv_in, then per level L x
+  [resnet, attention?], then a downsampler of its own); an `output_blocks` upsampler sits at `.2.conv`
+  after an attention and at `.1.conv` where the level has none. The VAE decoder's `up.i` is diffusers'
+  `up_blocks.(n-1-i)`; its mid attention q/k/v/proj_out are 1x1 convs, diffusers' are linears.
+- diffusers' `attention_head_dim: 8` in an SD v1 unet/config.json is the number of heads, not their size.
+- The text encoder's names lose their `text_model.` prefix when transformers 5.x saves a CLIPTextModel
+  (so in SD folders that recent diffusers/transformers write): both namings load.
+- openai's CLIP config.json files say eos_token_id 2 (transformers then pools at argmax(ids), which is
+  49407 for real prompts); we pool at the first 49407 either way.
+- HF's ViTConfig defaults to layer_norm_eps 1e-12 and facebook/dino-vits16 keeps it; DINO trained with 1e-6.
+  DINO's own attn.qkv fuses [q; k; v] by output rows.
+- Non-weights in single files: schedule buffers, position_ids (int64), model_ema.* (see below).
 """
 import hashlib
 import json
@@ -323,25 +337,27 @@ class Part:
     unknown: list = field(default_factory=list)  # the file's names that map to nothing
     hint: str = ""
 
-    def check(self) -> None:
-        """Raise a WeightsError unless the tensors are exactly the model's, name for name and shape for shape."""
-        expected = empty_model(self.cls, self.cfg).state_dict()
+    def check(self) -> nn.Module:
+        """Raise a WeightsError unless the tensors are exactly the model's, name for name and shape for shape;
+        return the (empty, meta-device) model."""
+        model = empty_model(self.cls, self.cfg)
+        expected = model.state_dict()
         missing = [self.file_name(k) for k in expected if k not in self.state]
         unexpected = self.unknown + [self.origin.get(k, k) for k in self.state if k not in expected]
         misshaped = [f"{self.origin.get(k, k)} {list(self.state[k].shape)} (expected {list(v.shape)})"
                      for k, v in expected.items() if k in self.state and self.state[k].shape != v.shape]
         if missing or unexpected or misshaped:
             raise mismatch_error(self.source, self.what, missing, unexpected, misshaped, self.hint)
+        return model
 
     def build(self, device="cpu", dtype=torch.float32) -> nn.Module:
         """The model on `device` in `dtype` (floating tensors cast; integer ones kept), in eval mode."""
-        self.check()
-        model = empty_model(self.cls, self.cfg)
-        state = {k: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for k, t in self.state.items()}
+        model = self.check()
+        state = {k: t.to(device, dtype if t.is_floating_point() else t.dtype) for k, t in self.state.items()}
         model.load_state_dict(state, strict=True, assign=True)
-        if str(device) != "meta":
+        if str(device) != "meta":  # a non-persistent buffer would still be an empty meta tensor
             left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-            assert not left, f"{self.cls.__name__} has tensors no checkpoint holds (non-persistent buffers?): {left[:3]}"
+            assert not left, f"{self.cls.__name__} has tensors no checkpoint holds: {left[:3]}"
         return model.eval()
 
     def shape(self, ours: str) -> torch.Size:
@@ -369,9 +385,9 @@ def rename(state: dict, renames: Callable[[str], str | None], fix=None) -> tuple
 
 UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
 # Tensors real single files carry besides the weights: LatentDiffusion's noise-schedule buffers (we compute
-# the schedule), the text encoder's position_ids, the EMA's bookkeeping and, in non-"emaonly" files,
-# model_ema.<name-without-dots> copies of every U-Net weight (the plain copies are the EMA'd ones in
-# SD v1.5's pruned files; diffusers also loads those by default).
+# the schedule), the text encoder's position_ids, and the EMA: in "emaonly" files the plain weights are the
+# EMA weights; other files (v1-5-pruned) add model_ema.<name-without-dots> copies beside the raw training
+# weights, and, like diffusers' converter by default, we load the plain ones.
 SCHEDULE_BUFFERS = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
                     "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
                     "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
@@ -418,18 +434,20 @@ def infer_compvis_unet_config(p: Part) -> UNetConfig:
     if len(proj_in) == 2:  # SD 2.x uses linear proj_in/proj_out (use_linear_projection)
         raise WeightsError(f"{p.source} has linear attention projections (proj_in {list(proj_in)}): it is a "
                            f"Stable Diffusion 2.x U-Net; " + SD1_ONLY)
+    context = p.shape("middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1]
     return UNetConfig(in_channels=p.shape("input_blocks.0.0.weight")[1], out_channels=p.shape("out.2.weight")[0],
                       block_out_channels=tuple(chs), layers_per_block=L, attention_levels=tuple(attn),
-                      num_heads=8, cross_attention_dim=p.shape("middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1],
-                      norm_num_groups=32)
+                      num_heads=8, cross_attention_dim=context, norm_num_groups=32)
 
 
 def infer_compvis_vae_config(p: Part) -> VAEConfig:
     levels = _indices(p.state, r"encoder\.down\.(\d+)\.")
-    return VAEConfig(in_channels=p.shape("encoder.conv_in.weight")[1], out_channels=p.shape("decoder.conv_out.weight")[0],
-                     latent_channels=p.shape("post_quant_conv.weight")[0],
-                     block_out_channels=tuple(p.shape(f"encoder.down.{i}.block.0.conv2.weight")[0] for i in levels),
-                     layers_per_block=len(_indices(p.state, r"encoder\.down\.0\.block\.(\d+)\.")), norm_num_groups=32)
+    chs = tuple(p.shape(f"encoder.down.{i}.block.0.conv2.weight")[0] for i in levels)
+    return VAEConfig(in_channels=p.shape("encoder.conv_in.weight")[1],
+                     out_channels=p.shape("decoder.conv_out.weight")[0],
+                     latent_channels=p.shape("post_quant_conv.weight")[0], block_out_channels=chs,
+                     layers_per_block=len(_indices(p.state, r"encoder\.down\.0\.block\.(\d+)\.")),
+                     norm_num_groups=32)
 
 
 def infer_clip_text_config(p: Part, hf: dict | None = None, prefix: str = "text_model.") -> CLIPTextConfig:
@@ -449,8 +467,8 @@ def infer_clip_text_config(p: Part, hf: dict | None = None, prefix: str = "text_
 
 def text_part(state: dict, hf: dict | None, source: str, what: str = "the SD v1 text encoder (CLIP text tower)",
               hint: str = "", strip: str = "") -> Part:
-    """A CLIP text tower under `text_model.*`. Older single files and transformers 5.x's save_pretrained
-    write its names without the `text_model.` prefix (embeddings.*, encoder.*, final_layer_norm.*)."""
+    """A CLIP text tower under `text_model.*`. transformers 5.x's save_pretrained writes its names without
+    that prefix (embeddings.*, encoder.*, final_layer_norm.*), so it is added where missing."""
     def ours(k):
         k = k[len(strip):]
         return k if k.startswith("text_model.") else "text_model." + k
@@ -487,7 +505,8 @@ def sd_single_file_parts(state: dict, source: str) -> dict[str, Part]:
     unet = Part(UNet, unet_cfg, s, source, "the SD v1 U-Net", lambda k: UNET_PREFIX + renames.file_name(k),
                 {k: UNET_PREFIX + v for k, v in origin.items()}, [UNET_PREFIX + k for k in unknown] + strays, SD1_HINT)
 
-    raw = Part(AutoencoderKL, None, groups[VAE_PREFIX], source, "the SD v1 VAE", lambda k: VAE_PREFIX + k, hint=SD1_HINT)
+    raw = Part(AutoencoderKL, None, groups[VAE_PREFIX], source, "the SD v1 VAE", lambda k: VAE_PREFIX + k,
+               hint=SD1_HINT)
     vae_cfg = infer_compvis_vae_config(raw)
     renames_vae = Renames(compvis_vae_table(vae_cfg))
     s, origin, unknown = rename(raw.state, renames_vae, vae_conv_to_linear)
@@ -628,7 +647,8 @@ def unet_fingerprint(cfg: UNetConfig, state: dict) -> str:
     The tensors are hashed rounded to fp16, so a file and its .fp16 variant, in either layout, loaded in
     any dtype, give the same fingerprint; sample_size is left out, as a single file cannot tell it.
     """
-    h = hashlib.sha256(json.dumps({k: v for k, v in asdict(cfg).items() if k != "sample_size"}, sort_keys=True).encode())
+    config = {k: v for k, v in asdict(cfg).items() if k != "sample_size"}
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     for name in FINGERPRINT_TENSORS:
         h.update(state[name].detach().to("cpu", torch.float16).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
@@ -662,21 +682,20 @@ def load_sd(path, device="cpu", dtype=torch.float32) -> StableDiffusion:
         raise WeightsError(download.missing_weights_message("sd15", path))
     if path.is_dir():
         parts = sd_folder_parts(path)
-        tok = path / "tokenizer"
-        tokenizer = (CLIPTokenizer.from_files(tok / "vocab.json", tok / "merges.txt")
-                     if (tok / "vocab.json").is_file() and (tok / "merges.txt").is_file() else CLIPTokenizer.from_bpe_gz())
+        vocab, merges = path / "tokenizer" / "vocab.json", path / "tokenizer" / "merges.txt"
+        tokenizer = (CLIPTokenizer.from_files(vocab, merges) if vocab.is_file() and merges.is_file()
+                     else CLIPTokenizer.from_bpe_gz())
         sched = path / "scheduler" / "scheduler_config.json"
         scheduler_config = from_diffusers_config(sched) if sched.is_file() else SchedulerConfig()
     else:
         parts = sd_single_file_parts(read_state_dict(path), str(path))
         tokenizer, scheduler_config = CLIPTokenizer.from_bpe_gz(), SchedulerConfig()
     check_sd_parts(parts, str(path))
-    parts["unet"].check()
-    fingerprint = unet_fingerprint(parts["unet"].cfg, parts["unet"].state)
-    return StableDiffusion(unet=parts["unet"].build(device, dtype), vae=parts["vae"].build(device, dtype),
+    unet = parts["unet"].build(device, dtype)
+    return StableDiffusion(unet=unet, vae=parts["vae"].build(device, dtype),
                            text_encoder=parts["text_encoder"].build(device, dtype), tokenizer=tokenizer,
                            scheduler=DDIMScheduler(scheduler_config), scheduler_config=scheduler_config,
-                           source=str(path), fingerprint=fingerprint)
+                           source=str(path), fingerprint=unet_fingerprint(parts["unet"].cfg, parts["unet"].state))
 
 
 def _hf_weights(path: Path, kind: str, extra: tuple = ()) -> tuple[Path, dict | None]:
@@ -693,9 +712,10 @@ def clip_part(state: dict, hf: dict | None, source: str) -> Part:
     """An HF CLIPModel file: sizes from shapes (B/32, B/16, L/14 alike), heads/eps/act from config.json if any."""
     state = {k: t for k, t in state.items() if not k.endswith("position_ids")}
     what = "CLIP (HF CLIPModel layout)"
-    if not any(k.startswith("vision_model.") for k in state) or not any(k.startswith("text_model.") for k in state):
-        raise mismatch_error(source, what, missing=["text_model.* and vision_model.*"],
-                             hint="pass a full CLIP model such as openai/clip-vit-large-patch14")
+    towers = [f"{t}*" for t in ("text_model.", "vision_model.") if not any(k.startswith(t) for k in state)]
+    if towers:
+        raise mismatch_error(source, what, missing=towers, hint="pass a full CLIP model such as "
+                             "openai/clip-vit-large-patch14 (an SD text_encoder/ holds the text tower only)")
     p = Part(CLIPModel, None, state, source, what, lambda k: k, {k: k for k in state})
     hf = hf or {}
     text = infer_clip_text_config(p, hf.get("text_config"))
@@ -704,7 +724,8 @@ def clip_part(state: dict, hf: dict | None, source: str) -> Part:
     _, channels, patch, _ = p.shape("vision_model.embeddings.patch_embedding.weight")
     positions = p.shape("vision_model.embeddings.position_embedding.weight")[0]
     grid = round((positions - 1) ** 0.5)  # one position per patch of a square image, plus the class token
-    vision = CLIPVisionConfig(hidden_size=width, intermediate_size=p.shape("vision_model.encoder.layers.0.mlp.fc1.weight")[0],
+    vision = CLIPVisionConfig(hidden_size=width,
+                              intermediate_size=p.shape("vision_model.encoder.layers.0.mlp.fc1.weight")[0],
                               num_layers=len(_indices(state, r"vision_model\.encoder\.layers\.(\d+)\.")),
                               num_heads=vhf.get("num_attention_heads", max(1, width // 64)), image_size=grid * patch,
                               patch_size=patch, num_channels=channels, layer_norm_eps=vhf.get("layer_norm_eps", 1e-5),
@@ -723,9 +744,9 @@ def load_clip(path, device="cpu", dtype=torch.float32) -> CLIPModel:
 
 def dino_part(state: dict, hf: dict | None, source: str) -> Part:
     """A DINO ViT in HF ViTModel names or DINO's own; `hf` (config.json) is used for the HF layout only."""
-    # DINO's training checkpoints prefix the backbone ("module.", "backbone."), as its load_pretrained_weights
-    # strips; the projection head (head.*) and HF's pooler (pooler.*) play no part in the features.
-    for prefix in ("module.", "backbone."):
+    # DINO's training checkpoints prefix the backbone ("module.", "backbone."; its load_pretrained_weights
+    # strips them); the projection head (head.*) and HF's pooler (pooler.*) play no part in the features.
+    for prefix in ("module.", "backbone.", "vit."):  # vit.: transformers' ViTFor* heads wrap a ViTModel
         state = {k.removeprefix(prefix): t for k, t in state.items()}
     state = {k: t for k, t in state.items() if not k.startswith(("head.", "pooler."))}
     if "cls_token" in state:  # DINO original / timm
@@ -740,7 +761,8 @@ def dino_part(state: dict, hf: dict | None, source: str) -> Part:
         # HF's ViTConfig defaults to 1e-12 and facebook/dino-vits16 keeps it; DINO trained with 1e-6.
         eps = hf.get("layer_norm_eps", 1e-12) if hf is not None else 1e-6
     else:
-        raise mismatch_error(source, "DINO ViT (HF ViTModel or DINO names)", missing=["cls_token / embeddings.cls_token"],
+        raise mismatch_error(source, "DINO ViT (HF ViTModel or DINO names)",
+                             missing=["cls_token / embeddings.cls_token"],
                              hint="pass facebook/dino-vits16 or dino_deitsmall16_pretrain.pth")
     s, origin, unknown = rename(state, renames)
     origin = {k: re.sub(r"attn\.[qkv]\.", "attn.qkv.", v) for k, v in origin.items()}
@@ -749,7 +771,8 @@ def dino_part(state: dict, hf: dict | None, source: str) -> Part:
     width = p.shape("embeddings.cls_token")[-1]
     _, channels, patch, _ = p.shape("embeddings.patch_embeddings.projection.weight")
     grid = round((p.shape("embeddings.position_embeddings")[1] - 1) ** 0.5)
-    p.cfg = DINOConfig(hidden_size=width, num_layers=layers, num_heads=hf.get("num_attention_heads", max(1, width // 64)),
+    p.cfg = DINOConfig(hidden_size=width, num_layers=layers,
+                       num_heads=hf.get("num_attention_heads", max(1, width // 64)),  # ViT-S/16: 384 / 64 = 6
                        intermediate_size=p.shape("encoder.layers.0.mlp.fc1.weight")[0], patch_size=patch,
                        image_size=grid * patch, num_channels=channels, layer_norm_eps=eps,
                        hidden_act=hf.get("hidden_act", "gelu"))
