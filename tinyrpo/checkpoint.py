@@ -85,7 +85,7 @@ def load_checkpoint(path) -> tuple[dict, dict]:
     """-> (U-Net state dict of float32 CPU tensors, meta). Raises UserError for a missing, corrupt or foreign file."""
     path = Path(path)
     if not path.exists():
-        raise UserError(f"checkpoint {path} not found; train.py writes them under runs/<name>/")
+        raise UserError(f"checkpoint {path} not found; train.py writes best.pt into its run folder (runs/<subject>/)")
     if path.is_dir():
         raise UserError(f"checkpoint {path} is a folder; pass the .pt file inside it")
     try:

@@ -61,9 +61,11 @@ def check_args(n, steps, guidance, scheduler, eta, height, width, factor, batch_
     if not 0.0 <= eta <= 1.0:
         raise UserError(f"--eta must be in [0, 1] (got {eta}); 0 is deterministic DDIM, 1 is DDPM-like")
     for name, v in (("height", height), ("width", width)):
-        if v < factor or v % factor:
-            raise UserError(f"--{name} must be a positive multiple of {factor}, the VAE's downsampling factor "
-                            f"(got {v}); try {max(factor, round(v / factor) * factor)}")
+        if v < 1:
+            raise UserError(f"--{name} must be positive (got {v})")
+        if v % factor:
+            raise UserError(f"--{name} must be a multiple of {factor}, the VAE's downsampling factor (got {v}); "
+                            f"try {max(factor, round(v / factor) * factor)}")
     if batch_size is not None and batch_size < 1:
         raise UserError(f"--batch-size must be at least 1 (got {batch_size})")
 
@@ -93,6 +95,7 @@ def generate(sd, prompts, negative_prompt: str = "", n: int = 4, steps: int = 50
     prompts: a string or a list of strings; negative_prompt: the unconditional text of the guidance.
     scheduler: "ddim" (eta from 0 = deterministic to 1) or "ddpm" (ancestral; eta is ignored).
     guidance: s in ε_neg + s·(ε_c − ε_neg); with s = 1 the negative pass is skipped (it has no effect).
+              (diffusers ignores s <= 1 and uses ε_c; here s < 1 moves toward the negative prompt.)
     batch_size: images per U-Net pass (the pass holds twice that with guidance); default min(all, 8).
     callback: called as callback(i, t, latents) after step i with the float32 latents of all images.
     unet: a U-Net to use instead of sd.unet (train.py passes the policy being trained, maybe compiled).

@@ -1,0 +1,278 @@
+"""sample.py and tinyrpo.pipeline against diffusers' StableDiffusionPipeline (the oracle), pixel for pixel,
+plus the checkpoint format and sample.py's handling of bad input. Tiny SD v1 weights, fp32, CPU.
+
+The oracle reads the tiny model from its diffusers folder; tinyrpo reads the same weights from that folder
+and from the single-file (CompVis) layout. Images are compared as the PNGs sample.py wrote, read back.
+"""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+from tests.fixtures import make_tiny_sd
+from tinyrpo.checkpoint import FORMAT, apply_checkpoint, load_checkpoint, save_checkpoint
+from tinyrpo.errors import UserError, run_cli
+from tinyrpo.pipeline import generate, to_pil, to_uint8
+from tinyrpo.weights import load_sd
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["a photo of a sks dog on the beach", "an oil painting of a cat"]
+NEG = "blurry, low quality"
+N, STEPS, SEED, SIZE = 2, 4, 3, 32  # the tiny VAE downsamples by 2: 32 px -> 16x16 latents
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """The tiny SD as a diffusers folder and as a single file (same weights), and another base model."""
+    root = tmp_path_factory.mktemp("weights")
+    return {"diffusers": make_tiny_sd(root / "sd", "diffusers"),
+            "single": make_tiny_sd(root / "single", "single"),
+            "other": make_tiny_sd(root / "other", "single", seed=1)}
+
+
+def run_sample(*args) -> list[Path]:
+    return sample.main([*map(str, args), "--no-progress"])
+
+
+def diffusers_images(folder, prompt, scheduler="ddim", eta=0.0, seed=SEED, n=N, guidance=7.5) -> np.ndarray:
+    """(n, H, W, 3) uint8 from diffusers' StableDiffusionPipeline reading the diffusers folder."""
+    diffusers = pytest.importorskip("diffusers")
+    cls = {"ddim": diffusers.DDIMScheduler, "ddpm": diffusers.DDPMScheduler}[scheduler]
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+        folder, scheduler=cls.from_pretrained(folder, subfolder="scheduler"), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(prompt, negative_prompt=NEG, num_images_per_prompt=n, num_inference_steps=STEPS, eta=eta,
+               guidance_scale=guidance, height=SIZE, width=SIZE, generator=torch.Generator().manual_seed(seed))
+    return np.stack([np.asarray(im) for im in out.images])
+
+
+def read_pngs(paths) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+
+
+def assert_same_pixels(got: np.ndarray, want: np.ndarray):
+    """At most 2/255 per channel on 99.9% of the values: the same image up to float rounding."""
+    assert got.shape == want.shape
+    diff = np.abs(got.astype(int) - want.astype(int))
+    assert (diff <= 2).mean() >= 0.999, f"max diff {diff.max()}, {(diff > 2).mean():.2%} of values > 2"
+    assert want.std() > 10  # a real image, not a flat one that any bug would match
+
+
+def images_of(paths, prompt_index):
+    return [p for p in paths if p.name.startswith(f"p{prompt_index:02d}-") and not p.stem.endswith("grid")]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parity with diffusers
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "single"])
+def test_ddim_matches_diffusers(weights, layout, tmp_path):
+    """Deterministic DDIM (eta 0), two prompts with a negative prompt: prompt p uses seed + p."""
+    paths = run_sample("--weights", weights[layout], "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
+                       "--negative-prompt", NEG, "--scheduler", "ddim", "--eta", 0, "--steps", STEPS, "--seed", SEED,
+                       "--n", N, "--height", SIZE, "--width", SIZE, "--out", tmp_path, "--device", "cpu")
+    for p, prompt in enumerate(PROMPTS):
+        assert_same_pixels(read_pngs(images_of(paths, p)), diffusers_images(weights["diffusers"], prompt, seed=SEED + p))
+
+
+@pytest.mark.parametrize("scheduler,eta", [("ddpm", 0.0), ("ddim", 0.6)])
+def test_stochastic_samplers_match_diffusers(weights, scheduler, eta, tmp_path):
+    """DDPM and DDIM with eta > 0 draw fresh noise every step. The draws line up with diffusers': the same
+    CPU generator per prompt, the initial latents of all n images first, then one (n, C, h, w) draw per step."""
+    paths = run_sample("--weights", weights["single"], "--prompt", PROMPTS[0], "--negative-prompt", NEG,
+                       "--scheduler", scheduler, "--eta", eta, "--steps", STEPS, "--seed", SEED, "--n", N,
+                       "--height", SIZE, "--width", SIZE, "--out", tmp_path, "--device", "cpu")
+    want = diffusers_images(weights["diffusers"], PROMPTS[0], scheduler=scheduler, eta=eta)
+    assert_same_pixels(read_pngs(images_of(paths, 0)), want)
+
+
+def test_subprocess_run_matches_diffusers(weights, tmp_path):
+    """The script as a user runs it, on the single file."""
+    cmd = [sys.executable, str(ROOT / "sample.py"), "--weights", str(weights["single"]), "--prompt", PROMPTS[1],
+           "--negative-prompt", NEG, "--steps", str(STEPS), "--seed", str(SEED), "--n", str(N), "--height", str(SIZE),
+           "--width", str(SIZE), "--out", str(tmp_path), "--no-progress"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    paths = [Path(line) for line in r.stdout.split()]
+    assert all(p.is_file() for p in paths) and len(paths) == N + 1  # n images and a grid
+    assert_same_pixels(read_pngs(images_of(paths, 0)), diffusers_images(weights["diffusers"], PROMPTS[1]))
+
+
+def test_batch_size_does_not_change_images(weights):
+    sd = load_sd(weights["diffusers"])
+    kw = dict(negative_prompt=NEG, n=3, steps=2, seed=SEED, height=SIZE, width=SIZE, progress=False,
+              scheduler="ddpm")
+    full, records = generate(sd, PROMPTS, **kw)
+    one, _ = generate(sd, PROMPTS, batch_size=1, **kw)
+    assert full.shape == (6, 3, SIZE, SIZE) and full.dtype == torch.float32
+    assert 0 <= full.min() and full.max() <= 1
+    assert (full - one).abs().max() < 1e-4  # float rounding of batched kernels only (1/255 = 4e-3)
+    assert [(r.prompt, r.seed, r.index) for r in records] == [(p, SEED + i, k) for i, p in enumerate(PROMPTS)
+                                                             for k in range(3)]
+    # A prompt alone, with its own seed, gives the same images as inside the batch.
+    alone, _ = generate(sd, PROMPTS[1], **{**kw, "seed": SEED + 1})
+    assert (alone - full[3:]).abs().max() < 1e-4
+
+
+def test_uint8_conversion_is_diffusers():
+    diffusers = pytest.importorskip("diffusers")
+    x = torch.rand(2, 3, 5, 7, generator=torch.Generator().manual_seed(0))
+    x[0, 0, 0, :4] = torch.tensor([0.5 / 255, 1.5 / 255, 254.5 / 255, 1.0])  # rounding ties and the top value
+    want = diffusers.image_processor.VaeImageProcessor.numpy_to_pil(x.permute(0, 2, 3, 1).numpy())
+    assert np.array_equal(to_uint8(x), np.stack([np.asarray(im) for im in want]))
+    assert np.array_equal(np.asarray(to_pil(x)[1]), to_uint8(x)[1])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Outputs
+
+
+def test_png_metadata_and_no_overwrite(weights, tmp_path):
+    args = ["--weights", weights["single"], "--prompt", "a dog", "--negative-prompt", NEG, "--steps", 1, "--n", 2,
+            "--height", SIZE, "--width", SIZE, "--seed", 11, "--out", tmp_path, "--scheduler", "ddpm"]
+    first = run_sample(*args)
+    before = {p: p.read_bytes() for p in first}
+    second = run_sample(*args)
+    assert {p.parent.name for p in first} == {"0000"} and {p.parent.name for p in second} == {"0001"}
+    assert all(p.read_bytes() == b for p, b in before.items())  # the first run's files are untouched
+    assert (tmp_path / "0000" / "settings.json").is_file()
+
+    text = Image.open(first[1]).text
+    assert text["prompt"] == "a dog" and text["negative_prompt"] == NEG and text["seed"] == "11"
+    assert text["index"] == "1" and text["steps"] == "1" and text["scheduler"] == "ddpm"
+    assert text["guidance"] == "7.5" and text["eta"] == "0.0"
+    assert text["weights"] == str(weights["single"]) and text["ckpt"] == ""
+
+    third = run_sample(*args, "--overwrite")  # straight into --out
+    assert {p.parent for p in third} == {tmp_path}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def finetuned(sd, scale=0.05, seed=0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + scale * torch.randn(v.shape, generator=g) for k, v in sd.unet.state_dict().items()}
+
+
+def meta_of(sd, **kw) -> dict:
+    return {"base": sd.source, "base_fingerprint": sd.fingerprint, "token": "sks", "class_noun": "dog", "step": 400,
+            "reward": 0.5, "config": {"lr": 5e-6, "out": Path("runs/x"), "betas": (0.9, 0.999)}, **kw}
+
+
+def test_checkpoint_round_trip(weights, tmp_path):
+    sd = load_sd(weights["diffusers"])
+    state = {k: v.half() for k, v in finetuned(sd).items()}
+    path = save_checkpoint(tmp_path / "ckpts" / "best.pt", state, meta_of(sd))
+    assert [p.name for p in path.parent.iterdir()] == ["best.pt"]  # no temporary file left behind
+    raw = torch.load(path, weights_only=True)
+    assert raw["format"] == FORMAT and raw["version"] == 1
+    got, meta = load_checkpoint(path)
+    assert all(got[k].dtype == torch.float32 and torch.equal(got[k], v.float()) for k, v in state.items())
+    assert meta["config"] == {"lr": 5e-6, "out": "runs/x", "betas": [0.9, 0.999]} and meta["step"] == 400
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "best.pt"
+    save_checkpoint(path, {"w": torch.ones(3)}, {"step": 1})
+
+    def dies_midway(obj, f, *a, **kw):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt  # Ctrl-C (or a crash) while writing
+
+    monkeypatch.setattr(torch, "save", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"w": torch.zeros(3)}, {"step": 2})
+    assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]  # no partial file, no temporary left
+    state, meta = load_checkpoint(path)  # the previous checkpoint is intact
+    assert meta["step"] == 1 and torch.equal(state["w"], torch.ones(3))
+
+
+def test_sample_with_checkpoint(weights, tmp_path):
+    """--ckpt loads the fine-tuned U-Net; without --weights the checkpoint's recorded base is used."""
+    sd = load_sd(weights["single"])
+    state = finetuned(sd)
+    ckpt = save_checkpoint(tmp_path / "best.pt", state, meta_of(sd))
+    args = ["--prompt", PROMPTS[0], "--steps", 2, "--n", 1, "--height", SIZE, "--width", SIZE, "--device", "cpu"]
+    paths = run_sample("--ckpt", ckpt, "--out", tmp_path / "a", *args)
+    base = run_sample("--weights", weights["single"], "--out", tmp_path / "b", *args)
+
+    sd.unet.load_state_dict(state)
+    want, _ = generate(sd, PROMPTS[0], n=1, steps=2, height=SIZE, width=SIZE, progress=False)
+    assert_same_pixels(read_pngs(paths[:1]), to_uint8(want))
+    assert np.abs(read_pngs(paths[:1]).astype(int) - read_pngs(base[:1])).max() > 10  # the fine-tuning shows
+    assert Image.open(paths[0]).text["ckpt"] == str(ckpt)
+
+    # The other layout of the same base is the same base.
+    other_layout = load_sd(weights["diffusers"])
+    assert apply_checkpoint(other_layout, ckpt)["token"] == "sks"
+
+
+def test_apply_checkpoint_checks_shapes(weights, tmp_path):
+    sd = load_sd(weights["single"])
+    state = sd.unet.state_dict()
+    state["conv_in.weight"] = state["conv_in.weight"][:, :3]
+    ckpt = save_checkpoint(tmp_path / "bad.pt", state, meta_of(sd))
+    with pytest.raises(UserError, match=r"does not fit.*conv_in\.weight"):
+        apply_checkpoint(sd, ckpt)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad input: exit code 2 and one line on stderr, no traceback
+
+
+def cli_error(capsys, *args) -> str:
+    with pytest.raises(SystemExit) as e:
+        run_cli(sample.main, [*map(str, args), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def bad_ckpts(weights, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpts")
+    other = load_sd(weights["other"])
+    ckpt = save_checkpoint(root / "other.pt", other.unet.state_dict(), meta_of(other))
+    corrupt = root / "corrupt.pt"
+    corrupt.write_bytes(ckpt.read_bytes()[:1000])  # truncated mid-write
+    foreign = root / "foreign.pt"
+    torch.save({"state_dict": {"w": torch.ones(1)}}, foreign)
+    return {"other": ckpt, "corrupt": corrupt, "foreign": foreign}
+
+
+@pytest.mark.parametrize("case,args,expect", [
+    ("odd height", ["--height", 33], "--height must be a multiple of 2"),
+    ("odd width", ["--width", 31], "--width must be a multiple of 2"),
+    ("steps 0", ["--steps", 0], "--steps must be at least 1"),
+    ("n 0", ["--n", 0], "--n must be at least 1"),
+    ("negative guidance", ["--guidance", -1], "--guidance must be >= 0"),
+    ("eta > 1", ["--eta", 1.5], "--eta must be in [0, 1]"),
+    ("missing ckpt", ["--ckpt", "nowhere/best.pt"], "checkpoint nowhere/best.pt not found"),
+    ("corrupt ckpt", ["--ckpt", "corrupt"], "truncated, corrupt"),
+    ("foreign ckpt", ["--ckpt", "foreign"], "not a tinyrpo checkpoint"),
+    ("other base", ["--ckpt", "other"], "was trained from"),
+])
+def test_bad_input(weights, bad_ckpts, capsys, tmp_path, case, args, expect):
+    args = [bad_ckpts.get(a, a) for a in args]
+    err = cli_error(capsys, "--weights", weights["single"], "--prompt", "a dog", "--steps", 1, "--n", 1,
+                    "--height", SIZE, "--width", SIZE, "--out", tmp_path, *args)
+    assert expect in err, err
+    if case == "other base":
+        assert f"pass --weights {weights['other']}" in err
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_missing_weights_names_download_command(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--prompt", "a dog", "--weights",
+                        str(tmp_path / "sd15")], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "python -m tinyrpo.download sd15" in r.stderr
