@@ -27,10 +27,11 @@ from tinyrpo.vae import AutoencoderKL, VAEConfig
 from tinyrpo.weights import (TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, DINO_HF, DINO_ORIGINAL, Renames,
                              compvis_unet_table, compvis_vae_table, expand)
 
-# Two levels each; the U-Net attends on level 0 only (as SD v1 attends on all levels but the last).
+# Two levels each; the U-Net attends on level 0 only (as SD v1 attends on all levels but the last). The
+# sample sizes keep SD v1.5's values (informational here), which is also what a config-less single file reads as.
 TINY_UNET = UNetConfig(block_out_channels=(32, 64), layers_per_block=2, attention_levels=(True, False), num_heads=8,
-                       cross_attention_dim=128, norm_num_groups=32, sample_size=16)
-TINY_VAE = VAEConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32, sample_size=32)  # factor 2
+                       cross_attention_dim=128, norm_num_groups=32, sample_size=64)
+TINY_VAE = VAEConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32, sample_size=512)  # factor 2
 TINY_TEXT = CLIPTextConfig(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=2)  # real vocab: 49408
 TINY_CLIP_TEXT = CLIPTextConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2)
 TINY_CLIP_VISION = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, image_size=32,

@@ -159,8 +159,7 @@ def test_single_file_matches_diffusers_converter(tmp_path):
     conv = pytest.importorskip("diffusers.loaders.single_file_utils")
     path = make_tiny_sd(tmp_path / "single", layout="single")
     sd = load_sd(path)
-    assert (sd.unet.cfg, sd.text_encoder.config) == (UNetConfig(**{**vars(TINY_UNET), "sample_size": 64}), TINY_TEXT)
-    assert sd.vae.cfg == VAEConfig(**{**vars(TINY_VAE), "sample_size": 512})
+    assert (sd.unet.cfg, sd.vae.cfg, sd.text_encoder.config) == (TINY_UNET, TINY_VAE, TINY_TEXT)  # all inferred
 
     state = load_file(path)
     ref = tmp_path / "converted"
@@ -189,7 +188,6 @@ def test_diffusers_folder_matches_from_pretrained(tmp_path, fp16, legacy):
     assert_sd_matches(sd, *reference_sd(folder, "fp16" if fp16 else None))
 
 
-@pytest.mark.filterwarnings("ignore:The configuration file of the unet has set the default `sample_size`")
 def test_fixture_runs_in_diffusers_pipeline(tmp_path):
     diffusers = pytest.importorskip("diffusers")
     folder = make_tiny_sd(tmp_path / "sd")
