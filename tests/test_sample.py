@@ -6,6 +6,7 @@ and from the single-file (CompVis) layout. Images are compared as the PNGs sampl
 """
 import subprocess
 import sys
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -39,14 +40,22 @@ def run_sample(*args) -> list[Path]:
     return sample.main([*map(str, args), "--no-progress"])
 
 
+@lru_cache(maxsize=1)
+def diffusers_pipeline(folder):
+    diffusers = pytest.importorskip("diffusers")
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, feature_extractor=None,
+                                                             requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@lru_cache(maxsize=None)
 def diffusers_images(folder, prompt, scheduler="ddim", eta=0.0, seed=SEED, n=N, guidance=7.5) -> np.ndarray:
     """(n, H, W, 3) uint8 from diffusers' StableDiffusionPipeline reading the diffusers folder."""
     diffusers = pytest.importorskip("diffusers")
+    pipe = diffusers_pipeline(folder)
     cls = {"ddim": diffusers.DDIMScheduler, "ddpm": diffusers.DDPMScheduler}[scheduler]
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-        folder, scheduler=cls.from_pretrained(folder, subfolder="scheduler"), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = cls.from_pretrained(folder, subfolder="scheduler")
     out = pipe(prompt, negative_prompt=NEG, num_images_per_prompt=n, num_inference_steps=STEPS, eta=eta,
                guidance_scale=guidance, height=SIZE, width=SIZE, generator=torch.Generator().manual_seed(seed))
     return np.stack([np.asarray(im) for im in out.images])
@@ -79,7 +88,8 @@ def test_ddim_matches_diffusers(weights, layout, tmp_path):
                        "--negative-prompt", NEG, "--scheduler", "ddim", "--eta", 0, "--steps", STEPS, "--seed", SEED,
                        "--n", N, "--height", SIZE, "--width", SIZE, "--out", tmp_path, "--device", "cpu")
     for p, prompt in enumerate(PROMPTS):
-        assert_same_pixels(read_pngs(images_of(paths, p)), diffusers_images(weights["diffusers"], prompt, seed=SEED + p))
+        want = diffusers_images(weights["diffusers"], prompt, seed=SEED + p)
+        assert_same_pixels(read_pngs(images_of(paths, p)), want)
 
 
 @pytest.mark.parametrize("scheduler,eta", [("ddpm", 0.0), ("ddim", 0.6)])
@@ -119,6 +129,10 @@ def test_batch_size_does_not_change_images(weights):
     # A prompt alone, with its own seed, gives the same images as inside the batch.
     alone, _ = generate(sd, PROMPTS[1], **{**kw, "seed": SEED + 1})
     assert (alone - full[3:]).abs().max() < 1e-4
+    # With deterministic DDIM, image k does not depend on n either (the first rows of a randn do not).
+    ddim = {**kw, "scheduler": "ddim", "steps": 1}
+    one_image, _ = generate(sd, PROMPTS[0], **{**ddim, "n": 1})
+    assert (one_image - generate(sd, PROMPTS[0], **ddim)[0][:1]).abs().max() < 1e-4
 
 
 def test_uint8_conversion_is_diffusers():
