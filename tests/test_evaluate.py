@@ -87,3 +87,302 @@ def test_train_args_for(tmp_path):
     run.mkdir(parents=True)
     (run / "last.pt").write_bytes(b"")  # an interrupted run: train.py continues it
     assert train_args_for(subject, run, [], {})[-1] == "--resume"
+
+
+# ------------------------------------------------------------------------------------------ tiny models
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from tests.fixtures import make_tiny_clip, make_tiny_dino, make_tiny_sd  # noqa: E402
+from tinyrpo.dino import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from tinyrpo.errors import UserError  # noqa: E402
+from tinyrpo.evaluate import REWARD_MODEL_NOTE, Embedder, image_scores, main  # noqa: E402
+from tinyrpo.weights import load_clip, load_dino  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RES = 32  # tiny SD: VAE factor 2 -> 16x16 latents
+
+
+def photo(w, h, seed, color=(200, 60, 40)) -> Image.Image:
+    """A synthetic photo: a coloured disc on a noisy background, placed a little differently per seed."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :w]
+    img = rng.integers(0, 90, (h, w, 3)).astype(np.uint8)
+    cx, cy = w // 2 + rng.integers(-w // 8, w // 8 + 1), h // 2 + rng.integers(-h // 8, h // 8 + 1)
+    img[(xx - cx) ** 2 + (yy - cy) ** 2 < (min(w, h) // 4) ** 2] = color
+    return Image.fromarray(img)
+
+
+def make_subject(folder: Path, n=3, seed=0) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(n):  # odd sizes, so resize and crop both matter
+        photo(300 + 17 * k, 260 + 31 * k, seed + k, (200, 60 + 30 * k, 40)).save(folder / f"{k:02d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("models")
+    return {"sd": make_tiny_sd(d / "sd"), "clip": make_tiny_clip(d / "clip"), "dino": make_tiny_dino(d / "dino")}
+
+
+# ------------------------------------------------------------------------------------------ vs transformers
+
+def dino_transform(image: Image.Image, crop: int) -> np.ndarray:
+    """DINO's documented eval transform, written out: Resize(256) bicubic on the short side, CenterCrop(224)
+    (torchvision: offsets rounded), ImageNet mean/std; scaled to a `crop`-pixel model as 256/224 · crop."""
+    resize = crop * 256 // 224
+    w, h = image.size
+    size = (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)
+    x = np.asarray(image.convert("RGB").resize(size, Image.BICUBIC), dtype=np.float32) / 255
+    top, left = int(round((size[1] - crop) / 2)), int(round((size[0] - crop) / 2))
+    x = (x[top:top + crop, left:left + crop] - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
+    return x.transpose(2, 0, 1)
+
+
+def test_dino_transform_is_dino_preprocess_at_224():
+    from tinyrpo.dino import dino_preprocess
+    for im in (photo(300, 257, 0), photo(181, 411, 1)):
+        assert np.abs(dino_preprocess([im]).numpy()[0] - dino_transform(im, 224)).max() <= 1e-5
+
+
+def test_metrics_match_transformers(models, tmp_path):
+    """DINO, CLIP-I and CLIP-T of tinyrpo equal those computed with transformers' models and preprocessing
+    from the same files, the pairs averaged by hand."""
+    from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTokenizer, ViTModel
+
+    from tinyrpo.tokenizer import CLIPTokenizer as OurTokenizer
+
+    refs = [photo(300 + 13 * k, 240 + 7 * k, k) for k in range(3)]
+    gens = [photo(64, 64, 10 + k, (40, 90, 200)) for k in range(4)]
+    prompts = ["a sks toy on the beach", "a sks toy in the snow", "a red sks toy", "a sks toy on the beach"]
+    texts = [scoring_prompt(p, "sks") for p in prompts]
+    assert texts[0] == "a toy on the beach"
+
+    emb = Embedder(load_clip(models["clip"]), load_dino(models["dino"]), batch_size=3)  # batches split the images
+    gen_e, ref_e = emb.images(gens, progress=False), emb.images(refs, progress=False)
+    ours = image_scores(gen_e, ref_e, emb.texts(texts), 0.5)
+    real = image_scores(ref_e, ref_e, emb.texts(["a photo of a toy"] * 3), 0.5, exclude_self=True)
+
+    hf_clip = CLIPModel.from_pretrained(models["clip"]).eval()
+    hf_dino = ViTModel.from_pretrained(models["dino"], add_pooling_layer=False).eval()
+    size = hf_clip.config.vision_config.image_size
+    proc = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    tok_dir = tmp_path / "tok"
+    OurTokenizer.from_bpe_gz().save_vocab(tok_dir)
+    tok = CLIPTokenizer.from_pretrained(tok_dir)
+    with torch.no_grad():
+        def clip_embed(images, strings):
+            ids = tok(strings, padding="max_length", max_length=77, return_tensors="pt").input_ids
+            out = hf_clip(input_ids=ids, pixel_values=proc(images=images, return_tensors="pt")["pixel_values"])
+            return out.image_embeds.double().numpy(), out.text_embeds.double().numpy()
+
+        def dino_embed(images):
+            x = torch.from_numpy(np.stack([dino_transform(im, hf_dino.config.image_size) for im in images]))
+            return hf_dino(pixel_values=x).last_hidden_state[:, 0].double().numpy()
+
+        g_clip, t_clip = clip_embed(gens, texts)
+        r_clip, rt_clip = clip_embed(refs, ["a photo of a toy"] * 3)
+        g_dino, r_dino = dino_embed(gens), dino_embed(refs)
+
+    def cos(a, b):
+        return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+    for i in range(len(gens)):
+        assert ours["dino"][i].item() == pytest.approx(np.mean([cos(g_dino[i], r) for r in r_dino]), abs=1e-5)
+        assert ours["clip_i"][i].item() == pytest.approx(np.mean([cos(g_clip[i], r) for r in r_clip]), abs=1e-5)
+        assert ours["clip_t"][i].item() == pytest.approx(cos(g_clip[i], t_clip[i]), abs=1e-5)
+    for i in range(len(refs)):  # the real-images row: the other reference photos only
+        others = [j for j in range(len(refs)) if j != i]
+        assert real["dino"][i].item() == pytest.approx(np.mean([cos(r_dino[i], r_dino[j]) for j in others]), abs=1e-5)
+        assert real["clip_i"][i].item() == pytest.approx(np.mean([cos(r_clip[i], r_clip[j]) for j in others]), abs=1e-5)
+        assert real["clip_t"][i].item() == pytest.approx(cos(r_clip[i], rt_clip[i]), abs=1e-5)
+    # identical prompts on identical images score identically; different prompts don't
+    assert ours["clip_t"][0].item() != pytest.approx(ours["clip_t"][1].item(), abs=1e-7)
+
+
+# ------------------------------------------------------------------------------------------ the command
+
+def common(models, *extra):
+    # one DDIM step, all 25 images in one U-Net pass: the tiny U-Net is quickest on the CPU that way
+    return ["--eval-clip", str(models["clip"]), "--dino", str(models["dino"]), "--steps", "1",
+            "--images-per-prompt", "1", "--batch-size", "25", "--device", "cpu", "--no-progress", *extra]
+
+
+def make_ckpt(models, path: Path) -> Path:
+    """A "fine-tuned" checkpoint as train.py writes it: the base U-Net nudged, meta with a token and class."""
+    from tinyrpo.checkpoint import save_checkpoint
+    from tinyrpo.weights import load_sd
+
+    sd = load_sd(models["sd"])
+    g = torch.Generator().manual_seed(0)
+    state = {k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in sd.unet.state_dict().items()}
+    meta = {"base": str(models["sd"]), "base_fingerprint": sd.fingerprint, "token": "zwx", "class_noun": "toy",
+            "live": False, "reward_model": str(models["clip"]), "config": {"resolution": RES}}
+    return save_checkpoint(path, state, meta)
+
+
+def test_evaluate_checkpoint_base_and_real(models, tmp_path, monkeypatch, capsys):
+    from tinyrpo.reward import CLIPScorer, score
+
+    subject = make_subject(tmp_path / "refs" / "mytoy")
+    ckpt = make_ckpt(models, tmp_path / "runs" / "mytoy" / "best.pt")
+    assert main(["--ckpt", str(ckpt), "--subject", str(subject), *common(models)]) == 0
+    out = ckpt.parent / "eval"
+    table = capsys.readouterr().out
+    r = json.loads((out / "eval.json").read_text())
+    assert (out / "eval.md").read_text() in table and "| **overall** |" in table
+    assert r["token"] == "zwx" and r["class_noun"] == "toy" and not r["live"]  # defaults from the checkpoint
+    assert r["settings"]["resolution"] == RES and r["models"]["weights"] == str(models["sd"])
+    assert r["notes"] == [REWARD_MODEL_NOTE] and REWARD_MODEL_NOTE in table  # eval CLIP = training reward model
+    prompts = [row["prompt"] for row in r["prompts"]]
+    assert prompts == dreambench.fill(dreambench.OBJECT_PROMPTS, "zwx", "toy")
+    assert all("zwx" not in row["scored_text"] and "toy" in row["scored_text"] for row in r["prompts"])
+    grids = sorted((out / "grids").glob("*.png"))
+    assert len(grids) == 25 and Image.open(grids[0]).size == (RES, RES)
+    for k in ("dino", "clip_i", "clip_t", "harmonic"):
+        assert r["overall"][k] == pytest.approx(np.mean([row[k] for row in r["prompts"]]), abs=1e-6)
+        assert -1 <= r["overall"][k] <= 1
+    assert r["reference"]["images"] == 3 and r["reference"]["clip_t_text"] == "a photo of a toy"
+
+    # h_λ is the training reward: tinyrpo.reward.score on the saved images (grids of one image, lossless PNG)
+    scorer = CLIPScorer(load_clip(models["clip"]))
+    from tinyrpo.data import load_subject
+    refs = load_subject(subject, "zwx", "toy", resolution=RES).images
+    images = [Image.open(out / row["grid"]).convert("RGB") for row in r["prompts"]]
+    s = score(scorer, images, prompts, scorer.embed_images(refs), "zwx", 0.5)
+    assert s.reward.tolist() == pytest.approx([row["harmonic"] for row in r["prompts"]], abs=1e-5)
+    assert s.align_t.tolist() == pytest.approx([(row["clip_t"] + 1) / 2 for row in r["prompts"]], abs=1e-5)
+
+    # the base model: default folder runs/base-<subject>/eval, no note, different images
+    monkeypatch.chdir(tmp_path)
+    assert main(["--subject", str(subject), "--weights", str(models["sd"]), "--resolution", str(RES),
+                 "--class-noun", "toy", "--eval-clip", str(models["clip"]), *common(models)[2:]]) == 0
+    base = json.loads((tmp_path / "runs" / "base-mytoy" / "eval" / "eval.json").read_text())
+    assert base["notes"] == [] and base["token"] == "sks" and base["models"]["ckpt"] is None
+    assert base["overall"]["clip_i"] != pytest.approx(r["overall"]["clip_i"], abs=1e-6)
+
+    # --real: the photos against each other, self-pairs excluded; same numbers as the reference row
+    assert main(["--real", "--subject", str(subject), "--class-noun", "toy", "--resolution", str(RES),
+                 *common(models)]) == 0
+    real = json.loads((tmp_path / "runs" / "real-mytoy" / "eval" / "eval.json").read_text())
+    assert real["overall"]["dino"] == pytest.approx(r["reference"]["dino"])
+    assert real["overall"]["clip_i"] == pytest.approx(r["reference"]["clip_i"])
+    assert real["prompts"] == [] and not (tmp_path / "runs" / "real-mytoy" / "eval" / "grids").exists()
+
+
+@pytest.mark.parametrize("case", ["no_eval_clip", "no_dino", "no_sd", "no_subject", "lambda", "images0",
+                                  "real_ckpt", "stray_train_args", "subjects_alone", "no_target", "bad_device"])
+def test_user_errors(models, tmp_path, case):
+    subject = make_subject(tmp_path / "refs" / "dog", n=2)
+    args = ["--subject", str(subject), "--weights", str(models["sd"]), *common(models)]
+    expect = {"no_eval_clip": "python -m tinyrpo.download clip-b32", "no_dino": "python -m tinyrpo.download dino",
+              "no_sd": "python -m tinyrpo.download sd15", "no_subject": "does not exist", "lambda": "--lambda-val",
+              "images0": "--images-per-prompt", "real_ckpt": "drop --ckpt", "stray_train_args": "--dreambench",
+              "subjects_alone": "--dreambench", "no_target": "--subject", "bad_device": "--device"}[case]
+    if case == "no_eval_clip":
+        args[args.index("--eval-clip") + 1] = str(tmp_path / "weights" / "clip-vit-base-patch32")
+    elif case == "no_dino":
+        args[args.index("--dino") + 1] = str(tmp_path / "weights" / "dino-vits16")
+    elif case == "no_sd":
+        args[args.index("--weights") + 1] = str(tmp_path / "weights" / "sd15")
+    elif case == "no_subject":
+        args[1] = str(tmp_path / "refs" / "nope")
+    elif case == "lambda":
+        args += ["--lambda-val", "1.5"]
+    elif case == "images0":
+        args += ["--images-per-prompt", "0"]
+    elif case == "real_ckpt":
+        args += ["--real", "--ckpt", str(tmp_path / "best.pt")]
+    elif case == "stray_train_args":
+        args += ["--", "--steps", "3"]
+    elif case == "subjects_alone":
+        args += ["--subjects", "dog"]
+    elif case == "no_target":
+        args = args[2:]
+    elif case == "bad_device":
+        args += ["--device", "nonsense"]
+    with pytest.raises(UserError, match=expect):
+        main(args)
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "unknown_subject", "dreambench_and_subject"])
+def test_dreambench_user_errors(models, tmp_path, case):
+    root = tmp_path / "refs"
+    (root / "my_photos").mkdir(parents=True)  # not a DreamBench subject: ignored
+    if case != "empty":
+        make_subject(root / "dog", n=2)
+    args = ["--dreambench", str(root if case != "missing" else tmp_path / "nowhere"), *common(models)]
+    expect = {"missing": "python -m tinyrpo.download dreambench", "empty": "python -m tinyrpo.download dreambench",
+              "unknown_subject": "cat2 not found", "dreambench_and_subject": "--subjects"}[case]
+    if case == "unknown_subject":
+        args += ["--subjects", "dog,cat2"]
+    elif case == "dreambench_and_subject":
+        args += ["--subject", str(root / "dog")]
+    with pytest.raises(UserError, match=expect):
+        main(args)
+
+
+def test_cli_reports_user_errors_without_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "tinyrpo.evaluate", "--subject", str(make_subject(tmp_path / "dog", 1)),
+                        "--eval-clip", str(tmp_path / "clip"), "--weights", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error:") and "clip-b32" in r.stderr
+
+
+def test_dreambench_trains_evaluates_resumes_and_aggregates(models, tmp_path, monkeypatch, capsys):
+    # Two prompts per set instead of 25 (and two training prompts): the loop is what is tested here.
+    monkeypatch.setattr(dreambench, "LIVE_PROMPTS", dreambench.LIVE_PROMPTS[:2])
+    monkeypatch.setattr(dreambench, "OBJECT_PROMPTS", dreambench.OBJECT_PROMPTS[-2:])
+    root, out = tmp_path / "dataset", tmp_path / "runs"
+    make_subject(root / "dog", seed=0)
+    make_subject(root / "backpack", seed=5)
+    (root / "not_a_subject").mkdir()
+    (root / "prompts_and_classes.txt").write_text("(unused: tinyrpo.dreambench has the tables)\n")
+    (tmp_path / "prompts.txt").write_text("a [V] {cls} on the Moon\na green [V] {cls}\n")
+    train_args = ["--reward-model", str(models["clip"]), "--prompts", str(tmp_path / "prompts.txt"),
+                  "--resolution", str(RES), "--images-per-prompt", "1", "--sample-steps", "1",
+                  "--val-images-per-prompt", "1", "--steps", "2", "--val-every", "2"]
+    # --weights and --device are given once, here, and passed on to train.py
+    args = ["--dreambench", str(root), "--out", str(out), "--weights", str(models["sd"]), *common(models),
+            "--", *train_args]
+
+    assert main([*args[:2], "--subjects", "dog", *args[2:]]) == 0
+    printed = capsys.readouterr().out
+    assert "[ 1/1] dog: DINO" in printed and "ETA" in printed
+    first = json.loads((out / "dog" / "eval" / "eval.json").read_text())
+    assert first["live"] and first["class_noun"] == "dog" and len(first["prompts"]) == 2
+    assert first["models"]["ckpt"] == str(out / "dog" / "best.pt")
+    assert json.loads((out / "dog" / "config.json").read_text())["device"] == "cpu"  # forwarded
+
+    # Make dog's training look interrupted (last.pt, no summary.json, no evaluation): it must be resumed.
+    (out / "dog" / "summary.json").unlink()
+    for f in (out / "dog" / "eval").rglob("*"):
+        f.unlink() if f.is_file() else None
+    assert main(args) == 0  # backpack: trained and evaluated; dog: training resumed, then evaluated
+    printed = capsys.readouterr().out
+    assert "[ 1/2] backpack: DINO" in printed and "[ 2/2] dog: DINO" in printed
+    assert f"resuming {out / 'dog'} at step 2" in printed
+    assert (out / "dog" / "summary.json").exists() and (out / "backpack" / "summary.json").exists()
+    evals = [out / s / "eval" / "eval.json" for s in ("backpack", "dog")]
+    stamps = [e.stat().st_mtime_ns for e in evals]
+
+    assert main(args) == 0  # everything done: both skipped, the aggregate rewritten
+    printed = capsys.readouterr().out
+    assert "[ 1/2] backpack: done before, skipped" in printed and "[ 2/2] dog: done before, skipped" in printed
+    assert [e.stat().st_mtime_ns for e in evals] == stamps
+
+    agg = json.loads((out / "dreambench.json").read_text())
+    assert agg["subjects"] == ["backpack", "dog"]
+    per = [json.loads(e.read_text())["overall"] for e in evals]
+    for k in ("dino", "clip_i", "clip_t", "harmonic"):
+        assert agg["mean"][k] == pytest.approx((per[0][k] + per[1][k]) / 2)
+    table = (out / "dreambench.md").read_text()
+    assert table in printed and "| DreamBooth (SD) (paper) | 0.668 | 0.803 | 0.305 |" in table
+    assert "| **this run (2 subjects)** |" in table

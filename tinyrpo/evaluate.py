@@ -246,6 +246,9 @@ def evaluate_subject(subject_dir, out=None, ckpt=None, weights=None, eval_clip=D
     device = resolve_device(s.device)
     dtype = DTYPES[s.dtype] if s.dtype != "auto" else (torch.float16 if device.type == "cuda" else torch.float32)
     subject_dir = Path(subject_dir)
+    if not subject_dir.is_dir():
+        raise UserError(f"subject folder {subject_dir} does not exist; pass --subject DIR, the folder of the "
+                        f"reference photos (e.g. refs/dog after `python -m tinyrpo.download dreambench`)")
     meta = {}
     if ckpt is not None:
         _, meta = load_checkpoint(ckpt)  # fails early on a bad file; memory-mapped, so cheap
