@@ -1,12 +1,14 @@
 """One SD v1.5 U-Net forward: tinyrpo vs diffusers' UNet2DConditionModel, same random weights.
 
     python3 bench/unet_forward.py                         # CPU, fp32, batch 2, 64x64 latent, 3 timed runs
+    python3 bench/unet_forward.py --threads 1 --repeats 5 # steadier on a busy machine (CPU time barely moves)
     python3 bench/unet_forward.py --device cuda --dtype bf16 --repeats 10
     python3 bench/unet_forward.py --device cuda --dtype bf16 --compile
 
 Speed: both models live in one process and share the same weight tensors (diffusers is built on the meta
 device and gets tinyrpo's state dict assigned, names match); after a warm-up of each, the runs are
-interleaved (ours, theirs, ours, ...) so drifting clocks or thermal state hit both alike; the median is shown.
+interleaved (ours, theirs, ours, ...) so drifting clocks or thermal state hit both alike; the median is shown,
+as wall time and as this process's CPU time (the latter is steadier when other jobs share the cores).
 
 Memory: on CPU each model is built and run once in a fresh subprocess, which reports its peak resident set
 (getrusage ru_maxrss) and its resident set just before the forward (weights + runtime), so one model's
@@ -94,6 +96,7 @@ def main():
     p.add_argument("--repeats", type=int, default=3, help="timed forwards per model (default: %(default)s)")
     p.add_argument("--batch", type=int, default=2, help="batch size (default: %(default)s)")
     p.add_argument("--size", type=int, default=64, help="latent height = width (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0 = torch's default (default: %(default)s)")
     p.add_argument("--compile", action="store_true", help="torch.compile both models first (default: off)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--memory-child", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
@@ -101,6 +104,8 @@ def main():
     if args.memory_child:
         return memory_child(args)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dev, dtype = args.device, DTYPES[args.dtype]
     torch.manual_seed(0)
     ours = build("ours", dev, dtype)
@@ -111,6 +116,7 @@ def main():
         fns = {k: torch.compile(f) for k, f in fns.items()}
 
     times = {k: [] for k in fns}
+    cpu_times = {k: [] for k in fns}
     peaks = {}
     with torch.inference_mode():
         outs = {}
@@ -121,10 +127,11 @@ def main():
         for _ in range(args.repeats):
             for k, f in fns.items():
                 sync(dev)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 f(x, t, ctx)
                 sync(dev)
                 times[k].append(time.perf_counter() - t0)
+                cpu_times[k].append(time.process_time() - c0)
         if dev.startswith("cuda") and not args.no_memory:
             for k, f in fns.items():
                 torch.cuda.empty_cache()
@@ -145,10 +152,11 @@ def main():
           f"threads={torch.get_num_threads()} compile={args.compile} repeats={args.repeats}; "
           f"max rel diff tinyrpo vs diffusers = {err:.1e}")
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"{'model':<10} {'s/forward (median)':>19} {'min':>8} {'max':>8}  memory")
+    cpu = {k: statistics.median(v) for k, v in cpu_times.items()}
+    print(f"{'model':<10} {'wall s/fwd (median)':>20} {'min':>8} {'max':>8} {'CPU s/fwd (median)':>19}  memory")
     for k in fns:
-        print(f"{k:<10} {med[k]:>19.3f} {min(times[k]):>8.3f} {max(times[k]):>8.3f}  {peaks.get(k, '-')}")
-    print(f"ratio tinyrpo / diffusers = {med['tinyrpo'] / med['diffusers']:.3f}")
+        print(f"{k:<10} {med[k]:>20.3f} {min(times[k]):>8.3f} {max(times[k]):>8.3f} {cpu[k]:>19.3f}  {peaks.get(k, '-')}")
+    print(f"ratio tinyrpo / diffusers: wall {med['tinyrpo'] / med['diffusers']:.3f}, CPU {cpu['tinyrpo'] / cpu['diffusers']:.3f}")
 
 
 if __name__ == "__main__":
