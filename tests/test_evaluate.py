@@ -1,17 +1,32 @@
 """DreamBench evaluation: the metrics on hand-made cases, against transformers, and the command end to end."""
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+from tests.fixtures import make_tiny_clip, make_tiny_dino, make_tiny_sd
 from tinyrpo import dreambench
-from tinyrpo.evaluate import (PAPER_ROWS, aggregate, aggregate_markdown, harmonic_scores, pair_cosine,
-                              scoring_prompt, text_cosine, train_args_for)
+from tinyrpo.checkpoint import save_checkpoint
+from tinyrpo.data import load_subject
+from tinyrpo.dino import IMAGENET_MEAN, IMAGENET_STD
+from tinyrpo.errors import UserError
+from tinyrpo.evaluate import (PAPER_ROWS, REWARD_MODEL_NOTE, Embedder, aggregate, aggregate_markdown,
+                              harmonic_scores, image_scores, main, pair_cosine, scoring_prompt, text_cosine,
+                              train_args_for)
+from tinyrpo.reward import CLIPScorer, score
 from tinyrpo.rpo import align_i, align_t, harmonic_reward
+from tinyrpo.weights import load_clip, load_dino, load_sd
 
 R2 = 1 / math.sqrt(2)
+ROOT = Path(__file__).resolve().parents[1]
+RES = 32  # tiny SD: VAE factor 2 -> 16x16 latents
 
 
 # ------------------------------------------------------------------------------------------ pure functions
@@ -72,10 +87,13 @@ def test_aggregate_means_over_subjects():
     assert agg["real_images"]["dino"] == pytest.approx(0.8) and agg["real_images"]["clip_t"] is None
     assert agg["notes"] == ["n"]
     table = aggregate_markdown(agg)
-    for line in ("| Real images (paper) | 0.774 | 0.885 | – |", "| DreamBooth (SD) (paper) | 0.668 | 0.803 | 0.305 |",
-                 "| RPO (λ_val=0.5, paper) | – | 0.833 | 0.314 |", "| **this run (2 subjects)** | **0.650** | **0.850** | **0.310** |"):
+    for line in ("| Real images (paper) | 0.774 | 0.885 | – |",
+                 "| DreamBooth (SD) (paper) | 0.668 | 0.803 | 0.305 |",
+                 "| RPO (λ_val=0.5, paper) | – | 0.833 | 0.314 |",
+                 "| **this run (2 subjects)** | **0.650** | **0.850** | **0.310** |"):
         assert line in table, table
-    assert [name for name, _ in PAPER_ROWS] == ["Real images (paper)", "DreamBooth (SD) (paper)", "RPO (λ_val=0.5, paper)"]
+    assert [name for name, _ in PAPER_ROWS] == ["Real images (paper)", "DreamBooth (SD) (paper)",
+                                                "RPO (λ_val=0.5, paper)"]
 
 
 def test_train_args_for(tmp_path):
@@ -90,23 +108,6 @@ def test_train_args_for(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ tiny models
-
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from tests.fixtures import make_tiny_clip, make_tiny_dino, make_tiny_sd  # noqa: E402
-from tinyrpo.dino import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from tinyrpo.errors import UserError  # noqa: E402
-from tinyrpo.evaluate import REWARD_MODEL_NOTE, Embedder, image_scores, main  # noqa: E402
-from tinyrpo.weights import load_clip, load_dino  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-RES = 32  # tiny SD: VAE factor 2 -> 16x16 latents
-
 
 def photo(w, h, seed, color=(200, 60, 40)) -> Image.Image:
     """A synthetic photo: a coloured disc on a noisy background, placed a little differently per seed."""
@@ -216,9 +217,6 @@ def common(models, *extra):
 
 def make_ckpt(models, path: Path) -> Path:
     """A "fine-tuned" checkpoint as train.py writes it: the base U-Net nudged, meta with a token and class."""
-    from tinyrpo.checkpoint import save_checkpoint
-    from tinyrpo.weights import load_sd
-
     sd = load_sd(models["sd"])
     g = torch.Generator().manual_seed(0)
     state = {k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in sd.unet.state_dict().items()}
@@ -228,8 +226,6 @@ def make_ckpt(models, path: Path) -> Path:
 
 
 def test_evaluate_checkpoint_base_and_real(models, tmp_path, monkeypatch, capsys):
-    from tinyrpo.reward import CLIPScorer, score
-
     subject = make_subject(tmp_path / "refs" / "mytoy")
     ckpt = make_ckpt(models, tmp_path / "runs" / "mytoy" / "best.pt")
     assert main(["--ckpt", str(ckpt), "--subject", str(subject), *common(models)]) == 0
@@ -252,7 +248,6 @@ def test_evaluate_checkpoint_base_and_real(models, tmp_path, monkeypatch, capsys
 
     # h_λ is the training reward: tinyrpo.reward.score on the saved images (grids of one image, lossless PNG)
     scorer = CLIPScorer(load_clip(models["clip"]))
-    from tinyrpo.data import load_subject
     refs = load_subject(subject, "zwx", "toy", resolution=RES).images
     images = [Image.open(out / row["grid"]).convert("RGB") for row in r["prompts"]]
     s = score(scorer, images, prompts, scorer.embed_images(refs), "zwx", 0.5)
@@ -311,7 +306,8 @@ def test_user_errors(models, tmp_path, case):
         main(args)
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "unknown_subject", "dreambench_and_subject"])
+@pytest.mark.parametrize("case", ["missing", "empty", "unknown_subject", "dreambench_and_subject",
+                                  "dreambench_and_live"])
 def test_dreambench_user_errors(models, tmp_path, case):
     root = tmp_path / "refs"
     (root / "my_photos").mkdir(parents=True)  # not a DreamBench subject: ignored
@@ -319,11 +315,14 @@ def test_dreambench_user_errors(models, tmp_path, case):
         make_subject(root / "dog", n=2)
     args = ["--dreambench", str(root if case != "missing" else tmp_path / "nowhere"), *common(models)]
     expect = {"missing": "python -m tinyrpo.download dreambench", "empty": "python -m tinyrpo.download dreambench",
-              "unknown_subject": "cat2 not found", "dreambench_and_subject": "--subjects"}[case]
+              "unknown_subject": "cat2 not found", "dreambench_and_subject": "--subjects",
+              "dreambench_and_live": "--live/--object"}[case]
     if case == "unknown_subject":
         args += ["--subjects", "dog,cat2"]
     elif case == "dreambench_and_subject":
         args += ["--subject", str(root / "dog")]
+    elif case == "dreambench_and_live":
+        args += ["--object"]
     with pytest.raises(UserError, match=expect):
         main(args)
 

@@ -208,7 +208,8 @@ class EvalSettings:
     progress: bool = True
 
     def validate(self):
-        checks = [(self.images_per_prompt >= 1, f"--images-per-prompt must be at least 1 (got {self.images_per_prompt})"),
+        checks = [(self.images_per_prompt >= 1,
+                   f"--images-per-prompt must be at least 1 (got {self.images_per_prompt})"),
                   (self.steps >= 1, f"--steps must be at least 1 (got {self.steps})"),
                   (self.guidance >= 0, f"--guidance must be >= 0 (got {self.guidance})"),
                   (0.0 <= self.lambda_val <= 1.0, f"--lambda-val must be in [0, 1] (got {self.lambda_val})"),
@@ -303,7 +304,8 @@ def evaluate_subject(subject_dir, out=None, ckpt=None, weights=None, eval_clip=D
         "models": {"ckpt": None if ckpt is None else str(ckpt), "weights": None if weights is None else str(weights),
                    "eval_clip": str(eval_clip), "dino": str(dino), "training_reward_model": reward_model},
         "settings": {**{k: v for k, v in vars(s).items() if k != "progress"}, "resolution": resolution,
-                     "device": str(device), "dtype": None if real else str(dtype).removeprefix("torch."), "prompt_set": "live" if subject.live else "object"},
+                     "device": str(device), "dtype": None if real else str(dtype).removeprefix("torch."),
+                     "prompt_set": "live" if subject.live else "object"},
         "out": str(out), "notes": notes, "overall": overall, "reference": reference, "prompts": per_prompt,
         "seconds": round(time.perf_counter() - t0, 2),
     }
@@ -474,7 +476,10 @@ def run_dreambench(root, out, train_args: list[str], subjects: str | None, args,
             continue
         t0 = time.perf_counter()
         if not ((run / "summary.json").exists() and (run / "best.pt").exists()):
-            train.main(train_args_for(folder, run, train_args, forward))
+            try:
+                train.main(train_args_for(folder, run, train_args, forward))
+            except UserError as e:
+                raise UserError(f"training {folder.name}: {e}") from None
             free_memory(resolve_device(settings.device))
         if embedder is None:
             embedder = load_embedder(args.eval_clip, args.dino, resolve_device(settings.device))
@@ -553,7 +558,7 @@ def main(argv=None):
                             batch_size=args.batch_size, device=args.device, dtype=args.dtype, progress=args.progress)
     if args.dreambench:
         for flag, value in (("--subject", args.subject), ("--ckpt", args.ckpt), ("--class-noun", args.class_noun),
-                            ("--real", args.real or None)):
+                            ("--real", args.real or None), ("--live/--object", args.live)):
             if value is not None:
                 raise UserError(f"{flag} evaluates one subject; --dreambench takes each subject of ROOT "
                                 f"(choose them with --subjects)")
