@@ -74,6 +74,12 @@ REWARD_MODEL_NOTE = ("note: evaluated with the training reward model; CLIP-I/CLI
 
 # ------------------------------------------------------------------------------------------------- metrics
 
+@dataclass
+class Embeddings:
+    dino: torch.Tensor  # [N, 384] DINO class tokens (float32, unnormalized)
+    clip: torch.Tensor  # [N, P] CLIP image embeddings (float32, L2-normalized)
+
+
 def pair_cosine(a: torch.Tensor, b: torch.Tensor, exclude_self: bool = False) -> torch.Tensor:
     """For each row of `a`, its mean cosine similarity with every row of `b`: [N].
 
@@ -110,7 +116,7 @@ def harmonic_scores(clip_i: torch.Tensor, clip_t: torch.Tensor, lam: float) -> d
     return {"align_i": a_i, "align_t": a_t, "harmonic": harmonic_reward(a_i, a_t, lam)}
 
 
-def image_scores(gen: "Embeddings", refs: "Embeddings", text_embs: torch.Tensor, lam: float,
+def image_scores(gen: Embeddings, refs: Embeddings, text_embs: torch.Tensor, lam: float,
                  exclude_self: bool = False) -> dict[str, torch.Tensor]:
     """Every metric for each image: {name: [N]} (see METRICS)."""
     scores = {"dino": pair_cosine(gen.dino, refs.dino, exclude_self),
@@ -124,12 +130,6 @@ def mean_scores(scores: dict[str, torch.Tensor], index=slice(None)) -> dict[str,
 
 
 # ------------------------------------------------------------------------------------------------- models
-
-@dataclass
-class Embeddings:
-    dino: torch.Tensor  # [N, 384] DINO class tokens (float32, unnormalized)
-    clip: torch.Tensor  # [N, P] CLIP image embeddings (float32, L2-normalized)
-
 
 class Embedder:
     """The two evaluation networks, inference only, in float32 (the metrics are small differences)."""
