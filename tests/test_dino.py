@@ -1,39 +1,15 @@
 """tinyrpo.dino against transformers' ViTModel reading the same facebook/dino-vits16-layout file."""
-import json
-import re
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
 from tests.util import max_rel_err, randomize_
-from tinyrpo.dino import DINO, DINO_VITS16, IMAGENET_MEAN, IMAGENET_STD, DINOConfig, dino_preprocess
+from tinyrpo.dino import IMAGENET_MEAN, IMAGENET_STD, DINOConfig, dino_preprocess
+from tinyrpo.weights import load_dino
 
-MANIFESTS = Path(__file__).parent / "manifests"
 TINY = DINOConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, patch_size=8, image_size=32)
-
-# HF ViT (facebook/dino-vits16) name -> tinyrpo.dino name, applied in order ("attention.output.dense"
-# before the MLP's "output.dense").
-# TODO: replace with tinyrpo.weights.load_dino once the loader lands.
-HF_VIT_RULES = [
-    (r"^encoder\.layer\.(\d+)\.", r"encoder.layers.\1."),
-    (r"\.attention\.attention\.query\.", ".self_attn.q_proj."),
-    (r"\.attention\.attention\.key\.", ".self_attn.k_proj."),
-    (r"\.attention\.attention\.value\.", ".self_attn.v_proj."),
-    (r"\.attention\.output\.dense\.", ".self_attn.out_proj."),
-    (r"\.intermediate\.dense\.", ".mlp.fc1."),
-    (r"\.output\.dense\.", ".mlp.fc2."),
-    (r"\.layernorm_before\.", ".layer_norm1."),
-    (r"\.layernorm_after\.", ".layer_norm2."),
-]
-
-
-def hf_vit_to_tinyrpo(name: str) -> str:
-    for pattern, repl in HF_VIT_RULES:
-        name = re.sub(pattern, repl, name)
-    return name
 
 
 def test_dino_matches_transformers_vit(tmp_path):
@@ -47,8 +23,8 @@ def test_dino_matches_transformers_vit(tmp_path):
     hf = randomize_(ViTModel(config, add_pooling_layer=False)).eval()
     hf.save_pretrained(tmp_path)  # the public facebook/dino-vits16 layout
 
-    ours = DINO(TINY).eval()
-    ours.load_state_dict({hf_vit_to_tinyrpo(k): v for k, v in load_file(str(tmp_path / "model.safetensors")).items()})
+    ours = load_dino(tmp_path).eval()  # through the loader's HF-name rules
+    assert ours.config.hidden_size == TINY.hidden_size and ours.config.num_heads == TINY.num_heads
 
     pixels = torch.randn(3, 3, TINY.image_size, TINY.image_size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -58,13 +34,7 @@ def test_dino_matches_transformers_vit(tmp_path):
     assert max_rel_err(out, ref) <= 1e-4
 
 
-def test_public_layout():
-    """DINO ViT-S/16 at real size, on the meta device, has exactly facebook/dino-vits16's tensors."""
-    tensors = json.loads((MANIFESTS / "dino_vits16_hf.json").read_text())["tensors"]
-    with torch.device("meta"):
-        model = DINO(DINO_VITS16)
-    ours = {k: list(v.shape) for k, v in model.state_dict().items()}
-    assert ours == {hf_vit_to_tinyrpo(k): v for k, v in tensors.items()}
+# The real-size layout (HF and DINO-original names) is covered in tests/test_weights.py.
 
 
 def test_preprocess_is_dinos_eval_transform():
