@@ -109,10 +109,12 @@ def child(args):
     device = torch.device(args.device)
     base_mib = rss_mib()
     policy, policy_fwd, ref_fwd = build(args.child, args, device)
-    opt = torch.optim.AdamW(policy.parameters(), lr=5e-6, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    cfg = TrainConfig(subject="")
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8,
+                            fused=args.fused_adamw or None)  # as Trainer.run unless --fused-adamw
     amp = DTYPES[args.precision] if args.precision != "fp32" else None
     scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None
-    cfg, sched = TrainConfig(subject=""), NoiseSchedule(SchedulerConfig())
+    sched = NoiseSchedule(SchedulerConfig())
     B, L = args.pairs, args.latent
 
     # Latents and text states of the pairs, resident on the device as in the trainer (random here).
@@ -136,11 +138,14 @@ def child(args):
         optimizer_step(out.loss, policy, opt, cfg.grad_clip, scaler)
         return out.loss.detach()
 
+    cpu_times = []  # CPU seconds of this process (all its threads): less sensitive than wall time to other load
+
     def timed(fn, *a):
         sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         r = fn(*a)
         sync(device)
+        cpu_times.append(time.process_time() - c0)
         return time.perf_counter() - t0, r
 
     ready_mib = rss_mib()  # weights + reference
@@ -153,7 +158,7 @@ def child(args):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()  # the warm-up's peak includes compilation; the steady state is what counts
     state_mib = torch.cuda.memory_allocated() / 2**20 if device.type == "cuda" else rss_mib()
-    times = []
+    times, cpu_times[:] = [], []
     for k in range(args.warmup, args.warmup + args.repeats):
         s, loss = timed(step, k)
         times.append(s)
@@ -164,8 +169,8 @@ def child(args):
     else:
         peak = peak_rss_mib()
 
-    result = {"variant": args.child, "times": times, "warmup": warmup, "losses": losses, "peak_mib": peak,
-              "state_mib": state_mib, "base_mib": base_mib, "ready_mib": ready_mib}
+    result = {"variant": args.child, "times": times, "cpu_times": cpu_times[:args.repeats], "warmup": warmup,
+              "losses": losses, "peak_mib": peak, "state_mib": state_mib, "base_mib": base_mib, "ready_mib": ready_mib}
 
     if args.full_run_estimate:
         # Generation (negative set and validations) is U-Net forwards at 2 × gen_batch_size latents (guidance).
@@ -221,6 +226,8 @@ def main():
                    help="torch.compile mode (default: %(default)s)")
     p.add_argument("--channels-last", action="store_true", help="U-Nets and inputs in channels-last memory format")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute the policy's activations in backward")
+    p.add_argument("--fused-adamw", action="store_true",
+                   help="AdamW(fused=True) instead of the trainer's default (foreach on cuda, a per-tensor loop on cpu)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 3 on cuda, 1 on cpu)")
     p.add_argument("--repeats", type=int, default=None, help="timed steps per variant (default: 10 on cuda, 3 on cpu)")
     p.add_argument("--peak-tflops", type=float, default=None,
@@ -256,6 +263,7 @@ def main():
              f"--warmup={args.warmup}", f"--repeats={args.repeats}"]
     flags += [f for f, on in (("--channels-last", args.channels_last),
                               ("--gradient-checkpointing", args.gradient_checkpointing),
+                              ("--fused-adamw", args.fused_adamw),
                               ("--full-run-estimate", args.full_run_estimate)) if on]
     if args.profile:
         flags.append(f"--profile={args.profile}")
@@ -270,7 +278,7 @@ def main():
           f"random weights): {machine(args.device)}")
     print(f"  {args.pairs} pair(s) -> policy forward+backward on {2 * args.pairs} latents of {args.latent}x{args.latent}, "
           f"reference forward on {2 * args.pairs}; precision {args.precision}, reference stored in "
-          f"{args.precision if args.precision != 'fp32' else 'fp32'}; AdamW on fp32 master weights; "
+          f"{args.precision}; AdamW{' (fused)' if args.fused_adamw else ''} on fp32 master weights; "
           f"channels_last={args.channels_last}, gradient_checkpointing={args.gradient_checkpointing}, "
           f"compile mode {args.compile_mode}; median of {args.repeats} steps after {args.warmup} warm-up")
     print(f"  FLOPs: F = U-Net forward per latent at {args.latent}x{args.latent} = {F / 1e12:.3f} TFLOP "
@@ -280,7 +288,8 @@ def main():
     if not cuda:  # other processes on the same cores slow every variant down: say how busy the machine was
         print(f"  load average over the last 1 / 5 / 15 min at the end: {' / '.join(f'{x:.1f}' for x in os.getloadavg())}")
     mem = "peak CUDA allocated" if cuda else "peak RSS (process)"
-    print(f"\n{'variant':<18} {'s/step':>8} {'min':>7} {'max':>7} {'vs diffusers':>12} {'1st step':>9} "
+    cpu_col = "" if cuda else f" {'CPU s/step':>10}"  # process CPU time: less sensitive to other load
+    print(f"\n{'variant':<18} {'s/step':>8} {'min':>7} {'max':>7} {'vs diffusers':>12}{cpu_col} {'1st step':>9} "
           f"{'TFLOP/s':>8} {'MFU':>6} {mem:>20}  loss@1")
     ok = {v: r for v, r in results.items() if isinstance(r, dict)}
     med = {v: statistics.median(r["times"]) for v, r in ok.items()}
@@ -290,7 +299,8 @@ def main():
             continue
         vs = f"{med[v] / med['diffusers']:.3f}" if "diffusers" in med else "-"
         mfu = f"{100 * flops / (med[v] * args.peak_tflops * 1e12):.1f}%" if args.peak_tflops else "-"
-        print(f"{v:<18} {med[v]:>8.3f} {min(r['times']):>7.3f} {max(r['times']):>7.3f} {vs:>12} {r['warmup'][0]:>9.1f} "
+        cpu_val = "" if cuda else f" {statistics.median(r['cpu_times']):>10.2f}"
+        print(f"{v:<18} {med[v]:>8.3f} {min(r['times']):>7.3f} {max(r['times']):>7.3f} {vs:>12}{cpu_val} {r['warmup'][0]:>9.1f} "
               f"{flops / med[v] / 1e12:>8.3f} {mfu:>6} {r['peak_mib'] / 1024:>16.2f} GiB  {r['losses'][0]:.6f}")
     if ok:
         what = ("allocated after warm-up (weights, grads freed, AdamW state, reference)" if cuda
