@@ -22,8 +22,8 @@ from PIL.PngImagePlugin import PngInfo
 
 from tinyrpo.checkpoint import apply_checkpoint, load_checkpoint
 from tinyrpo.download import DEFAULT_SD
-from tinyrpo.errors import UserError, run_cli
-from tinyrpo.pipeline import check_args, generate, image_grid, to_pil
+from tinyrpo.errors import run_cli
+from tinyrpo.pipeline import check_args, generate, image_grid, resolve_device, to_pil
 from tinyrpo.weights import load_sd
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -57,18 +57,6 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (slow start, faster steps)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     return p.parse_args(argv)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: this PyTorch sees no CUDA GPU; use --device cpu")
-    return device
 
 
 def run_folder(out: Path, overwrite: bool) -> Path:

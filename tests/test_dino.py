@@ -1,5 +1,4 @@
 """tinyrpo.dino against transformers' ViTModel reading the same facebook/dino-vits16-layout file."""
-from pathlib import Path
 
 import numpy as np
 import torch

@@ -52,7 +52,7 @@ from tinyrpo.data import load_subject, resolve_class
 from tinyrpo.download import DEFAULT_DINO, DEFAULT_EVAL_CLIP, DEFAULT_SD, missing_weights_message
 from tinyrpo.dino import DINO, dino_preprocess
 from tinyrpo.errors import UserError, run_cli
-from tinyrpo.pipeline import generate, image_grid, to_pil
+from tinyrpo.pipeline import generate, image_grid, resolve_device, to_pil
 from tinyrpo.reward import CLIPScorer
 from tinyrpo.rpo import harmonic_reward
 from tinyrpo.weights import load_clip, load_dino, load_sd
@@ -156,18 +156,6 @@ class Embedder:
 
     def texts(self, prompts: list[str]) -> torch.Tensor:
         return self.clip.embed_texts(prompts)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: this PyTorch sees no CUDA GPU; use --device cpu")
-    return device
 
 
 def check_eval_weights(eval_clip, dino) -> None:

@@ -38,6 +38,19 @@ from tinyrpo.schedulers import DDIMScheduler, DDPMScheduler
 SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
 
 
+def resolve_device(name: str) -> torch.device:
+    """--device: "auto" (the GPU when torch sees one), "cpu", "cuda" or "cuda:N"; a clear error otherwise."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: this PyTorch sees no CUDA GPU; use --device cpu")
+    return device
+
+
 @dataclass
 class ImageRecord:
     """How one image was made: image `index` of the `n` that `seed` gives for `prompt` (see the seeding rule)."""

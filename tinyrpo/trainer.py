@@ -26,11 +26,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from tinyrpo import dreambench, kernels
-from tinyrpo.checkpoint import atomic_torch_save, load_checkpoint, save_checkpoint
+from tinyrpo.checkpoint import atomic_torch_save, save_checkpoint
 from tinyrpo.data import Subject, load_rgb, load_subject, to_tensor
 from tinyrpo.download import DEFAULT_REWARD_CLIP, DEFAULT_SD
 from tinyrpo.errors import UserError
-from tinyrpo.pipeline import generate, image_grid, to_pil
+from tinyrpo.pipeline import generate, image_grid, resolve_device, to_pil
 from tinyrpo.reward import CLIPScorer, score
 from tinyrpo.rpo import RPOLoss, sample_label
 from tinyrpo.weights import load_clip, load_sd
@@ -98,17 +98,6 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for a GPU but torch sees none; use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device torch knows; use auto, cpu or cuda") from None
-
 
 def read_prompt_file(path) -> list[str]:
     """One training prompt per line; `[V]` (or `{0}`) is the token, `{cls}` (or `{1}`) the class noun."""
@@ -206,7 +195,7 @@ class Trainer:
         cfg.validate()
         self.cfg = cfg
         self.times = {}
-        self.device = pick_device(cfg.device)
+        self.device = resolve_device(cfg.device)
         precision = cfg.precision if cfg.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
         self.precision = precision
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
