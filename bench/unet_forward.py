@@ -12,7 +12,8 @@ as wall time and as this process's CPU time (the latter is steadier when other j
 
 Memory: on CPU each model is built and run once in a fresh subprocess, which reports its peak resident set
 (getrusage ru_maxrss) and its resident set just before the forward (weights + runtime), so one model's
-allocations cannot inflate the other's number. On CUDA, torch.cuda.max_memory_allocated is exact per model,
+allocations cannot inflate the other's number. Both children import the same libraries and build the same
+weights the same way, so the peaks compare (the "before" numbers differ by diffusers' meta-built module). On CUDA, torch.cuda.max_memory_allocated is exact per model,
 so it is measured in this process (after reset_peak_memory_stats), above the shared weights.
 """
 import argparse
@@ -146,7 +147,7 @@ def main():
             cmd = [sys.executable, __file__, "--memory-child", child, "--dtype", args.dtype,
                    "--batch", str(args.batch), "--size", str(args.size)]
             r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
-            peaks[k] = f"{r['peak_mib']:.0f} MiB peak RSS ({r['peak_mib'] - r['before_forward_mib']:.0f} above pre-forward)"
+            peaks[k] = f"peak RSS {r['peak_mib']:.0f} MiB ({r['before_forward_mib']:.0f} before the forward)"
 
     print(f"SD v1.5 U-Net forward: device={dev} dtype={args.dtype} batch={args.batch} latent={args.size}x{args.size} "
           f"threads={torch.get_num_threads()} compile={args.compile} repeats={args.repeats}; "

@@ -184,10 +184,12 @@ class Transformer2DModel(nn.Module):
     def forward(self, x, context):
         B, C, H, W = x.shape
         h = self.proj_in(self.norm(x))
-        h = h.permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, T, C): one token per pixel
+        # (B, T, C), one token per pixel. reshape alone would return a transposed view; copying once here
+        # spares each LayerNorm a hidden copy and keeps the residual adds on contiguous memory.
+        h = h.permute(0, 2, 3, 1).reshape(B, H * W, C).contiguous()
         for block in self.transformer_blocks:
             h = block(h, context)
-        h = h.view(B, H, W, C).permute(0, 3, 1, 2)  # back to (B, C, H, W)
+        h = h.view(B, H, W, C).permute(0, 3, 1, 2).contiguous()  # back to (B, C, H, W), NCHW like the rest
         return x + self.proj_out(h)
 
 
