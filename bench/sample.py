@@ -6,8 +6,8 @@
 
 One image per call (batch 1, so each U-Net pass holds 2 latents: negative and conditional), the whole
 pipeline timed: text encoding, the denoising loop, the VAE decode. Both pipelines use the same random
-weights (default PyTorch init of tinyrpo's networks; diffusers' U-Net gets tinyrpo's tensors assigned,
-its VAE a copy, names match; transformers' text encoder reads them from a file), the same DDIM schedule
+weights (default PyTorch init of tinyrpo's networks; diffusers' U-Net and VAE get tinyrpo's tensors
+assigned, names match; transformers' text encoder reads them from a file), the same DDIM schedule
 and the same seed, so the images they make are compared too. After a one-step warm-up of each
 (compilation with --compile), the timed runs alternate (ours, theirs, ours, ...) and the median is shown.
 
@@ -59,22 +59,22 @@ def build_diffusers(sd, device, dtype, tmp: Path):
     from transformers import CLIPTokenizer as HFTokenizer
 
     u, v, t, s = sd.unet.cfg, sd.vae.cfg, sd.text_encoder.config, sd.scheduler_config
-    with torch.device("meta"):  # the U-Net shares tinyrpo's tensors (3.4 GB in fp32)
-        unet = UNet2DConditionModel(cross_attention_dim=u.cross_attention_dim, sample_size=u.sample_size)
-    unet.load_state_dict(sd.unet.state_dict(), strict=True, assign=True)
     levels = len(v.block_out_channels)
-    vae = DAutoencoderKL(down_block_types=("DownEncoderBlock2D",) * levels,
-                         up_block_types=("UpDecoderBlock2D",) * levels,
-                         block_out_channels=v.block_out_channels, layers_per_block=v.layers_per_block,
-                         latent_channels=v.latent_channels, norm_num_groups=v.norm_num_groups,
-                         sample_size=v.sample_size, scaling_factor=v.scaling_factor)
-    vae.load_state_dict(sd.vae.state_dict(), strict=True)
+    with torch.device("meta"):  # diffusers' U-Net and VAE share tinyrpo's tensors (3.8 GB in fp32)
+        unet = UNet2DConditionModel(cross_attention_dim=u.cross_attention_dim, sample_size=u.sample_size)
+        vae = DAutoencoderKL(down_block_types=("DownEncoderBlock2D",) * levels,
+                             up_block_types=("UpDecoderBlock2D",) * levels,
+                             block_out_channels=v.block_out_channels, layers_per_block=v.layers_per_block,
+                             latent_channels=v.latent_channels, norm_num_groups=v.norm_num_groups,
+                             sample_size=v.sample_size, scaling_factor=v.scaling_factor)
+    unet.load_state_dict(sd.unet.state_dict(), strict=True, assign=True)
+    vae.load_state_dict(sd.vae.state_dict(), strict=True, assign=True)
     # transformers' CLIPTextModel renames checkpoint keys on load, so it gets the weights through a file
     HFTextConfig(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
                  num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
                  max_position_embeddings=t.max_position_embeddings, hidden_act=t.hidden_act,
                  layer_norm_eps=t.layer_norm_eps, eos_token_id=t.eos_token_id).save_pretrained(tmp / "text_encoder")
-    state = {k: v.float().cpu().contiguous() for k, v in sd.text_encoder.state_dict().items()}
+    state = {name: w.float().cpu().contiguous() for name, w in sd.text_encoder.state_dict().items()}
     save_file(state, tmp / "text_encoder" / "model.safetensors")
     text = HFTextModel.from_pretrained(tmp / "text_encoder")
     sd.tokenizer.save_vocab(tmp / "tokenizer")
@@ -175,9 +175,9 @@ def main():
     print(f"same image? max |tinyrpo - diffusers| = {diff.max():.2f}/255, mean {diff.mean():.3f}/255")
     med = {k: statistics.median(v) for k, v in times.items()}
     what = "peak CUDA memory above weights" if dev.startswith("cuda") else "peak RSS above pre-call"
-    print(f"{'pipeline':<10} {'s/image':>9} {'s/step':>8}  {what}")
+    print(f"{'pipeline':<10} {'s/image':>9}  {what}")
     for k in fns:
-        print(f"{k:<10} {med[k]:>9.2f} {med[k] / args.steps:>8.3f}  {mem[k]:.0f} MiB")
+        print(f"{k:<10} {med[k]:>9.2f}  {mem[k]:.0f} MiB")
     print(f"ratio tinyrpo / diffusers = {med['tinyrpo'] / med['diffusers']:.3f}")
 
 
