@@ -6,15 +6,15 @@
     python3 bench/unet_forward.py --device cuda --dtype bf16 --compile
 
 Speed: both models live in one process and share the same weight tensors (diffusers is built on the meta
-device and gets tinyrpo's state dict assigned, names match); after a warm-up of each, the runs are
-interleaved (ours, theirs, ours, ...) so drifting clocks or thermal state hit both alike; the median is shown,
-as wall time and as this process's CPU time (the latter is steadier when other jobs share the cores).
+device and gets tinyrpo's state dict assigned, names match). After a warm-up of each, the runs are
+interleaved in ABBA order (ours, theirs, theirs, ours, ...) so drifting clocks or load hit both alike.
+Medians are shown as wall time and as this process's CPU time (steadier when other jobs share the cores).
 
 Memory: on CPU each model is built and run once in a fresh subprocess, which reports its peak resident set
-(getrusage ru_maxrss) and its resident set just before the forward (weights + runtime), so one model's
-allocations cannot inflate the other's number. Both children import the same libraries and build the same
-weights the same way, so the peaks compare (the "before" numbers differ by diffusers' meta-built module). On CUDA, torch.cuda.max_memory_allocated is exact per model,
-so it is measured in this process (after reset_peak_memory_stats), above the shared weights.
+(getrusage ru_maxrss) and its resident set just before the forward, so one model's allocations cannot
+inflate the other's number. Both children import the same libraries and build the same weights the same
+way, so their peaks compare (the "before" numbers differ by diffusers' meta-built module). On CUDA,
+torch.cuda.max_memory_allocated is exact per model, so it is measured in this process, above the weights.
 """
 import argparse
 import json
@@ -125,8 +125,8 @@ def main():
             outs[k] = f(x, t, ctx).float()
             sync(dev)
         err = ((outs["tinyrpo"] - outs["diffusers"]).abs().max() / outs["diffusers"].abs().max()).item()
-        for _ in range(args.repeats):
-            for k, f in fns.items():
+        for r in range(args.repeats):
+            for k, f in list(fns.items())[:: 1 if r % 2 == 0 else -1]:  # ABBA order: neither always goes first
                 sync(dev)
                 t0, c0 = time.perf_counter(), time.process_time()
                 f(x, t, ctx)
