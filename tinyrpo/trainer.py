@@ -166,6 +166,8 @@ def rpo_forward(policy, ref, x_t, t, cond, noise, y, beta: float, autocast) -> R
     """
     with autocast:
         model_pred = policy(x_t, t, cond)
+        # no_grad rather than inference_mode: the reference prediction enters the loss's autograd graph
+        # (as a constant), and an inference-mode tensor may not be saved for backward by the fused op.
         with torch.no_grad():
             ref_pred = ref(x_t, t, cond)
     return kernels.rpo_loss(model_pred, ref_pred, noise, y, beta)
