@@ -6,6 +6,7 @@
     python3 bench/train_step.py --device cuda --channels-last --compile-mode max-autotune-no-cudagraphs
     python3 bench/train_step.py --device cuda --gradient-checkpointing --variants eager,compile
     python3 bench/train_step.py --device cuda --full-run-estimate
+    python3 bench/train_step.py --device cuda --adamw foreach     # the default torch AdamW, vs the trainer's fused
 
 The step is the training loop's own code (tinyrpo.trainer.rpo_forward and optimizer_step): B pairs, so
 the policy U-Net runs forward and backward on 2B latents and the frozen reference U-Net forward on the
@@ -18,6 +19,9 @@ master weights (the trainer's hyper-parameters). As in the trainer, the forwards
     diffusers          diffusers' UNet2DConditionModel holding the same random weights, called as
                        `lambda x, t, c: unet(x, t, c).sample`: only the network differs
     diffusers-compile  the same, compiled (not run unless named in --variants)
+
+On the CPU, Inductor's layout optimisation (convolutions in channels-last) makes the compiled step slower:
+TORCHINDUCTOR_LAYOUT_OPTIMIZATION=0 turns it off (see bench/README.md for the figures).
 
 Each variant runs in its own fresh process: --warmup steps (compilation happens there), then --repeats
 timed steps; the median is shown. A process per variant keeps one variant's memory out of another's
@@ -56,8 +60,8 @@ H100_BF16_TFLOPS = 989.0  # H100 SXM dense bf16 tensor-core peak (NVIDIA datashe
 
 # ---------------------------------------------------------------------------------------------- FLOPs
 
-def forward_flops(latent: int) -> float:
-    """FLOPs of one SD v1.5 U-Net forward on one latent, counted on the meta device (no memory, no time)."""
+def forward_flops(latent: int) -> tuple[float, int]:
+    """FLOPs of one SD v1.5 U-Net forward on one latent, and its parameter count (meta device: free)."""
     from torch.utils.flop_counter import FlopCounterMode
     with torch.device("meta"):
         unet = UNet(UNetConfig())
@@ -65,7 +69,7 @@ def forward_flops(latent: int) -> float:
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         unet(x, t, c)
-    return float(counter.get_total_flops())
+    return float(counter.get_total_flops()), sum(p.numel() for p in unet.parameters())
 
 
 def step_flops(F: float, pairs: int) -> float:
@@ -74,6 +78,12 @@ def step_flops(F: float, pairs: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- one variant
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=DTYPES[precision])
+
 
 def build(variant: str, args, device):
     """Policy (fp32 master weights, train mode), frozen reference, and the two callables rpo_forward uses."""
@@ -91,8 +101,7 @@ def build(variant: str, args, device):
 
         def wrap(unet):
             return unet
-    ref_dtype = DTYPES[args.precision] if args.precision != "fp32" else torch.float32
-    ref = copy.deepcopy(policy).to(ref_dtype).requires_grad_(False).eval()  # as Trainer.setup
+    ref = copy.deepcopy(policy).to(DTYPES[args.precision]).requires_grad_(False).eval()  # as Trainer.setup
     policy.train()
     if args.channels_last:
         policy.to(memory_format=torch.channels_last)
@@ -110,9 +119,10 @@ def child(args):
     base_mib = rss_mib()
     policy, policy_fwd, ref_fwd = build(args.child, args, device)
     cfg = TrainConfig(subject="")
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8,
-                            fused=args.fused_adamw or None)  # as Trainer.run unless --fused-adamw
-    amp = DTYPES[args.precision] if args.precision != "fp32" else None
+    # Trainer.run's AdamW; its implementation: fused on a GPU and the default (a per-tensor loop) on the CPU.
+    impl = {"trainer": dict(fused=device.type == "cuda"), "fused": dict(fused=True),
+            "foreach": dict(foreach=True), "loop": dict(foreach=False)}[args.adamw]
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8, **impl)
     scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None
     sched = NoiseSchedule(SchedulerConfig())
     B, L = args.pairs, args.latent
@@ -123,7 +133,7 @@ def child(args):
     cond = torch.randn(2 * B, 77, 768, generator=g).to(device)
 
     def step(k: int) -> torch.Tensor:
-        """tinyrpo.trainer.Trainer.run's loop body, with random draws seeded by the step number."""
+        """Trainer.run's loop body, with the random draws seeded by the step number."""
         g = torch.Generator().manual_seed(k)
         t = torch.randint(0, sched.cfg.num_train_timesteps, (B,), generator=g)
         eps = torch.randn((B, 4, L, L), generator=g)
@@ -133,91 +143,133 @@ def child(args):
         x_t = sched.add_noise(x0, noise, tt)
         if args.channels_last:
             x_t = x_t.contiguous(memory_format=torch.channels_last)
-        autocast = torch.autocast(device.type, dtype=amp) if amp else torch.autocast(device.type, enabled=False)
-        out = rpo_forward(policy_fwd, ref_fwd, x_t, tt, cond, noise, y, cfg.beta, autocast)
+        out = rpo_forward(policy_fwd, ref_fwd, x_t, tt, cond, noise, y, cfg.beta, autocast(device, args.precision))
         optimizer_step(out.loss, policy, opt, cfg.grad_clip, scaler)
         return out.loss.detach()
 
-    cpu_times = []  # CPU seconds of this process (all its threads): less sensitive than wall time to other load
-
     def timed(fn, *a):
+        """(wall seconds, CPU seconds of this process's threads, result); the CPU time moves less under load."""
         sync(device)
         t0, c0 = time.perf_counter(), time.process_time()
         r = fn(*a)
         sync(device)
-        cpu_times.append(time.process_time() - c0)
-        return time.perf_counter() - t0, r
+        return time.perf_counter() - t0, time.process_time() - c0, r
 
     ready_mib = rss_mib()  # weights + reference
-    warmup, losses = [], []
-    for k in range(args.warmup):
-        s, loss = timed(step, k)
-        warmup.append(s)
-        losses.append(loss.item())
-        print(f"  {args.child}: warm-up step {k + 1}/{args.warmup} {s:.2f} s", file=sys.stderr, flush=True)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()  # the warm-up's peak includes compilation; the steady state is what counts
-    state_mib = torch.cuda.memory_allocated() / 2**20 if device.type == "cuda" else rss_mib()
-    times, cpu_times[:] = [], []
-    for k in range(args.warmup, args.warmup + args.repeats):
-        s, loss = timed(step, k)
-        times.append(s)
-        losses.append(loss.item())
-        print(f"  {args.child}: step {len(times)}/{args.repeats} {s:.2f} s", file=sys.stderr, flush=True)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = peak_rss_mib()
-
-    result = {"variant": args.child, "times": times, "cpu_times": cpu_times[:args.repeats], "warmup": warmup,
-              "losses": losses, "peak_mib": peak, "state_mib": state_mib, "base_mib": base_mib, "ready_mib": ready_mib}
+    res = {"variant": args.child, "warmup": [], "times": [], "cpu_times": [], "losses": []}
+    for k in range(args.warmup + args.repeats):
+        s, cpu, loss = timed(step, k)
+        res["losses"].append(loss.item())
+        if k < args.warmup:
+            res["warmup"].append(s)
+            print(f"  {args.child}: warm-up step {k + 1}/{args.warmup} {s:.2f} s", file=sys.stderr, flush=True)
+            continue
+        if k == args.warmup:  # the steady state after warm-up (which includes compilation)
+            res["state_mib"] = torch.cuda.memory_allocated() / 2**20 if device.type == "cuda" else rss_mib()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+        res["times"].append(s)
+        res["cpu_times"].append(cpu)
+        print(f"  {args.child}: step {k + 1 - args.warmup}/{args.repeats} {s:.2f} s", file=sys.stderr, flush=True)
+    res["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mib()
+    res |= {"base_mib": base_mib, "ready_mib": ready_mib}
 
     if args.full_run_estimate:
-        # Generation (negative set and validations) is U-Net forwards at 2 × gen_batch_size latents (guidance).
-        xg = torch.randn(2 * cfg.gen_batch_size, 4, L, L, generator=g).to(device)
-        cg = torch.randn(2 * cfg.gen_batch_size, 77, 768, generator=g).to(device)
-        tg = torch.full((len(xg),), 500, device=device)
+        # Generation (negative set, validations) is U-Net forwards on 2 × gen_batch_size latents (guidance).
+        n = 2 * cfg.gen_batch_size
+        xg, cg = torch.randn(n, 4, L, L, generator=g).to(device), torch.randn(n, 77, 768, generator=g).to(device)
+        tg = torch.full((n,), 500, device=device)
         policy.eval()
-        with torch.no_grad(), (torch.autocast(device.type, dtype=amp) if amp else torch.autocast(device.type, enabled=False)):
-            timed(policy_fwd, xg, tg, cg)  # warm-up / compilation for the new shape
-            gen = statistics.median(timed(policy_fwd, xg, tg, cg)[0] for _ in range(args.repeats))
-        result["gen_forward_s"] = gen
+        with torch.no_grad(), autocast(device, args.precision):
+            timed(policy_fwd, xg, tg, cg)  # warm-up (and compilation for the new shape)
+            res["gen_forward_s"] = statistics.median(timed(policy_fwd, xg, tg, cg)[0] for _ in range(args.repeats))
+        policy.train()
 
     if args.profile:
-        policy.train()
         from torch.profiler import ProfilerActivity, profile
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=acts) as prof:
-            timed(step, 10_000)
+            timed(step, args.warmup + args.repeats)
         key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         print(f"\nprofile of one {args.child} step, by {key}:\n"
               + prof.key_averages().table(sort_by=key, row_limit=args.profile), file=sys.stderr, flush=True)
-    print(json.dumps(result))
+    print(json.dumps(res))
 
 
 # ---------------------------------------------------------------------------------------------- the table
 
-def full_run_estimate(r: dict, F: float, args):
-    """Seconds of U-Net work in a default `train.py` run, from this variant's measured step and forward."""
+def full_run_estimate(r: dict) -> tuple[float, float, int]:
+    """Seconds of U-Net work in a default `train.py` run (training, generation) and the generation forwards."""
     cfg = TrainConfig(subject="")
-    images = len(dreambench.OBJECT_TRAIN_PROMPTS) * cfg.images_per_prompt            # negative set
-    vals = 1 + cfg.steps // cfg.val_every                                              # step 0, 40, ..., 400
-    val_images = len(dreambench.OBJECT_TRAIN_PROMPTS) * cfg.val_images_per_prompt
-    batches = -(-images // cfg.gen_batch_size) + vals * -(-val_images // cfg.gen_batch_size)
-    gen_s = batches * cfg.sample_steps * r["gen_forward_s"]
-    train_s = cfg.steps * statistics.median(r["times"])
-    return train_s, gen_s, batches * cfg.sample_steps
+    prompts = len(dreambench.OBJECT_TRAIN_PROMPTS)  # the live-subject list has as many
+    vals = 1 + cfg.steps // cfg.val_every  # at step 0, 40, ..., 400
+    batches = (-(-prompts * cfg.images_per_prompt // cfg.gen_batch_size)  # the negative set
+               + vals * -(-prompts * cfg.val_images_per_prompt // cfg.gen_batch_size))
+    forwards = batches * cfg.sample_steps
+    return cfg.steps * statistics.median(r["times"]), forwards * r["gen_forward_s"], forwards
 
 
-def main():
+def report(results: dict, args, F: float, params: int):
+    cuda = torch.device(args.device).type == "cuda"
+    flops = step_flops(F, args.pairs)
+    n = 2 * args.pairs
+    print(f"\nRPO training step, SD v1.5 U-Net ({params / 1e6:.0f}M params, random weights): {machine(args.device)}")
+    print(f"  {args.pairs} pair(s): policy forward+backward on {n} latents of {args.latent}x{args.latent}, reference "
+          f"forward on {n}; precision {args.precision} (reference stored in it); AdamW ({args.adamw}) on fp32 "
+          f"master weights; channels_last={args.channels_last}, gradient_checkpointing={args.gradient_checkpointing}, "
+          f"compile mode {args.compile_mode}; median of {args.repeats} steps after {args.warmup} warm-up")
+    print(f"  FLOPs: F = U-Net forward per latent at {args.latent}x{args.latent} = {F / 1e12:.3f} TFLOP "
+          f"(FlopCounterMode); per step 3·{n}·F + {n}·F = {flops / 1e12:.3f} TFLOP")
+    if args.peak_tflops:
+        print(f"  MFU = {flops / 1e12:.3f} TFLOP / (s/step × {args.peak_tflops:g} TFLOP/s)")
+    if not cuda:  # other processes on the same cores slow every variant down: say how busy the machine was
+        print("  load average over the last 1 / 5 / 15 min at the end: "
+              + " / ".join(f"{x:.1f}" for x in os.getloadavg()))
+
+    ok = {v: r for v, r in results.items() if isinstance(r, dict)}
+    med = {v: statistics.median(r["times"]) for v, r in ok.items()}
+    mem = "peak CUDA allocated" if cuda else "peak RSS (process)"
+    cpu_col = "" if cuda else f" {'CPU s/step':>10}"
+    print(f"\n{'variant':<18} {'s/step':>8} {'min':>7} {'max':>7} {'vs diffusers':>12}{cpu_col} {'1st step':>9} "
+          f"{'TFLOP/s':>8} {'MFU':>6} {mem:>20}  loss@1")
+    for v, r in results.items():
+        if v not in ok:
+            print(f"{v:<18} {r}")
+            continue
+        vs = f"{med[v] / med['diffusers']:.3f}" if "diffusers" in med else "-"
+        cpu = "" if cuda else f" {statistics.median(r['cpu_times']):>10.2f}"
+        mfu = f"{100 * flops / (med[v] * args.peak_tflops * 1e12):.1f}%" if args.peak_tflops else "-"
+        print(f"{v:<18} {med[v]:>8.3f} {min(r['times']):>7.3f} {max(r['times']):>7.3f} {vs:>12}{cpu} "
+              f"{r['warmup'][0]:>9.1f} {flops / med[v] / 1e12:>8.3f} {mfu:>6} {r['peak_mib'] / 1024:>16.2f} GiB  "
+              f"{r['losses'][0]:.6f}")
+    if ok and cuda:
+        print("\nallocated between steps (weights, AdamW state, reference; gradients are freed): "
+              + ", ".join(f"{v} {r['state_mib'] / 1024:.2f} GiB" for v, r in ok.items()))
+    elif ok:
+        print("\nRSS after imports / with policy + reference built / after warm-up (+ AdamW state):")
+        for v, r in ok.items():
+            print(f"  {v:<18} " + " / ".join(f"{r[k] / 1024:.2f}" for k in ("base_mib", "ready_mib", "state_mib"))
+                  + " GiB")
+    if args.full_run_estimate and ok:
+        print("\nfull default train.py run, U-Net work only (no weight loading, text encoding, VAE, CLIP scoring):")
+        for v, r in ok.items():
+            train_s, gen_s, forwards = full_run_estimate(r)
+            print(f"  {v:<18} training {train_s:.0f} s + generation {gen_s:.0f} s ({forwards} forwards of "
+                  f"{r['gen_forward_s']:.3f} s) = {train_s + gen_s:.0f} s")
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    gpu = torch.cuda.is_available()
-    p.add_argument("--device", default="cuda" if gpu else "cpu", help="cpu or cuda (default: %(default)s)")
-    p.add_argument("--latent", type=int, default=None,
-                   help="latent height = width (default: 64 = 512 px on cuda, 32 on cpu)")
-    p.add_argument("--pairs", type=int, default=1, help="(w, l) pairs per step; U-Net batch is twice this (default: %(default)s)")
-    p.add_argument("--precision", default=None, choices=list(DTYPES),
-                   help="autocast dtype of the forwards and storage dtype of the reference (default: bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--latent", type=int, help="latent height = width (default: 64 = 512 px on cuda, 32 on cpu)")
+    p.add_argument("--pairs", type=int, default=1,
+                   help="(w, l) pairs per step; the U-Net batch is twice this (default: %(default)s)")
+    p.add_argument("--precision", choices=list(DTYPES),
+                   help="autocast dtype of the forwards, storage dtype of the reference (default: bf16 on cuda, "
+                        "fp32 on cpu)")
     p.add_argument("--variants", default="eager,compile,diffusers",
                    help=f"comma-separated, any of {', '.join(VARIANTS)} (default: %(default)s)")
     p.add_argument("--no-compile", action="store_true", help="drop the compiled variants")
@@ -225,98 +277,57 @@ def main():
                    choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
                    help="torch.compile mode (default: %(default)s)")
     p.add_argument("--channels-last", action="store_true", help="U-Nets and inputs in channels-last memory format")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute the policy's activations in backward")
-    p.add_argument("--fused-adamw", action="store_true",
-                   help="AdamW(fused=True) instead of the trainer's default (foreach on cuda, a per-tensor loop on cpu)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 3 on cuda, 1 on cpu)")
-    p.add_argument("--repeats", type=int, default=None, help="timed steps per variant (default: 10 on cuda, 3 on cpu)")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help=f"device peak for the MFU (default: {H100_BF16_TFLOPS:g} = H100 SXM dense bf16 on cuda; none on cpu)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute the policy's activations in backward")
+    p.add_argument("--adamw", default="trainer", choices=["trainer", "fused", "foreach", "loop"],
+                   help="AdamW implementation; trainer = as train.py: fused on cuda, a per-tensor loop on cpu "
+                        "(default: %(default)s)")
+    p.add_argument("--warmup", type=int, help="untimed steps first, at least 1 (default: 3 on cuda, 1 on cpu)")
+    p.add_argument("--repeats", type=int, help="timed steps per variant (default: 10 on cuda, 3 on cpu)")
+    p.add_argument("--peak-tflops", type=float,
+                   help=f"device peak for the MFU (default: {H100_BF16_TFLOPS:g}, H100 SXM dense bf16, on cuda; "
+                        "no MFU on cpu)")
     p.add_argument("--full-run-estimate", action="store_true",
                    help="also time a generation forward and estimate the U-Net time of a default train.py run")
     p.add_argument("--profile", type=int, default=0, metavar="ROWS",
                    help="after timing, profile one step of each variant and print this many rows (default: off)")
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args()
+
     cuda = torch.device(args.device).type == "cuda"
     args.latent = args.latent or (64 if cuda else 32)
     args.precision = args.precision or ("bf16" if cuda else "fp32")
     args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     args.repeats = args.repeats or (10 if cuda else 3)
     args.peak_tflops = args.peak_tflops or (H100_BF16_TFLOPS if cuda else None)
-    if args.child:
-        return child(args)
-
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in variants if v not in VARIANTS]
+    args.variant_list = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if args.no_compile:
+        args.variant_list = [v for v in args.variant_list if not v.endswith("compile")]
+    bad = [v for v in args.variant_list if v not in VARIANTS]
     if bad:
         p.error(f"unknown variant(s) {', '.join(bad)}; choose from {', '.join(VARIANTS)}")
-    if args.no_compile:
-        variants = [v for v in variants if not v.endswith("compile")]
     if args.warmup < 1:
         p.error("--warmup must be at least 1 (the first step allocates AdamW's state, and compiles)")
+    return args
 
-    F = forward_flops(args.latent)
-    flops = step_flops(F, args.pairs)
+
+def main():
+    args = parse_args()
+    if args.child:
+        return child(args)
     flags = [f"--device={args.device}", f"--latent={args.latent}", f"--pairs={args.pairs}",
-             f"--precision={args.precision}", f"--compile-mode={args.compile_mode}",
-             f"--warmup={args.warmup}", f"--repeats={args.repeats}"]
+             f"--precision={args.precision}", f"--compile-mode={args.compile_mode}", f"--adamw={args.adamw}",
+             f"--warmup={args.warmup}", f"--repeats={args.repeats}", f"--profile={args.profile}"]
     flags += [f for f, on in (("--channels-last", args.channels_last),
                               ("--gradient-checkpointing", args.gradient_checkpointing),
-                              ("--fused-adamw", args.fused_adamw),
                               ("--full-run-estimate", args.full_run_estimate)) if on]
-    if args.profile:
-        flags.append(f"--profile={args.profile}")
     results = {}
-    for v in variants:
+    for v in args.variant_list:
         print(f"{v}: building, {args.warmup} warm-up + {args.repeats} timed steps ...", file=sys.stderr, flush=True)
         rc, r = run_child(__file__, ["--child", v, *flags])
         results[v] = r if r is not None else (
             "killed (out of memory?)" if rc in (-9, 137) else f"failed (exit code {rc})")
-
-    print(f"\nRPO training step, SD v1.5 U-Net ({sum(p.numel() for p in UNet(UNetConfig()).parameters()) / 1e6:.0f}M params, "
-          f"random weights): {machine(args.device)}")
-    print(f"  {args.pairs} pair(s) -> policy forward+backward on {2 * args.pairs} latents of {args.latent}x{args.latent}, "
-          f"reference forward on {2 * args.pairs}; precision {args.precision}, reference stored in "
-          f"{args.precision}; AdamW{' (fused)' if args.fused_adamw else ''} on fp32 master weights; "
-          f"channels_last={args.channels_last}, gradient_checkpointing={args.gradient_checkpointing}, "
-          f"compile mode {args.compile_mode}; median of {args.repeats} steps after {args.warmup} warm-up")
-    print(f"  FLOPs: F = U-Net forward per latent at {args.latent}x{args.latent} = {F / 1e12:.3f} TFLOP "
-          f"(FlopCounterMode); per step 3·{2 * args.pairs}·F + {2 * args.pairs}·F = {flops / 1e12:.3f} TFLOP")
-    if args.peak_tflops:
-        print(f"  MFU = {flops / 1e12:.3f} TFLOP / (s/step × {args.peak_tflops:g} TFLOP/s)")
-    if not cuda:  # other processes on the same cores slow every variant down: say how busy the machine was
-        print(f"  load average over the last 1 / 5 / 15 min at the end: {' / '.join(f'{x:.1f}' for x in os.getloadavg())}")
-    mem = "peak CUDA allocated" if cuda else "peak RSS (process)"
-    cpu_col = "" if cuda else f" {'CPU s/step':>10}"  # process CPU time: less sensitive to other load
-    print(f"\n{'variant':<18} {'s/step':>8} {'min':>7} {'max':>7} {'vs diffusers':>12}{cpu_col} {'1st step':>9} "
-          f"{'TFLOP/s':>8} {'MFU':>6} {mem:>20}  loss@1")
-    ok = {v: r for v, r in results.items() if isinstance(r, dict)}
-    med = {v: statistics.median(r["times"]) for v, r in ok.items()}
-    for v, r in results.items():
-        if not isinstance(r, dict):
-            print(f"{v:<18} {r}")
-            continue
-        vs = f"{med[v] / med['diffusers']:.3f}" if "diffusers" in med else "-"
-        mfu = f"{100 * flops / (med[v] * args.peak_tflops * 1e12):.1f}%" if args.peak_tflops else "-"
-        cpu_val = "" if cuda else f" {statistics.median(r['cpu_times']):>10.2f}"
-        print(f"{v:<18} {med[v]:>8.3f} {min(r['times']):>7.3f} {max(r['times']):>7.3f} {vs:>12}{cpu_val} {r['warmup'][0]:>9.1f} "
-              f"{flops / med[v] / 1e12:>8.3f} {mfu:>6} {r['peak_mib'] / 1024:>16.2f} GiB  {r['losses'][0]:.6f}")
-    if ok:
-        what = ("allocated after warm-up (weights, grads freed, AdamW state, reference)" if cuda
-                else "RSS: after imports / with policy+reference built / after warm-up (+AdamW state)")
-        print(f"\nmemory {what}:")
-        for v, r in ok.items():
-            if cuda:
-                print(f"  {v:<18} {r['state_mib'] / 1024:.2f} GiB")
-            else:
-                print(f"  {v:<18} {r['base_mib'] / 1024:.2f} / {r['ready_mib'] / 1024:.2f} / {r['state_mib'] / 1024:.2f} GiB")
-    if args.full_run_estimate:
-        print("\nfull default train.py run, U-Net work only (no weight loading, text encoding, VAE, CLIP scoring):")
-        for v, r in ok.items():
-            train_s, gen_s, n = full_run_estimate(r, F, args)
-            print(f"  {v:<18} training {train_s:.0f} s + generation {gen_s:.0f} s ({n} forwards of "
-                  f"{r['gen_forward_s']:.3f} s) = {train_s + gen_s:.0f} s")
+    report(results, args, *forward_flops(args.latent))
 
 
 if __name__ == "__main__":
