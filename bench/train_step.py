@@ -20,8 +20,7 @@ master weights (the trainer's hyper-parameters). As in the trainer, the forwards
                        `lambda x, t, c: unet(x, t, c).sample`: only the network differs
     diffusers-compile  the same, compiled (not run unless named in --variants)
 
-On the CPU, Inductor's layout optimisation (convolutions in channels-last) makes the compiled step slower:
-TORCHINDUCTOR_LAYOUT_OPTIMIZATION=0 turns it off (see bench/README.md for the figures).
+On the CPU the compiled step was slower than eager in every run so far (bench/README.md has the figures).
 
 Each variant runs in its own fresh process: --warmup steps (compilation happens there), then --repeats
 timed steps; the median is shown. A process per variant keeps one variant's memory out of another's
