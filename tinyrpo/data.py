@@ -10,20 +10,53 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tinyrpo import dreambench
 from tinyrpo.errors import UserError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MIN_SIDE = 256  # below this the photo is upsampled a lot and the subject's details are guesswork
+MIN_PHOTOS = 3  # DreamBooth's and RPO's subjects have 3-6; with fewer, a warning
+
+
+def _gray_range(mode: str, a: np.ndarray) -> float:
+    """The white level of a one-channel image that is not 8-bit. "I;16*" is 16-bit by definition; "I"
+    (32-bit ints) and "F" (floats) carry no range, so take the smallest usual one that holds the data:
+    [0, 1] (floats), 8-bit, 16-bit (a 16-bit PNG or TIFF opened as "I"), else the image's own maximum."""
+    if mode.startswith("I;16"):
+        return 65535.0
+    top = float(a.max(initial=0))
+    for white in ((1.0,) if mode == "F" else ()) + (255.0, 65535.0):
+        if top <= white:
+            return white
+    return top
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB. Transparency (RGBA, LA, P or L with a transparent colour) is composited on
+    white rather than the black PIL would give; 16-bit, 32-bit and float grayscale are scaled to 8 bits
+    (PIL's own convert clips them, so a 16-bit photo comes out almost all white)."""
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        a = np.asarray(im).astype(np.float64)
+        gray = Image.fromarray(np.clip(np.rint(a / _gray_range(im.mode, a) * 255), 0, 255).astype(np.uint8))
+        key = im.info.get("transparency")
+        if isinstance(key, int):  # a 16-bit PNG's tRNS: one gray value means transparent
+            gray.paste(255, mask=Image.fromarray((np.asarray(im) == key).astype(np.uint8) * 255))
+        return gray.convert("RGB")
+    if "A" in im.getbands() or "a" in im.getbands() or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, RGB
+
+
+def open_photo(path: Path) -> tuple[Image.Image, int]:
+    """(the image as RGB with its EXIF orientation applied, its number of frames). Phones store photos
+    sideways and say so in EXIF; an animation (GIF, APNG, WebP) gives its first frame."""
+    with Image.open(path) as im:
+        frames = getattr(im, "n_frames", 1)
+        im.seek(0)
+        return to_rgb(ImageOps.exif_transpose(im)), frames
 
 
 def load_rgb(path: Path) -> Image.Image:
-    """Open an image as RGB with its EXIF orientation applied (phones store photos sideways)."""
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-            # composite transparency on white rather than the black PIL would give
-            im = im.convert("RGBA")
-            bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(bg, im)
-        return im.convert("RGB")
+    """Open an image as RGB with its EXIF orientation applied (the first frame of an animation)."""
+    return open_photo(path)[0]
 
 
 def center_crop_resize(im: Image.Image, size: int) -> Image.Image:
@@ -56,14 +89,16 @@ def load_subject_images(folder, resolution: int = 512) -> list[Image.Image]:
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     if not files:
         raise UserError(f"subject folder {folder} is empty; put 3-6 photos (jpg/png/webp) of your subject in it")
-    images = []
+    images, animated = [], []
     for p in files:
         try:
-            im = load_rgb(p)
+            im, frames = open_photo(p)
         except (UnidentifiedImageError, OSError, ValueError) as e:
             if p.suffix.lower() in IMAGE_SUFFIXES:
                 warnings.warn(f"skipping {p}: not a readable image ({e.__class__.__name__})")
             continue
+        if frames > 1:
+            animated.append(p.name)
         if min(im.size) < MIN_SIDE:
             warnings.warn(f"{p} is only {im.size[0]}x{im.size[1]} px; photos of at least {MIN_SIDE} px "
                           f"on the short side give better results")
@@ -71,6 +106,12 @@ def load_subject_images(folder, resolution: int = 512) -> list[Image.Image]:
     if not images:
         raise UserError(f"no readable image in {folder} (looked at {len(files)} files); "
                         f"put jpg/png/webp photos of your subject there")
+    if animated:
+        warnings.warn(f"{', '.join(animated)} in {folder} {'is' if len(animated) == 1 else 'are'} animated: "
+                      f"the first frame is used")
+    if len(images) < MIN_PHOTOS:
+        warnings.warn(f"only {len(images)} photo{'s' if len(images) > 1 else ''} of the subject in {folder}; "
+                      f"3-6 photos from different angles and backgrounds keep the model from copying one photo")
     return images
 
 

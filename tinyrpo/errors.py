@@ -3,17 +3,30 @@
 Every mistake a user can make (missing weights, an empty folder, a bad flag value, a corrupt checkpoint)
 raises `UserError` with a message that says what is wrong and what to do. The scripts wrap their
 `main` in `run_cli`, which prints that message and exits with status 2. Bugs (any other exception)
-still show their traceback, because those are ours to fix.
+still show their traceback, because those are ours to fix. Warnings print as one line too,
+`warning: <message>`, without Python's `file:line: UserWarning:` prefix meant for programmers.
 """
 import sys
+import warnings
 
 
 class UserError(Exception):
     """Something the user can fix; the message says how."""
 
 
+def format_warning(message, category, filename, lineno, line=None) -> str:
+    """`warning: <message>` for the warnings a user should read (UserWarning: about their input); other
+    categories (a library's DeprecationWarning, ...) keep their name and origin, still on one line."""
+    text = " ".join(str(message).split())
+    if issubclass(category, UserWarning):
+        return f"warning: {text}\n"
+    return f"warning: {category.__name__}: {text} ({filename}:{lineno})\n"
+
+
 def run_cli(main, argv=None):
-    """Call `main(argv)`; turn `UserError` and Ctrl-C into a one-line message and an exit code."""
+    """Call `main(argv)`; turn `UserError` and Ctrl-C into a one-line message and an exit code, and print
+    warnings as one line each."""
+    previous, warnings.formatwarning = warnings.formatwarning, format_warning
     try:
         return main(argv)
     except UserError as e:
@@ -22,3 +35,5 @@ def run_cli(main, argv=None):
     except KeyboardInterrupt:
         print("interrupted (checkpoints written so far are intact; use --resume to continue)", file=sys.stderr)
         sys.exit(130)
+    finally:
+        warnings.formatwarning = previous
