@@ -24,7 +24,7 @@ from tinyrpo.schedulers import SchedulerConfig, make_betas
 from tinyrpo.tokenizer import CLIPTokenizer
 from tinyrpo.unet import UNet, UNetConfig
 from tinyrpo.vae import AutoencoderKL, VAEConfig
-from tinyrpo.weights import (TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, DINO_HF, DINO_ORIGINAL, Renames,
+from tinyrpo.layouts import (DINO_HF, DINO_ORIGINAL, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, Renames,
                              compvis_unet_table, compvis_vae_table, expand)
 
 # Two levels each; the U-Net attends on level 0 only (as SD v1 attends on all levels but the last). The
