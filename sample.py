@@ -22,7 +22,8 @@ from PIL.PngImagePlugin import PngInfo
 
 from tinyrpo.checkpoint import apply_checkpoint, load_checkpoint
 from tinyrpo.download import DEFAULT_SD
-from tinyrpo.errors import run_cli
+from tinyrpo.errors import UserError, run_cli
+from tinyrpo.identify import checkpoint_mixup
 from tinyrpo.pipeline import check_args, generate, image_grid, resolve_device, to_pil
 from tinyrpo.weights import load_sd
 
@@ -94,6 +95,8 @@ def main(argv=None):
 
     weights = args.weights
     if args.ckpt is not None:
+        if mixup := checkpoint_mixup(args.ckpt):
+            raise UserError(mixup)
         _, meta = load_checkpoint(args.ckpt)  # fails early on a bad file; memory-mapped, so cheap
         weights = weights or meta.get("base")
     weights = weights or DEFAULT_SD

@@ -313,8 +313,9 @@ def test_missing_paths_name_the_download_command(tmp_path):
 
 
 def test_folder_without_unet(tmp_path):
-    (tmp_path / "x.safetensors").write_bytes(b"")
-    expect_error(lambda: load_sd(tmp_path), "no unet/", "x.safetensors")
+    (tmp_path / "x.safetensors").write_bytes(b"")  # not an SD file: not offered as the way out
+    msg = expect_error(lambda: load_sd(tmp_path), "no unet/", "--weights takes an SD v1 diffusers folder")
+    assert "x.safetensors" not in msg
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
@@ -427,6 +428,10 @@ def test_bad_tensor_in_a_folder_is_named(tmp_path):
 
 def test_wrong_model_for_clip_and_dino(tmp_path):
     dino = make_tiny_dino(tmp_path / "dino")
-    expect_error(lambda: load_clip(dino), "does not match CLIP")
+    expect_error(lambda: load_clip(dino), "is a ViT folder (DINO layout), not a CLIP model", "--dino")
     clip = make_tiny_clip(tmp_path / "clip")
-    expect_error(lambda: load_dino(clip), "does not match DINO")
+    expect_error(lambda: load_dino(clip), "is a CLIP model folder, not a DINO ViT", "--eval-clip")
+    (tmp_path / "other").mkdir()  # a model of none of the kinds: which tensors are missing
+    torch.save({"w": torch.ones(2)}, tmp_path / "other" / "pytorch_model.bin")
+    expect_error(lambda: load_clip(tmp_path / "other"), "does not match CLIP")
+    expect_error(lambda: load_dino(tmp_path / "other" / "pytorch_model.bin"), "does not match DINO")

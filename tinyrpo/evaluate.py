@@ -52,6 +52,7 @@ from tinyrpo.data import load_subject, resolve_class
 from tinyrpo.download import DEFAULT_DINO, DEFAULT_EVAL_CLIP, DEFAULT_SD, missing_weights_message
 from tinyrpo.dino import DINO, dino_preprocess
 from tinyrpo.errors import UserError, run_cli
+from tinyrpo.identify import checkpoint_mixup, wrong_kind
 from tinyrpo.pipeline import generate, image_grid, resolve_device, to_pil
 from tinyrpo.reward import CLIPScorer
 from tinyrpo.rpo import harmonic_reward
@@ -240,10 +241,14 @@ def evaluate_subject(subject_dir, out=None, ckpt=None, weights=None, eval_clip=D
                         f"reference photos (e.g. refs/dog after `python -m tinyrpo.download dreambench`)")
     meta = {}
     if ckpt is not None:
+        if mixup := checkpoint_mixup(ckpt):
+            raise UserError(mixup)
         _, meta = load_checkpoint(ckpt)  # fails early on a bad file; memory-mapped, so cheap
     weights = None if real else (weights or meta.get("base") or DEFAULT_SD)
     if weights is not None and not Path(weights).exists():
         raise UserError(missing_weights_message("sd15", weights, "--weights"))
+    if weights is not None and (mixup := wrong_kind(weights, "sd")):  # before the photos are scored
+        raise UserError(mixup)
     embedder = embedder or load_embedder(eval_clip, dino, device)  # before any work: missing weights fail fast
     token = token or meta.get("token") or "sks"
     class_noun = resolve_class(subject_dir, class_noun or meta.get("class_noun"))

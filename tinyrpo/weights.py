@@ -42,6 +42,7 @@ from safetensors.torch import load_file
 from torch.overrides import TorchFunctionMode
 
 from tinyrpo import download
+from tinyrpo.identify import WANTED, Found, identify, kind_of_names, wrong_kind
 from tinyrpo.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
 from tinyrpo.dino import DINO, DINOConfig
 from tinyrpo.errors import UserError
@@ -62,8 +63,9 @@ class WeightsError(UserError):
 # Reading files
 
 
-def read_state_dict(path) -> dict[str, torch.Tensor]:
-    """Every tensor of a .safetensors file, or of a .pth / .bin / .ckpt state dict (weights_only=True)."""
+def read_state_dict(path, want: str = "sd") -> dict[str, torch.Tensor]:
+    """Every tensor of a .safetensors file, or of a .pth / .bin / .ckpt state dict (weights_only=True).
+    `want` (a kind of tinyrpo.identify) is what the caller loads, to word the error for a train.py checkpoint."""
     path = Path(path)
     try:
         if path.suffix == ".safetensors":
@@ -75,6 +77,8 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
     except Exception as e:  # safetensors and zip/pickle raise many types on a corrupt or cut-short file
         raise WeightsError(f"cannot read {path} ({type(e).__name__}: {e}): the file is corrupt or incomplete; "
                            "delete it and download it again") from None
+    if isinstance(obj, dict) and str(obj.get("format", "")).startswith("tinyrpo"):
+        raise WeightsError(wrong_kind(path, want, Found("ckpt", "a checkpoint written by train.py")))
     # A Lightning .ckpt keeps its weights under "state_dict"; DINO's training checkpoints under "teacher".
     for key in ("state_dict", "teacher"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
@@ -212,13 +216,9 @@ def refuse_other_single_files(names, source: str) -> None:
         raise WeightsError(f"{source} is a Stable Diffusion 2.x checkpoint (OpenCLIP text encoder "
                            f"cond_stage_model.model.*); " + SD1_ONLY)
     if not any(k.startswith(UNET_PREFIX) for k in names):
-        if any(k.startswith(("down_blocks.", "conv_in.")) for k in names):
-            what = "a diffusers U-Net file alone; pass the diffusers folder that holds unet/, vae/, text_encoder/"
-        elif any("lora" in k.lower() for k in names):
-            what = "a LoRA, not a full model; pass the base SD v1.x checkpoint"
-        else:
-            what = f"not a Stable Diffusion v1.x single-file checkpoint (no {UNET_PREFIX}* tensors)"
-        raise WeightsError(f"{source} is {what}")
+        message = wrong_kind(source, "sd", kind_of_names(names))
+        raise WeightsError(message or f"{source} is not a Stable Diffusion v1.x single-file checkpoint (no "
+                           f"{UNET_PREFIX}* tensors); " + WANTED["sd"])
 
 
 def infer_compvis_unet_config(p: Part) -> UNetConfig:
@@ -378,10 +378,13 @@ def _weights_file(folder: Path, stem: str) -> Path:
 
 
 def _not_a_folder_message(folder: Path) -> str:
-    files = sorted(p.name for p in folder.glob("*.safetensors"))
-    also = f"; it holds {_few(files, 3)}: pass that file instead" if files else ""
-    return (f"{folder} has no unet/ subfolder, so it is not a diffusers Stable Diffusion folder (unet/, vae/, "
-            f"text_encoder/, tokenizer/, scheduler/){also}")
+    """Say what the folder is instead: another model (then which flag takes it), the folder of a single file
+    (then that file), one part of an SD folder (then the whole folder)."""
+    found = identify(folder)
+    head = f"{folder} has no unet/ subfolder, so it is not a diffusers Stable Diffusion folder"
+    if found is not None and found.kind == "sd" and found.file is not None:
+        return f"{head}; it holds the single-file checkpoint {found.file.name}: pass --weights {found.file}"
+    return wrong_kind(folder, "sd", found) or f"{head} (unet/, vae/, text_encoder/); " + WANTED["sd"]
 
 
 def sd_folder_parts(folder: Path) -> dict[str, Part]:
@@ -500,6 +503,16 @@ def load_sd(path, device="cpu", dtype=torch.float32) -> StableDiffusion:
                            source=str(path), fingerprint=unet_fingerprint(parts["unet"].cfg, parts["unet"].state))
 
 
+def _refuse_other_kind(path: Path, want: str, state: dict | None = None) -> None:
+    """A path that holds another model than `want` (an SD folder given as CLIP, ...): say what it is and
+    which flag takes it. Before reading, from folders and .safetensors headers; after, from the tensor names."""
+    if not path.exists():
+        return  # the loader names the download command
+    message = wrong_kind(path, want, None if state is None else kind_of_names(state))
+    if message:
+        raise WeightsError(message)
+
+
 def _hf_weights(path: Path, kind: str, extra: tuple = ()) -> tuple[Path, dict | None]:
     """(weight file, config.json dict or None) for an HF folder or a weight file given directly."""
     if not path.exists():
@@ -540,8 +553,11 @@ def load_clip(path, device="cpu", dtype=torch.float32) -> CLIPModel:
     """CLIP from an HF folder (model.safetensors or pytorch_model.bin, + config.json) or the file itself."""
     path = Path(path)
     kind = "clip-b32" if path.name == download.MODELS["clip-b32"][1] else "clip-l14"
+    _refuse_other_kind(path, "clip")
     file, hf = _hf_weights(path, kind)
-    return clip_part(read_state_dict(file), hf, str(file)).build(device, dtype)
+    state = read_state_dict(file, "clip")
+    _refuse_other_kind(file, "clip", state)
+    return clip_part(state, hf, str(file)).build(device, dtype)
 
 
 def dino_part(state: dict, hf: dict | None, source: str) -> Part:
@@ -586,5 +602,8 @@ def load_dino(path, device="cpu", dtype=torch.float32) -> DINO:
     weight file in either naming (e.g. dino_deitsmall16_pretrain.pth)."""
     path = Path(path)
     pth = sorted(p.name for p in path.glob("*.pth")) if path.is_dir() else []
+    _refuse_other_kind(path, "dino")
     file, hf = _hf_weights(path, "dino", tuple(pth))
-    return dino_part(read_state_dict(file), hf, str(file)).build(device, dtype)
+    state = read_state_dict(file, "dino")
+    _refuse_other_kind(file, "dino", state)
+    return dino_part(state, hf, str(file)).build(device, dtype)
