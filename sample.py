@@ -20,25 +20,28 @@ from pathlib import Path
 import torch
 from PIL.PngImagePlugin import PngInfo
 
+from tinyrpo.cli import HelpFormatter
 from tinyrpo.checkpoint import apply_checkpoint, load_checkpoint
 from tinyrpo.download import DEFAULT_SD
 from tinyrpo.errors import UserError, run_cli
 from tinyrpo.identify import checkpoint_mixup
-from tinyrpo.pipeline import check_args, generate, image_grid, resolve_device, to_pil
+from tinyrpo.pipeline import check_args, check_seed, generate, image_grid, resolve_device, to_pil
 from tinyrpo.weights import load_sd
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    description, examples = __doc__.split("\n\n")[:2]
+    p = argparse.ArgumentParser(description=description, epilog=f"examples:\n{examples}", formatter_class=HelpFormatter)
     p.add_argument("--prompt", action="append", required=True, help="text prompt; repeat for several prompts")
-    p.add_argument("--negative-prompt", default="", help="what guidance steers away from (the unconditional text)")
+    p.add_argument("--negative-prompt", default="",
+                   help="what guidance steers away from (the unconditional text; default: the empty prompt)")
     p.add_argument("--weights", default=None,
                    help=f"base SD v1 weights: a diffusers folder or a single .safetensors/.ckpt file "
                         f"(default: the checkpoint's recorded base with --ckpt, else {DEFAULT_SD})")
-    p.add_argument("--ckpt", default=None, help="a fine-tuned U-Net checkpoint written by train.py")
+    p.add_argument("--ckpt", default=None, help="a fine-tuned U-Net checkpoint written by train.py (default: none, "
+                                                 "the base model)")
     p.add_argument("--steps", type=int, default=50, help="denoising steps")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--scheduler", choices=["ddim", "ddpm"], default="ddim", help="sampler")
@@ -90,6 +93,7 @@ def main(argv=None):
     args = parse_args(argv)
     # Everything but the VAE's downsampling factor can be checked before the (slow) weight loading.
     check_args(args.n, args.steps, args.guidance, args.scheduler, args.eta, args.height, args.width, 1, args.batch_size)
+    check_seed(args.seed, len(args.prompt))
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.float16 if device.type == "cuda" else torch.float32)
 

@@ -14,6 +14,7 @@ import argparse
 import errno
 import http.client
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -107,7 +108,7 @@ def missing_weights_message(kind, path, flag=None):
     if kind == "dreambench":
         cmd = "python -m tinyrpo.download dreambench"
         if path != Path(DEFAULT_REFS):
-            cmd += f" --refs {path}"
+            cmd += f" --refs {shlex.quote(str(path))}"
         msg = (f"no DreamBench reference images at {path}: run `{cmd}` ({DREAMBENCH_SIZE}) "
                f"or copy the dataset/ folder of github.com/google/dreambooth there")
         return msg + (f", or pass {flag} DIR" if flag else "")
@@ -116,7 +117,7 @@ def missing_weights_message(kind, path, flag=None):
     repo, folder, desc, size = MODELS[kind]
     cmd = f"python -m tinyrpo.download {kind}"
     if path.name == folder and path.parent != Path(DEFAULT_DIR):
-        cmd += f" --dir {path.parent}"
+        cmd += f" --dir {shlex.quote(str(path.parent))}"
     elif path.name != folder:  # a custom path: say where the command will put the files
         size += f"; it writes {Path(DEFAULT_DIR) / folder}"
     msg = f"no {desc} weights at {path}: run `{cmd}` ({size})"

@@ -53,7 +53,7 @@ from tinyrpo.download import DEFAULT_DINO, DEFAULT_EVAL_CLIP, DEFAULT_SD, missin
 from tinyrpo.dino import DINO, dino_preprocess
 from tinyrpo.errors import UserError, run_cli
 from tinyrpo.identify import checkpoint_mixup, wrong_kind
-from tinyrpo.pipeline import generate, image_grid, resolve_device, to_pil
+from tinyrpo.pipeline import check_seed, generate, image_grid, resolve_device, to_pil
 from tinyrpo.reward import CLIPScorer
 from tinyrpo.rpo import harmonic_reward
 from tinyrpo.weights import load_clip, load_dino, load_sd
@@ -210,6 +210,7 @@ class EvalSettings:
         for ok, msg in checks:
             if not ok:
                 raise UserError(msg)
+        check_seed(self.seed, max(len(dreambench.LIVE_PROMPTS), len(dreambench.OBJECT_PROMPTS)))
 
 
 def reference_block(embedder: Embedder, refs: Embeddings, class_noun: str, lam: float) -> dict | None:

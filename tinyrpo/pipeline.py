@@ -83,6 +83,19 @@ def check_args(n, steps, guidance, scheduler, eta, height, width, factor, batch_
         raise UserError(f"--batch-size must be at least 1 (got {batch_size})")
 
 
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit integer
+
+
+def check_seed(seed: int, count: int = 1, flag: str = "--seed") -> None:
+    """Raise UserError unless seeds `seed` .. `seed + count - 1` (one per prompt) all fit a torch generator.
+    Negative seeds are refused rather than wrapped around (-1 would silently be 2**64 - 1, not "random")."""
+    top = MAX_SEED - (count - 1)
+    if not 0 <= seed <= top:
+        per = f"; prompt p uses {flag} + p, and there are {count} prompts" if count > 1 else ""
+        raise UserError(f"{flag} must be between 0 and {top} (got {seed}){per}; "
+                        f"any value in that range gives reproducible images")
+
+
 @torch.inference_mode()
 def encode_prompts(sd, prompts: list[str]) -> torch.Tensor:
     """Text-encoder states (P, 77, D) of `prompts`, each distinct prompt encoded once."""

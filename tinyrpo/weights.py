@@ -32,6 +32,7 @@ import hashlib
 import json
 import pickle
 import re
+import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -383,7 +384,7 @@ def _not_a_folder_message(folder: Path) -> str:
     found = identify(folder)
     head = f"{folder} has no unet/ subfolder, so it is not a diffusers Stable Diffusion folder"
     if found is not None and found.kind == "sd" and found.file is not None:
-        return f"{head}; it holds the single-file checkpoint {found.file.name}: pass --weights {found.file}"
+        return f"{head}; it holds the single-file checkpoint {found.file.name}: pass --weights {shlex.quote(str(found.file))}"
     return wrong_kind(folder, "sd", found) or f"{head} (unet/, vae/, text_encoder/); " + WANTED["sd"]
 
 
