@@ -6,27 +6,23 @@
     python -m tinyrpo.download all --dir /data/weights
 
 Files come from the Hugging Face hub as `{base}/{repo}/resolve/{revision}/{file}` (the same URLs a browser
-downloads), so no hub library is needed. Every file is written to `NAME.part` and renamed when complete:
-an interrupted run resumes where it stopped (HTTP Range), and a file already on disk is not fetched again.
+downloads), so no hub library is needed. Every file is pinned to a commit and checked against its sha256
+(tinyrpo/fetch.py: resume with Range + If-Range, verification, redirects). $HF_TOKEN is sent to the hub
+when set (gated or private mirrors, higher rate limits); $HF_ENDPOINT (or --base-url) points at a mirror.
 weights/README.md lists the same files for doing it by hand.
 """
 import argparse
-import errno
-import http.client
 import os
 import shlex
 import shutil
 import sys
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
-
 from tinyrpo.errors import UserError, run_cli
+from tinyrpo.fetch import NotFound, fetch, hf_token, host_of, make_folder, write_error
 
 # Where the other commands look by default (relative to the working directory, like --dir).
 DEFAULT_DIR = "weights"
@@ -41,19 +37,51 @@ HF_URL = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
 GITHUB_URL = "https://github.com"
 DREAMBENCH_ZIP = "google/dreambooth/archive/refs/heads/main.zip"  # unpacks to dreambooth-main/dataset/...
 
-USER_AGENT = "tinyrpo-download/0.1 (+urllib)"
-CHUNK = 1 << 20
-RETRY_WAIT = 1.0  # seconds before the first retry; doubles after each failure
+# ---------------------------------------------------------------------------------------------------
+# What to fetch: every file pinned to a commit, with the sha256 the hub publishes for it.
+#
+# A commit never changes, so a run today and one next year get the same bytes, and the sha256 checks that
+# they arrived whole. Sources of the values below (public code pinning the same files, cross-checked
+# where possible; see the README's "Download verification"):
+#   SD v1.5       commit f03de327 of stable-diffusion-v1-5/stable-diffusion-v1-5 (runwayml/stable-diffusion-v1-5
+#                 before the move: same history). LFS sha256 of the fp32 and fp16 weights, and the sha256 of
+#                 the small files, each in two or more public projects that verify these files.
+#   CLIP L/14     commit 32bd6428 of openai/clip-vit-large-patch14; model.safetensors' sha256 in several
+#                 projects. config.json: no published sha256 found; checked against the hub's ETag.
+#   CLIP B/32     main has only pytorch_model.bin; the published safetensors conversion is the pull request
+#                 refs/pr/15 (public code uses it), pinned here to its commit b33cedfd with the sha256 several
+#                 projects verify. config.json: checked against the hub's ETag.
+#   DINO S/16     commit abe3b354 of facebook/dino-vits16 (main when pinned); it holds pytorch_model.bin only,
+#                 and no safetensors conversion could be confirmed. No sha256 for its files was found: they
+#                 are checked against what the hub publishes (X-Linked-Etag / ETag) when fetched.
+
+SD15_REVISION = "f03de327dd89b501a01da37fc5240cf4fdba85a1"
+SD15_SHA256 = {
+    "model_index.json": "e2f6f22e274374010aec30c79eb2d6e53fff4a36ac0225523a92cb2d41a83347",
+    "scheduler/scheduler_config.json": "699cce92eb7c122e2eb7dfdea78e6187fda76a5ed4a8e42319b85610e620e091",
+    "tokenizer/vocab.json": "e089ad92ba36837a0d31433e555c8f45fe601ab5c221d4f607ded32d9f7a4349",
+    "tokenizer/merges.txt": "9fd691f7c8039210e0fced15865466c65820d09b63988b0174bfe25de299051a",
+    "tokenizer/tokenizer_config.json": "00439066fcba73de57644cf41e4e3b9f2dbb09d7f3fc2005898ba52399045882",
+    "tokenizer/special_tokens_map.json": "c4864a9376a8401918425bed71fc14fc0e81f9b59ec45c1cf96cccb2df508eac",
+    "text_encoder/config.json": "845df614cb9327ae7bbea027316246fae917827407da6df13572e41b5f93b4cc",
+    "vae/config.json": "786a7d21647ddea6a04b9675c03d3cb45e90a2f3c6da5fbda2c54ade040036de",
+    "unet/config.json": "78f474de6bab3d893868f37be97b636ae65c0df3073ed3256ca458ff599b5f96",
+    "text_encoder/model.safetensors": "d008943c017f0092921106440254dbbe00b6a285f7883ec8ba160c3faad88334",
+    "vae/diffusion_pytorch_model.safetensors": "a2b5134f4dbc140d9c11f11cba3233099e00af40f262f136c691fb7d38d2194c",
+    "unet/diffusion_pytorch_model.safetensors": "19da7aaa4b880e59d56843f1fcb4dd9b599c28a1d9d9af7c1143057c8ffae9f1",
+    "text_encoder/model.fp16.safetensors": "77795e2023adcf39bc29a884661950380bd093cf0750a966d473d1718dc9ef4e",
+    "vae/diffusion_pytorch_model.fp16.safetensors": "4fbcf0ebe55a0984f5a5e00d8c4521d52359af7229bb4d81890039d2aa16dd7c",
+    "unet/diffusion_pytorch_model.fp16.safetensors": "c83908253f9a64d08c25fc90874c9c8aef9a329ce1ca5fb909d73b0c83d1ea21",
+}
 
 
-def _safe_or_bin(pr):
-    """A weight file whose repo has only pytorch_model.bin on main.
-
-    Hugging Face's conversion bot left the same tensors as model.safetensors in the pull-request ref
-    `refs/pr/{pr}` (the ref transformers itself falls back to), so try main, then that ref, then the pickle.
-    Entries are (revision, file) alternatives, tried in order until one is not a 404.
-    """
-    return (("main", "model.safetensors"), (f"refs/pr/{pr}", "model.safetensors"), ("main", "pytorch_model.bin"))
+@dataclass(frozen=True)
+class Remote:
+    """One file of a hub repository at a fixed revision; sha256 None: checked against what the hub publishes."""
+    repo: str
+    revision: str
+    path: str
+    sha256: str | None = None
 
 
 def _sd15_files(fp16):
@@ -76,20 +104,28 @@ MODELS = {
                  "CLIP ViT-B/32 (evaluation)", "about 605 MB"),
     "dino": ("facebook/dino-vits16", "dino-vits16", "DINO ViT-S/16 (evaluation)", "about 87 MB"),
 }
+# name -> (revision, {file: sha256 or None}) for the models other than SD
+PINS = {
+    "clip-l14": ("32bd64288804d66eefd0ccbe215aa642df71cc41", {
+        "config.json": None,
+        "model.safetensors": "a2bf730a0c7debf160f7a6b50b3aaf3703e7e88ac73de7a314903141db026dcb"}),
+    "clip-b32": ("b33cedfd0df4e43b8238760678fcc89e1a0d38b3", {  # refs/pr/15, the safetensors conversion
+        "config.json": None,
+        "model.safetensors": "99d28a652e6ec46629ab7047a0ac82c69b1fe11e0ce672c43af65d3a9a3fc05d"}),
+    "dino": ("abe3b354cb6a9b6f146096b14a4a9d7eecbcb4bd", {"config.json": None, "pytorch_model.bin": None}),
+}
 DREAMBENCH_SIZE = "about 112 MB of images, in a zip of the google/dreambooth repository"
 CHOICES = [*MODELS, "dreambench", "all"]
 
 
-def model_files(what, fp16=False):
-    """The files of one model: each a str (a file on main) or a tuple of (revision, file) alternatives."""
+def model_files(what, fp16=False) -> list[Remote]:
+    """The files of one model, each pinned to its revision."""
+    repo = MODELS[what][0] if what in MODELS else None
     if what == "sd15":
-        return _sd15_files(fp16)
-    if what == "clip-l14":
-        return ["config.json", "model.safetensors"]
-    if what == "clip-b32":
-        return ["config.json", _safe_or_bin(32)]
-    if what == "dino":
-        return ["config.json", _safe_or_bin(1)]
+        return [Remote(repo, SD15_REVISION, f, SD15_SHA256[f]) for f in _sd15_files(fp16)]
+    if what in PINS:
+        revision, files = PINS[what]
+        return [Remote(repo, revision, f, sha) for f, sha in files.items()]
     raise ValueError(f"unknown model {what!r}")
 
 
@@ -129,195 +165,6 @@ def missing_weights_message(kind, path, flag=None):
 
 
 # ---------------------------------------------------------------------------------------------------
-# One file over HTTP(S): resume, retry, atomic rename.
-
-
-class NotFound(UserError):
-    """HTTP 404: the file is not at that address (download() then tries the next alternative)."""
-
-
-class _Retry(Exception):
-    """A transient network failure: try again, resuming from the .part file."""
-
-
-_NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError)
-
-
-def _host(url):
-    return urllib.parse.urlsplit(url).netloc or url
-
-
-def _open(url, start=0, timeout=60.0):
-    headers = {"User-Agent": USER_AGENT}
-    if start:
-        headers["Range"] = f"bytes={start}-"
-    # urllib follows the hub's redirect to its CDN and keeps the Range header on the way.
-    return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
-
-
-def _total_from_content_range(value):
-    """'bytes 100-199/200' or 'bytes */200' -> 200 (None when absent or unknown)."""
-    if not value or "/" not in value:
-        return None
-    total = value.rsplit("/", 1)[1].strip()
-    return int(total) if total.isdigit() else None
-
-
-def remote_size(url, timeout=30.0):
-    """The size of the file at `url`, or None when the server does not say (or cannot be reached).
-
-    A one-byte Range GET rather than HEAD: urllib turns HEAD into GET on a redirect, and CDN links
-    signed for GET may refuse HEAD. A server that ignores Range answers 200 with the full length.
-    """
-    req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, "Range": "bytes=0-0"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            if r.status == 206:
-                return _total_from_content_range(r.headers.get("Content-Range"))
-            n = r.headers.get("Content-Length")
-            return int(n) if n and n.isdigit() else None
-    except (OSError, *_NETWORK_ERRORS):
-        return None
-
-
-def _or(hint):
-    return f", or {hint}" if hint else ""
-
-
-def _reason(e):
-    """'Connection refused' rather than '<urlopen error [Errno 111] Connection refused>'."""
-    r = getattr(e, "reason", None) or e
-    return getattr(r, "strerror", None) or str(r)
-
-
-def _mkdir(folder):
-    try:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create folder {folder}: {_reason(e)}; use a folder you can write to") from None
-
-
-def _write_error(e, part):
-    if e.errno == errno.ENOSPC:
-        return UserError(f"disk full while writing {part}: free some space and run the same command again "
-                         f"(it resumes from {part.name})")
-    return UserError(f"could not write {part}: {_reason(e)}; check the folder's permissions and free space")
-
-
-def _transfer(url, part, progress, timeout, hint, desc):
-    """Append the rest of `url` to `part`. Raises _Retry on a network failure, UserError otherwise."""
-    start = part.stat().st_size if part.exists() else 0
-    try:
-        resp = _open(url, start, timeout)
-    except urllib.error.HTTPError as e:
-        if e.code == 416 and start:  # the .part already holds every byte (or more than the file has)
-            if _total_from_content_range(e.headers.get("Content-Range")) == start:
-                return
-            part.unlink()
-            return _transfer(url, part, progress, timeout, hint, desc)
-        if e.code in (408, 429) or e.code >= 500:
-            raise _Retry(f"HTTP {e.code} {e.reason}") from None
-        if e.code == 404:
-            raise NotFound(f"{url} was not found (HTTP 404): check the address{_or(hint)}") from None
-        if e.code in (401, 403):
-            raise UserError(f"access to {url} was refused (HTTP {e.code}): the file may be gated "
-                            f"(accept its license on the site) or moved{_or(hint)}") from None
-        raise UserError(f"downloading {url} failed: HTTP {e.code} {e.reason}{_or(hint)}") from None
-    except _NETWORK_ERRORS as e:
-        raise _Retry(_reason(e)) from None
-
-    with resp:
-        length = resp.headers.get("Content-Length")
-        length = int(length) if length and length.isdigit() else None
-        if resp.status == 206:
-            if _content_range_start(resp.headers.get("Content-Range")) != start:
-                part.unlink()  # not the range asked for: start over rather than splice wrong bytes
-                raise _Retry("the server answered with a different byte range; restarting")
-            mode, total = "ab", (start + length if length is not None else None)
-        else:  # 200: the server ignored Range (or it was a fresh start) and sends the whole file
-            start, mode, total = 0, "wb", length
-        if total is not None:
-            free = shutil.disk_usage(part.parent).free
-            if total - start > free:
-                raise UserError(f"not enough disk space for {part.name[:-5]}: it needs "
-                                f"{_gb(total - start)} and {part.parent} has {_gb(free)} free")
-        got = 0
-        bar = tqdm(total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024,
-                   desc=desc, disable=not progress, leave=True, file=sys.stderr)
-        try:
-            f = open(part, mode)
-        except OSError as e:
-            bar.close()
-            raise _write_error(e, part) from None
-        with f, bar:
-            while True:
-                try:
-                    chunk = resp.read(CHUNK)
-                except _NETWORK_ERRORS as e:
-                    raise _Retry(f"connection lost after {start + got} bytes ({_reason(e)})") from None
-                if not chunk:
-                    break
-                try:
-                    f.write(chunk)
-                except OSError as e:
-                    raise _write_error(e, part) from None
-                got += len(chunk)
-                bar.update(len(chunk))
-    # http.client returns b"" rather than raising when the server hangs up early: check the count.
-    if total is not None and start + got != total:
-        raise _Retry(f"connection closed after {start + got} of {total} bytes")
-
-
-def _content_range_start(value):
-    """'bytes 100-199/200' -> 100."""
-    try:
-        return int(value.split()[1].split("-")[0])
-    except (AttributeError, IndexError, ValueError):
-        return None
-
-
-def _gb(n):
-    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
-
-
-def fetch(url, path, *, retries=3, progress=True, timeout=60.0, hint="", desc=None):
-    """Download `url` to `path`; returns True if bytes were fetched, False if the file was already there.
-
-    Writes `path.part` and renames it when complete, so `path` is never half a file. A `.part` left by an
-    interrupted run is resumed with `Range: bytes=N-` (a server that answers 200 instead restarts it).
-    An existing `path` is kept when its size matches the server's (or the server cannot be asked).
-    Network failures are retried `retries` times. Every failure ends in one UserError; `hint` is the
-    way around it offered last ("download it by hand into ...").
-    """
-    path = Path(path)
-    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
-        raise UserError(f"cannot download {url}: not an http(s) address (a --base-url needs https://)")
-    if path.is_file():
-        size = remote_size(url, timeout)
-        if size is None or size == path.stat().st_size:
-            return False
-    _mkdir(path.parent)
-    part = path.with_name(path.name + ".part")
-    for attempt in range(retries + 1):
-        try:
-            _transfer(url, part, progress, timeout, hint, desc or path.name)
-            break
-        except _Retry as e:
-            if attempt == retries and part.exists() and part.stat().st_size:
-                raise UserError(f"the download of {path.name} from {_host(url)} broke off: {e}; run the same "
-                                f"command again to resume from {part.name}{_or(hint)}") from None
-            if attempt == retries:
-                raise UserError(f"could not reach {_host(url)} for {path.name}: {e}; "
-                                f"check your connection{_or(hint)}") from None
-            time.sleep(RETRY_WAIT * 2 ** attempt)
-    try:
-        os.replace(part, path)
-    except OSError as e:
-        raise _write_error(e, path) from None
-    return True
-
-
-# ---------------------------------------------------------------------------------------------------
 # The models and the DreamBench images.
 
 
@@ -325,27 +172,20 @@ def _fetch_model(what, dest, base_url, fp16, retries, progress):
     repo, folder, desc, _ = MODELS[what]
     out = Path(dest) / folder
     hint = f"download the files by hand into {out} as weights/README.md describes"
-    fetched = 0
-    for entry in model_files(what, fp16):
-        alternatives = (("main", entry),) if isinstance(entry, str) else entry
-        # A file fetched before (maybe from a fallback) counts: don't fetch a second copy of the weights.
-        have = [(rev, f) for rev, f in alternatives if (out / f).is_file()]
-        for i, (rev, f) in enumerate(have or alternatives):
-            try:
-                new = fetch(hf_url(base_url, repo, f, rev), out / f, retries=retries, progress=progress,
-                            hint=hint, desc=f"{what}/{f}")
-                fetched += new
-                if new and f.endswith(".bin") and progress:
-                    print(f"{what}: no model.safetensors published, using {f} (loaded with weights_only=True)")
-                break
-            except NotFound:
-                if i == len(have or alternatives) - 1:
-                    names = ", ".join(f"{f} ({rev})" for rev, f in alternatives)
-                    raise UserError(f"{repo} has none of {names} at {base_url} (HTTP 404): "
-                                    f"check --base-url, or {hint}") from None
+    files = model_files(what, fp16)
+    token, fetched = hf_token(), 0
+    for r in files:
+        try:
+            fetched += fetch(hf_url(base_url, r.repo, r.path, r.revision), out / r.path, sha256=r.sha256,
+                             retries=retries, progress=progress, hint=hint, desc=f"{what}/{r.path}",
+                             token=token, token_host=host_of(base_url))
+        except NotFound:
+            raise UserError(f"{r.repo} has no {r.path} at revision {r.revision} on {base_url} (HTTP 404): check "
+                            f"--base-url / HF_ENDPOINT (a mirror must serve that commit), or {hint}") from None
     if progress:
-        n = len(model_files(what, fp16))
-        print(f"{what}: {desc} in {out} ({n} files: {fetched} fetched, {n - fetched} already there)")
+        n = len(files)
+        print(f"{what}: {desc} in {out} ({n} files, each checked against its sha256: {fetched} fetched, "
+              f"{n - fetched} already there)")
     return out
 
 
@@ -388,14 +228,14 @@ def download_dreambench(dest=DEFAULT_REFS, *, github_url=GITHUB_URL, retries=3, 
             members.sort(key=lambda m: m[1] == Path(done.name))
             for name, rel in members:
                 target = dest / rel
-                _mkdir(target.parent)
+                make_folder(target.parent)
                 tmp = target.with_name(target.name + ".part")
                 try:
                     with z.open(name) as src, open(tmp, "wb") as dst:
                         shutil.copyfileobj(src, dst)
                     os.replace(tmp, target)
                 except OSError as e:
-                    raise _write_error(e, tmp) from None
+                    raise write_error(e, tmp) from None
     except zipfile.BadZipFile:
         archive.unlink()
         raise UserError(f"the file from {url} is not a valid zip (a broken transfer or an error page); "
@@ -439,6 +279,9 @@ def main(argv=None):
                     "Interrupted downloads resume; files already present are skipped.",
         epilog=f"downloads:\n{sizes}\n  {'dreambench':<10} DreamBench subjects and prompts: {DREAMBENCH_SIZE}\n"
                f"  {'all':<10} all of the above\n\n"
+               "Every file is pinned to a commit and checked against its sha256; a file that does not match is\n"
+               "deleted. Environment: HF_TOKEN (a Hugging Face access token, sent to the hub only: gated or\n"
+               "private mirrors, higher rate limits), HF_ENDPOINT (a mirror of the hub, as --base-url).\n\n"
                "SD v1.5 is under the CreativeML OpenRAIL-M license; weights/README.md lists the licenses\n"
                "and how to fetch the files by hand.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
