@@ -1,65 +1,116 @@
 """Personalize Stable Diffusion v1 to one subject with Reward Preference Optimization (RPO).
 
-    python train.py --subject refs/dog                         # DreamBench subject: class looked up
-    python train.py --subject photos/my_mug --class-noun mug   # your own subject
-    python train.py --subject refs/dog --resume                # continue an interrupted run
-    python sample.py --ckpt runs/dog/best.pt --prompt "a sks dog on the beach"
+examples:
+  python train.py --subject refs/dog                          # DreamBench subject: class looked up
+  python train.py --subject photos/my_mug --class-noun mug    # your own subject
+  python train.py --subject refs/dog --method dreambooth      # a baseline: DreamBooth, prior preservation
+  python train.py --out runs/dog --resume                     # continue an interrupted run
+  python sample.py --ckpt runs/dog/best.pt --prompt "a sks dog on the beach"
 
-The run folder (--out, default runs/<subject>) gets config.json, the negative set, log.jsonl, a grid per
-validation (val/step_*.png), best.pt (the validation-reward argmax), last.pt and summary.json.
+The run folder (--out, default runs/<subject>) gets config.json, the method's cached images, log.jsonl, a
+grid per validation (val/step_*.png), best.pt (the chosen checkpoint), last.pt and summary.json.
+--resume takes every setting from the run's config.json; of the flags given with it, only --steps,
+--patience, --log-every, --save-every, --gen-batch-size, --compile and --device may differ from the run's.
 """
 import argparse
+import sys
 
 from tinyrpo.download import DEFAULT_REWARD_CLIP, DEFAULT_SD
 from tinyrpo.errors import run_cli
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
-    a("--subject", required=True, help="folder with 3-6 photos of the subject (jpg/png/webp)")
+def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
+    """The parser; with `suppress`, one whose result holds only the flags actually given (for --resume)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def group(title):
+        g = p.add_argument_group(title)
+
+        def a(*flags, **kw):
+            if suppress:
+                kw["default"] = argparse.SUPPRESS
+            return g.add_argument(*flags, **kw)
+        return a
+
+    a = group("subject and models")
+    a("--subject", help="folder with 3-6 photos of the subject (jpg/png/webp)")
     a("--out", default=None, help="run folder (default: runs/<subject folder name>)")
-    a("--weights", default=DEFAULT_SD, help="base SD v1 model: a single .safetensors file or a diffusers folder")
-    a("--reward-model", default=DEFAULT_REWARD_CLIP, help="CLIP model (HF layout) scoring the λ-Harmonic reward")
-    a("--method", default="rpo", choices=["rpo"], help="training method")
-    a("--token", default="sks", help="the rare word that will name your subject in prompts")
+    a("--weights", default=DEFAULT_SD,
+      help=f"base SD v1 model: a diffusers folder or a single .safetensors file (default: {DEFAULT_SD})")
+    a("--reward-model", default=DEFAULT_REWARD_CLIP,
+      help=f"CLIP model (HF folder) scoring the λ-Harmonic reward (default: {DEFAULT_REWARD_CLIP})")
+    a("--token", default="sks", help="the rare word that will name your subject in prompts (default: sks)")
     a("--class-noun", default=None, help="the subject's class, e.g. dog (looked up for DreamBench folder names)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--live", dest="live", action="store_true", default=None,
-                   help="use the live-subject prompt set (default for the classes dog and cat)")
-    g.add_argument("--object", dest="live", action="store_false", help="use the object prompt set")
+    a("--live", dest="live", action="store_true", default=None,
+      help="use the live-subject prompt set (the default for the classes dog and cat)")
+    a("--object", dest="live", action="store_false", help="use the object prompt set (the default otherwise)")
     a("--prompts", default=None, help="file of training prompts, one per line: '[V]' = token, '{cls}' = class")
-    a("--resolution", type=int, default=512, help="training and generation resolution in pixels")
-    a("--images-per-prompt", type=int, default=4, help="negative-set images per training prompt")
-    a("--sample-steps", type=int, default=50, help="DDIM steps for the negative set and validation")
-    a("--guidance", type=float, default=7.5, help="classifier-free guidance scale for generation")
-    a("--lambda-train", type=float, default=0.0, help="λ of the reward behind the preference labels (0 = text only)")
-    a("--lambda-val", type=float, default=0.3, help="λ of the validation reward that picks best.pt")
-    a("--beta", type=float, default=1.0, help="β of the preference loss")
-    a("--lr", type=float, default=5e-6, help="AdamW learning rate (constant)")
-    a("--steps", type=int, default=400, help="training steps")
-    a("--batch-size", type=int, default=1, help="(reference, generated) pairs per step")
-    a("--grad-clip", type=float, default=1.0, help="gradient-norm clip")
-    a("--val-every", type=int, default=40, help="validate (and save last.pt) every N steps")
-    a("--val-images-per-prompt", type=int, default=4, help="validation images per training prompt")
+
+    a = group("training (defaults that depend on --method are the method's)")
+    a("--method", default="rpo", choices=["rpo"], help="training method (default: rpo)")
+    a("--lr", type=float, default=None, help="AdamW learning rate, constant (default: RPO 5e-6)")
+    a("--steps", type=int, default=None, help="training steps (default: RPO 400)")
+    a("--batch-size", type=int, default=1, help="pairs (RPO) per step (default: 1)")
+    a("--grad-clip", type=float, default=1.0, help="gradient-norm clip (default: 1.0)")
+    a("--resolution", type=int, default=512, help="training and generation resolution in pixels (default: 512)")
+    a("--train-text-encoder", action="store_true", default=None,
+      help="fine-tune the text encoder too (default: off for RPO)")
+    a("--seed", type=int, default=0, help="seed of the generated images and of the training draws (default: 0)")
+
+    a = group("validation and checkpoint selection")
+    a("--val-every", type=int, default=40, help="validate every N steps (default: 40)")
+    a("--val-images-per-prompt", type=int, default=4, help="validation images per training prompt (default: 4)")
+    a("--lambda-val", type=float, default=0.3, help="λ of the validation reward (default: 0.3, the paper's)")
+    a("--mean", default="harmonic", choices=["harmonic", "arithmetic"],
+      help="how the reward combines ALIGN-I and ALIGN-T (default: harmonic, eq. 5; arithmetic: Table 6)")
+    a("--select", default=None, choices=["best", "last"],
+      help="best.pt is the validation-reward argmax (best) or the final step (last) (default: RPO best)")
+    a("--no-early-stop", dest="select", action="store_const", const="last", help="the same as --select last")
+    a("--select-best", dest="select", action="store_const", const="best", help="the same as --select best")
     a("--patience", type=int, default=None, help="stop after N validations without improvement (default: never)")
-    a("--seed", type=int, default=0, help="seed for the negative set, validation noise and the training draws")
-    a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    a("--sample-steps", type=int, default=50, help="DDIM steps of every generated image (default: 50)")
+    a("--guidance", type=float, default=7.5, help="classifier-free guidance of generated images (default: 7.5)")
+
+    a = group("RPO (--method rpo)")
+    a("--beta", type=float, default=None, help="β of the preference loss (default: 1.0)")
+    a("--lambda-train", type=float, default=None, help="λ of the reward behind the labels (default: 0, text only)")
+    a("--images-per-prompt", type=int, default=None, help="negative-set images per training prompt (default: 4)")
+    a("--no-pref", dest="pref", action="store_false", default=None, help="ablation: pure L_sim, no L_pref")
+    a("--no-sim", dest="sim", action="store_false", default=None, help="ablation: L_pref alone (DPO only)")
+    a("--winner-prompt", default=None, choices=["reference", "pair"],
+      help="score h(w) against the reference prompt, or the paired training prompt (default: reference)")
+    a("--noise", default=None, choices=["shared", "independent"],
+      help="one ε and t per pair, or one per image (default: shared)")
+
+    a = group("machine and run")
+    a("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     a("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-      help="autocast precision (auto: bf16 on a GPU, fp32 on the CPU); master weights stay fp32")
-    a("--compile", action="store_true", help="torch.compile the U-Nets (GPU; slow first step)")
-    a("--gradient-checkpointing", action="store_true", help="trade compute for memory (small GPUs)")
-    a("--gen-batch-size", type=int, default=16, help="images per U-Net pass when generating")
-    a("--log-every", type=int, default=10, help="write log.jsonl every N steps")
-    a("--resume", action="store_true", help="continue the run in --out from its last.pt")
-    return p.parse_args(argv)
+      help="autocast precision, master weights stay fp32 (default: auto = bf16 on a GPU, fp32 on the CPU)")
+    a("--compile", action="store_true", default=False, help="torch.compile the U-Nets (GPU; slow first step)")
+    a("--gradient-checkpointing", action="store_true", default=False, help="trade compute for memory")
+    a("--gen-batch-size", type=int, default=16, help="images per U-Net pass when generating (default: 16)")
+    a("--log-every", type=int, default=10, help="write log.jsonl every N steps (default: 10)")
+    a("--save-every", type=int, default=200, help="write last.pt every N steps, and at the end (default: 200)")
+    a("--resume", action="store_true", default=False, help="continue the run in --out from its last.pt")
+    return p
+
+
+def parse_args(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    given = set(vars(build_parser(suppress=True).parse_args(argv)))
+    return args, given
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args, given = parse_args(argv)
     from tinyrpo.trainer import Trainer, TrainConfig, print_summary  # heavy imports after --help
 
-    trainer = Trainer(TrainConfig(**vars(args)))
+    settings = vars(args)
+    # The method's own flags (all default None: the method's dataclass holds their defaults).
+    options = {k: settings.pop(k) for k in list(settings) if k not in TrainConfig.__dataclass_fields__}
+    options = {k: v for k, v in options.items() if v is not None}
+    trainer = Trainer(TrainConfig(**settings, options=options), given)
     summary = trainer.run()
     print_summary(summary, trainer.out)
     return 0

@@ -8,7 +8,7 @@
     python3 bench/train_step.py --device cuda --full-run-estimate
     python3 bench/train_step.py --device cuda --adamw foreach     # the default torch AdamW, vs the trainer's fused
 
-The step is the training loop's own code (tinyrpo.trainer.rpo_forward and optimizer_step): B pairs, so
+The step is the training loop's own code (tinyrpo.rpo.rpo_forward and tinyrpo.trainer.optimizer_step): B pairs, so
 the policy U-Net runs forward and backward on 2B latents and the frozen reference U-Net forward on the
 same 2B; the RPO loss (eqs. 7-9, the fused kernel on a GPU); backward; gradient clipping; AdamW on fp32
 master weights (the trainer's hyper-parameters). As in the trainer, the forwards run under autocast at
@@ -50,7 +50,8 @@ sys.path.insert(0, str(ROOT))
 from bench.common import DTYPES, diffusers_unet, machine, peak_rss_mib, rss_mib, run_child, sync  # noqa: E402
 from tinyrpo import dreambench  # noqa: E402
 from tinyrpo.schedulers import NoiseSchedule, SchedulerConfig  # noqa: E402
-from tinyrpo.trainer import TrainConfig, optimizer_step, rpo_forward  # noqa: E402
+from tinyrpo.rpo import RPOOptions, rpo_forward  # noqa: E402
+from tinyrpo.trainer import TrainConfig, optimizer_step, resolve_config  # noqa: E402
 from tinyrpo.unet import UNet, UNetConfig  # noqa: E402
 
 VARIANTS = ("eager", "compile", "diffusers", "diffusers-compile")
@@ -117,7 +118,7 @@ def child(args):
     device = torch.device(args.device)
     base_mib = rss_mib()
     policy, policy_fwd, ref_fwd = build(args.child, args, device)
-    cfg = TrainConfig(subject="")
+    cfg, rpo = resolve_config(TrainConfig(subject="")), RPOOptions()
     # Trainer.run's AdamW; its implementation: fused on a GPU and the default (a per-tensor loop) on the CPU.
     impl = {"trainer": dict(fused=device.type == "cuda"), "fused": dict(fused=True),
             "foreach": dict(foreach=True), "loop": dict(foreach=False)}[args.adamw]
@@ -142,8 +143,8 @@ def child(args):
         x_t = sched.add_noise(x0, noise, tt)
         if args.channels_last:
             x_t = x_t.contiguous(memory_format=torch.channels_last)
-        out = rpo_forward(policy_fwd, ref_fwd, x_t, tt, cond, noise, y, cfg.beta, autocast(device, args.precision))
-        optimizer_step(out.loss, policy, opt, cfg.grad_clip, scaler)
+        out = rpo_forward(policy_fwd, ref_fwd, x_t, tt, cond, noise, y, rpo.beta, autocast(device, args.precision))
+        optimizer_step(out.loss, list(policy.parameters()), opt, cfg.grad_clip, scaler)
         return out.loss.detach()
 
     def timed(fn, *a):
@@ -199,10 +200,10 @@ def child(args):
 
 def full_run_estimate(r: dict) -> tuple[float, float, int]:
     """Seconds of U-Net work in a default `train.py` run (training, generation) and the generation forwards."""
-    cfg = TrainConfig(subject="")
+    cfg, rpo = resolve_config(TrainConfig(subject="")), RPOOptions()
     prompts = len(dreambench.OBJECT_TRAIN_PROMPTS)  # the live-subject list has as many
     vals = 1 + cfg.steps // cfg.val_every  # at step 0, 40, ..., 400
-    batches = (-(-prompts * cfg.images_per_prompt // cfg.gen_batch_size)  # the negative set
+    batches = (-(-prompts * rpo.images_per_prompt // cfg.gen_batch_size)  # the negative set
                + vals * -(-prompts * cfg.val_images_per_prompt // cfg.gen_batch_size))
     forwards = batches * cfg.sample_steps
     return cfg.steps * statistics.median(r["times"]), forwards * r["gen_forward_s"], forwards

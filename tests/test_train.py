@@ -117,7 +117,7 @@ def test_bad_input(models, tmp_path, case):
     expect = {"missing": "does not exist", "empty": "is empty", "no_image": "no readable image",
               "unknown_class": "--class-noun", "steps0": "--steps", "lambda": "--lambda-val",
               "no_weights": "tinyrpo.download", "no_reward": "tinyrpo.download", "unwritable": "cannot write",
-              "exists": "--resume", "resume_nothing": "no last.pt"}[case]
+              "exists": "--resume", "resume_nothing": "holds no run"}[case]
     if case == "missing":
         args[1] = str(tmp_path / "nope")
     elif case == "empty":

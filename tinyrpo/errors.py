@@ -32,8 +32,8 @@ def run_cli(main, argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted (checkpoints written so far are intact; use --resume to continue)", file=sys.stderr)
+    except KeyboardInterrupt as e:  # the program may say what was saved and how to go on (train.py does)
+        print(e.args[0] if e.args else "interrupted", file=sys.stderr)
         sys.exit(130)
     finally:
         warnings.formatwarning = previous

@@ -432,7 +432,7 @@ def train_args_for(subject: Path, run: Path, train_args: list[str], forward: dic
         if value is not None and flag not in given:
             args += [flag, str(value)]
     args += train_args
-    if (run / "last.pt").exists() and "--resume" not in args:
+    if ((run / "config.json").exists() or (run / "last.pt").exists()) and "--resume" not in args:
         args.append("--resume")
     return args
 

@@ -3,14 +3,19 @@
 The reward (eq. 5) scores images; Bradley–Terry (eq. 6) turns two rewards into a random preference label;
 the loss (eqs. 7–9) is a denoising similarity term on the reference image plus a DPO-style preference term
 (as in Diffusion-DPO, Wallace et al. 2023) comparing the policy U-Net with the frozen base U-Net.
-Each is a small pure function; the training loop in `tinyrpo/train.py` calls them.
+Each is a small pure function. Below them, `RPO` is the method the shared loop (tinyrpo/trainer.py) runs:
+the negative set and its rewards (prepare), the pair and label of a step (draw), eqs. 7-9 (loss).
 """
+import json
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from tinyrpo.losses import per_sample_mse
+from tinyrpo.method import Method, MethodOptions, StepOutput, encode_images, generated_images
+from tinyrpo.runfolder import atomic_write_json
 
 
 # ---------------------------------------------------------------- reward (eq. 5)
@@ -36,6 +41,14 @@ def harmonic_reward(a_i: torch.Tensor, a_t: torch.Tensor, lam: float) -> torch.T
     λ = 0 scores text alignment only (the authors' training value), λ = 1 image alignment only.
     """
     return 1.0 / (lam / a_i + (1.0 - lam) / a_t)
+
+
+def arithmetic_reward(a_i: torch.Tensor, a_t: torch.Tensor, lam: float) -> torch.Tensor:
+    """λ-Arithmetic reward, the paper's Table 6 ablation: λ·ALIGN-I + (1 − λ)·ALIGN-T."""
+    return lam * a_i + (1.0 - lam) * a_t
+
+
+REWARDS = {"harmonic": harmonic_reward, "arithmetic": arithmetic_reward}
 
 
 # ---------------------------------------------------------------- preference labels (eq. 6)
@@ -87,8 +100,8 @@ def rpo_loss(model_pred: torch.Tensor, ref_pred: torch.Tensor, noise: torch.Tens
     """The RPO objective for B pairs, eq. (9): L = L_sim + L_pref, averaged over pairs.
 
     model_pred, ref_pred, noise: [2B, C, H, W], winners (reference images) in the first half, losers
-    (generated images) in the second; the two halves of `noise` are the same ε (a pair shares ε and t).
-    y: [B] labels. Only `model_pred` needs a gradient.
+    (generated images) in the second; `noise` is each row's own ε (the two halves are equal when the pair
+    shares ε and t, tinyrpo's default). y: [B] labels. Only `model_pred` needs a gradient.
     """
     e_theta_w, e_theta_l = per_sample_mse(model_pred, noise).chunk(2)
     e_ref_w, e_ref_l = per_sample_mse(ref_pred, noise).chunk(2)
@@ -96,3 +109,124 @@ def rpo_loss(model_pred: torch.Tensor, ref_pred: torch.Tensor, noise: torch.Tens
     sim = l_sim(e_theta_w).mean()
     pref = l_pref(d, y.float(), beta).mean()
     return RPOLoss(sim + pref, sim, pref, d)
+
+
+# ---------------------------------------------------------------- the method
+
+@dataclass
+class RPOOptions(MethodOptions):
+    beta: float = 1.0                # β of eq. (8)
+    lambda_train: float = 0.0        # λ of the reward behind the labels; the authors' 0: text alignment only
+    images_per_prompt: int = 4       # negative set: 8 prompts × 4 = 32 images (paper)
+    pref: bool = True                # False: pure L_sim (--no-pref, the paper's Table 2 ablation)
+    sim: bool = True                 # False: L_pref alone (--no-sim, the DPO-only variant of the appendix)
+    # Which prompt the reference image w is scored against for its reward h(w): "reference" ("a photo of
+    # sks dog", tinyrpo) or "pair" (the training prompt of the loser it is paired with, as the authors' code
+    # does). With λ_train = 0 this decides whether labels push toward the prompt or toward the reference.
+    winner_prompt: str = "reference"
+    # "shared": one ε and one t per pair (Diffusion-DPO, tinyrpo); "independent": drawn for w and l
+    # separately (the paper's eq. 4 and the authors' code).
+    noise: str = "shared"
+
+    def validate(self, need):
+        need(self.beta > 0, f"--beta must be positive (got {self.beta})")
+        need(0.0 <= self.lambda_train <= 1.0, f"--lambda-train must be in [0, 1] (got {self.lambda_train})")
+        need(self.images_per_prompt >= 1, f"--images-per-prompt must be at least 1 (got {self.images_per_prompt})")
+        need(self.pref or self.sim, "--no-pref and --no-sim together leave no loss; drop one of them")
+        need(self.winner_prompt in ("reference", "pair"),
+             f"--winner-prompt must be reference or pair (got {self.winner_prompt!r})")
+        need(self.noise in ("shared", "independent"), f"--noise must be shared or independent (got {self.noise!r})")
+
+
+def draw_pairs(gen: torch.Generator, n_w: int, n_l: int, B: int, T: int, latent_shape, shared_noise: bool):
+    """The random part of a step, eq. (4): B pairs (i, j) drawn uniformly, a timestep and noise per image.
+
+    -> i [B], j [B], t [2B], eps [2B, *latent_shape]: winners' rows first, losers' second. With
+    `shared_noise` the loser's t and ε are the winner's (Diffusion-DPO compares the two images on the
+    same noisy step, so Δ measures the images and not the noise draws).
+    """
+    i = torch.randint(n_w, (B,), generator=gen)
+    j = torch.randint(n_l, (B,), generator=gen)
+    if shared_noise:
+        t = torch.randint(0, T, (B,), generator=gen)
+        eps = torch.randn((B, *latent_shape), generator=gen)
+        return i, j, torch.cat([t, t]), torch.cat([eps, eps])
+    t = torch.randint(0, T, (2 * B,), generator=gen)
+    return i, j, t, torch.randn((2 * B, *latent_shape), generator=gen)
+
+
+def rpo_forward(policy, ref, x_t, t, cond, noise, y, beta: float, autocast) -> RPOLoss:
+    """Policy and frozen-reference predictions on the same noisy inputs, then the RPO loss (eqs. 7-9).
+
+    `policy`/`ref` are callables (sample, t, context) -> ε̂: tinyrpo U-Nets, compiled or not, or the same
+    U-Net with its LoRA adapters on and off (bench/train_step.py passes diffusers' U-Net the same way).
+    The loss runs outside autocast with float32 accumulation; on a GPU it is the fused Triton kernel.
+    """
+    from tinyrpo import kernels  # kernels builds on this module's reference functions: import late
+
+    with autocast:
+        model_pred = policy(x_t, t, cond)
+        # no_grad rather than inference_mode: the reference prediction enters the loss's autograd graph
+        # (as a constant), and an inference-mode tensor may not be saved for backward by the fused op.
+        with torch.no_grad():
+            ref_pred = ref(x_t, t, cond)
+    return kernels.rpo_loss(model_pred, ref_pred, noise, y, beta)
+
+
+class RPO(Method):
+    """Reward Preference Optimization: L_sim on the reference images + a DPO loss against the base model."""
+
+    name = "rpo"
+    Options = RPOOptions
+    defaults = {"lr": 5e-6, "steps": 400, "select": "best", "train_text_encoder": False}
+    uses_reference = True
+
+    def prepare(self):
+        tr, opt = self.trainer, self.opt
+        negatives, self.l_prompt = generated_images(tr, "negatives", tr.prompts, opt.images_per_prompt,
+                                                    tr.cfg.seed, "negative set")
+        with tr.phase("rewards"):
+            # h for each reference image and each generated image (eq. 5), with the training λ
+            refs = tr.subject.images
+            if opt.winner_prompt == "reference":
+                h_w = tr.reward(refs, [tr.subject.reference_prompt] * len(refs), opt.lambda_train).reward
+            else:  # one reward per (reference image, training prompt): [n_w, P]
+                h_w = torch.stack([tr.reward(refs, [p] * len(refs), opt.lambda_train).reward for p in tr.prompts], 1)
+            h_l = tr.reward(negatives, [tr.prompts[p] for p in self.l_prompt], opt.lambda_train).reward
+            self.h_w, self.h_l = h_w.cpu(), h_l.cpu()
+            atomic_write_json(tr.out / "rewards.json", {"lambda_train": opt.lambda_train,
+                                                        "winner_prompt": opt.winner_prompt,
+                                                        "reference": self.h_w.tolist(), "negatives": self.h_l.tolist()})
+            # Everything a step needs, computed once: latents of both sides of a pair.
+            self.w_latents = encode_images(tr.sd.vae, refs, tr.device)
+            self.l_latents = encode_images(tr.sd.vae, negatives, tr.device)
+            self.l_prompt = torch.tensor(self.l_prompt)
+
+    def draw(self, gen):
+        tr, B = self.trainer, self.trainer.cfg.batch_size
+        i, j, t, eps = draw_pairs(gen, len(self.w_latents), len(self.l_latents), B,
+                                  tr.schedule.cfg.num_train_timesteps, self.w_latents.shape[1:],
+                                  self.opt.noise == "shared")
+        h_w = self.h_w[i] if self.h_w.ndim == 1 else self.h_w[i, self.l_prompt[j]]
+        y = sample_label(h_w, self.h_l[j], generator=gen)  # eq. (6), re-drawn every time a pair is used
+        return {"i": i, "j": j, "t": t, "eps": eps, "y": y}
+
+    def inputs(self, batch):
+        """The U-Net inputs of a step: x_t of both sides (forward process of x_0 with the drawn ε, t) and
+        their conditioning — the reference prompt for w, the loser's own training prompt for l."""
+        tr = self.trainer
+        i, j = batch["i"].to(tr.device), batch["j"].to(tr.device)
+        t, eps = batch["t"].to(tr.device), batch["eps"].to(tr.device)
+        x0 = torch.cat([self.w_latents[i], self.l_latents[j]])
+        states = tr.text_states([tr.subject.reference_prompt] + tr.prompts)
+        cond = torch.cat([states[0:1].expand(len(i), -1, -1), states[1:][self.l_prompt.to(tr.device)[j]]])
+        return tr.schedule.add_noise(x0, eps, t), t, cond, eps
+
+    def loss(self, batch):
+        tr, opt = self.trainer, self.opt
+        x_t, t, cond, eps = self.inputs(batch)
+        y = batch["y"].to(tr.device)
+        out = rpo_forward(tr.policy_fwd, tr.ref_fwd, x_t, t, cond, eps, y, opt.beta, tr.autocast())
+        loss = out.loss if (opt.pref and opt.sim) else (out.l_sim if opt.sim else out.l_pref)
+        return StepOutput(loss, {"l_sim": out.l_sim, "l_pref": out.l_pref, "delta": out.delta, "label": y,
+                                 "t": batch["t"]})

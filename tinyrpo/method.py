@@ -1,0 +1,143 @@
+"""What a training method is, to the shared loop in tinyrpo/trainer.py.
+
+A method decides three things, and nothing else:
+
+    prepare()        the data it needs, made once and cached in the run folder (RPO: the negative set and
+                     its rewards; DreamBooth: the class images), reused on --resume
+    draw(gen)        what one step samples (image indices, timesteps, noise, labels), drawn on the CPU from
+                     the run's one generator, so a resumed run continues the exact same sequence
+    loss(batch)      the loss of one step, from the U-Net predictions, as pure functions of its own module
+
+The loop, validation, checkpoints, logging, LoRA, precision and resume are the trainer's and the same for
+every method. Each method lives in its own module next to its equations (tinyrpo/rpo.py,
+tinyrpo/dreambooth.py, tinyrpo/dpg.py) and is registered in tinyrpo/methods.py.
+"""
+import json
+from dataclasses import dataclass, fields
+from typing import NamedTuple
+
+import torch
+from PIL import Image
+
+from tinyrpo.data import load_rgb, to_tensor
+from tinyrpo.pipeline import generate, to_pil
+from tinyrpo.runfolder import atomic_write_json
+
+
+class StepOutput(NamedTuple):
+    loss: torch.Tensor            # the scalar the optimizer minimizes
+    terms: dict                   # name -> tensor (scalar or one value per sample), written to log.jsonl
+
+
+@dataclass
+class MethodOptions:
+    """Base of each method's options: a dataclass whose fields are that method's flags (dashes for _)."""
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        return cls(**{f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None})
+
+    def validate(self, need) -> None:
+        """Check the values; `need(ok, message)` raises the one-line user error."""
+
+
+class Method:
+    """The interface; see the module docstring. Subclasses set the class attributes and override."""
+
+    name = ""
+    Options = MethodOptions
+    # Defaults of shared settings that differ by method (the paper or code the method comes from):
+    # lr, steps, select ("best": the validation-reward argmax, "last": the final step), train_text_encoder.
+    defaults: dict = {}
+    uses_reference = False  # True when the loss needs the frozen base U-Net's predictions (RPO)
+
+    def __init__(self, trainer, options):
+        self.trainer = trainer
+        self.opt = options
+
+    def prepare(self) -> None:
+        pass
+
+    def draw(self, gen: torch.Generator) -> dict:
+        raise NotImplementedError
+
+    def loss(self, batch: dict) -> StepOutput:
+        raise NotImplementedError
+
+    def after_step(self, batch: dict, out: StepOutput) -> None:
+        """Called after the optimizer step (the look-forward method trains its critic here)."""
+
+    def state_dict(self) -> dict:
+        """Extra state to save in last.pt (e.g. a critic and its optimizer)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+@torch.no_grad()
+def encode_images(vae, images: list[Image.Image], device, batch_size: int = 8) -> torch.Tensor:
+    """PIL images -> scaled latents, float32. The posterior mean, not a sample: deterministic, so a resumed
+    run sees the same latents and every method trains on the same x_0 for a given image."""
+    out = []
+    dtype = next(vae.parameters()).dtype
+    for i in range(0, len(images), batch_size):
+        x = torch.stack([to_tensor(im) for im in images[i:i + batch_size]]).to(device, dtype)
+        out.append(vae.encode_latents(x).float())
+    return torch.cat(out)
+
+
+def generated_images(trainer, folder: str, prompts: list[str], n: int, seed: int, desc: str
+                     ) -> tuple[list[Image.Image], list[int]]:
+    """n images of the base model per prompt, cached as PNGs in run/<folder>/; -> (images, prompt index).
+
+    Prompt p uses seed + p (tinyrpo.pipeline's seeding rule), so its images do not depend on which other
+    prompts are generated with it: the prompts are generated in groups that fill --gen-batch-size, each
+    group saved as soon as it is done, and an interrupted generation resumes at the first missing group.
+    The settings are in index.json; a cache made with other settings is regenerated.
+    """
+    cfg = trainer.cfg
+    root = trainer.out / folder
+    settings = {"prompts": prompts, "images_per_prompt": n, "seed": seed, "resolution": cfg.resolution,
+                "sample_steps": cfg.sample_steps, "guidance": cfg.guidance, "base": str(cfg.weights)}
+    index_path = root / "index.json"
+    done = {}
+    if index_path.exists():
+        index = json.loads(index_path.read_text())
+        if index.get("settings") == settings:
+            done = {int(p): files for p, files in index["files"].items()}
+    root.mkdir(parents=True, exist_ok=True)
+    names = [[f"{p:03d}_{k:02d}.png" for k in range(n)] for p in range(len(prompts))]
+    todo = [p for p in range(len(prompts)) if done.get(p) != names[p]
+            or not all((root / f).exists() for f in names[p])]
+    group = max(1, cfg.gen_batch_size // n)
+    for g in range(0, len(todo), group):
+        ps = todo[g:g + group]
+        with trainer.phase(folder), trainer.autocast():
+            # generate() seeds its k-th prompt with seed + k: pass seed + ps[0] and consecutive prompts only
+            runs = _consecutive(ps)
+            for run in runs:
+                images, _ = generate(trainer.sd, [prompts[p] for p in run], n=n, steps=cfg.sample_steps,
+                                     guidance=cfg.guidance, seed=seed + run[0], height=cfg.resolution,
+                                     width=cfg.resolution, batch_size=cfg.gen_batch_size, progress=True,
+                                     desc=f"{desc} {min(g + len(ps), len(todo))}/{len(todo)}")
+                for k, im in enumerate(to_pil(images)):
+                    p = run[k // n]
+                    im.save(root / names[p][k % n])
+        for p in ps:
+            done[p] = names[p]
+        atomic_write_json(index_path, {"settings": settings, "files": {str(p): f for p, f in sorted(done.items())}})
+    images = [load_rgb(root / f) for p in range(len(prompts)) for f in names[p]]
+    return images, [p for p in range(len(prompts)) for _ in range(n)]
+
+
+def _consecutive(ps: list[int]) -> list[list[int]]:
+    runs = []
+    for p in ps:
+        if runs and runs[-1][-1] == p - 1:
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    return runs

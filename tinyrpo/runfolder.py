@@ -1,0 +1,145 @@
+"""The run folder: what train.py writes, and the rules that keep it from being corrupted.
+
+    runs/<subject>/
+        config.json      every setting, resolved; written once the inputs are checked and the models loaded
+        .lock            held (flock) by the one process training into the folder
+        log.jsonl        one JSON record per step and per validation
+        last.pt          the resumable state, every --save-every steps, at the end and on Ctrl-C / SIGTERM
+        best.*           the chosen checkpoint
+        ...              each method's cached images (negatives/, class_images/), val/, summary.json
+
+Rules (each one a bug that was seen):
+- A command that fails before training starts writes nothing: no folder, no config.json.
+- A folder that holds a run is only ever continued with --resume, and only with settings that keep the
+  run meaningful (`RESUMABLE` lists the ones that may change); anything else is refused with the list of
+  differences.
+- One process at a time: the lock is an flock on `.lock`, which the kernel drops when the process dies,
+  so a crash never leaves a stale lock behind (the file stays, unlocked, and the next run takes it).
+- Every file is replaced atomically (temporary file, fsync, rename): a crash leaves the old version or
+  the new one, never half of one.
+"""
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from tinyrpo.errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; the lock then only guards against a live process (see acquire)
+    fcntl = None
+
+# Settings a resumed run may change: they decide how long it runs and how it reports, not what it learns.
+RESUMABLE = ("steps", "patience", "log_every", "save_every", "gen_batch_size", "compile", "device")
+
+
+def atomic_write_bytes(path, data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), 0o644)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_json(path, obj) -> Path:
+    return atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def read_json(path):
+    return json.loads(Path(path).read_text())
+
+
+def config_differences(old: dict, new: dict, allowed=RESUMABLE) -> tuple[list[str], list[str]]:
+    """(refused, allowed) differences between a run's config.json and the settings of a resume, as text."""
+    refused, ok = [], []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            line = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+            (ok if key in allowed else refused).append(line)
+    return refused, ok
+
+
+class RunLock:
+    """An exclusive lock on a run folder for the life of this process (or until release())."""
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / ".lock"
+        self.fd = None
+
+    def held_by_other(self) -> str | None:
+        """The holder's description if another live process holds the lock, else None. Writes nothing."""
+        if not self.path.exists():
+            return None
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            if fcntl is None:
+                return None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return self.path.read_text().strip() or "another process"
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = self.path.read_text().strip() or "another process"
+                os.close(fd)
+                raise UserError(f"{self.path.parent} is in use by {holder}; wait for it to finish "
+                                f"or train into another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"train.py, pid {os.getpid()}".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
+
+
+class JsonlLog:
+    """log.jsonl: appended record by record; on resume, cut back to the step the run resumes from."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def write(self, records: list[dict]) -> None:
+        with open(self.path, "a") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+            f.flush()
+
+    def records(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
+
+    def truncate(self, step: int) -> None:
+        """Drop the records written after `step` (they will be redone); a validation at `step` is kept."""
+        keep = [r for r in self.records() if r.get("step", 0) <= step]
+        atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in keep).encode())
+
+    def reset(self) -> None:
+        atomic_write_bytes(self.path, b"")
