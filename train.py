@@ -8,9 +8,11 @@ examples:
   python sample.py --ckpt runs/dog/best.pt --prompt "a sks dog on the beach"
 
 The run folder (--out, default runs/<subject>) gets config.json, the method's cached images, log.jsonl, a
-grid per validation (val/step_*.png), best.pt (the chosen checkpoint), last.pt and summary.json.
+grid per validation (val/step_*.png), best.pt (the chosen checkpoint), last.pt, summary.json and
+report.html (curves and grids; open it in a browser, rebuilt after every validation).
 --resume takes every setting from the run's config.json; of the flags given with it, only --steps,
---patience, --log-every, --save-every, --gen-batch-size, --compile and --device may differ from the run's.
+--patience, --log-every, --save-every, --gen-batch-size, --compile, --device and --log-with may differ
+from the run's.
 """
 import argparse
 import sys
@@ -90,6 +92,8 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     a("--gradient-checkpointing", action="store_true", default=False, help="trade compute for memory")
     a("--gen-batch-size", type=int, default=16, help="images per U-Net pass when generating (default: 16)")
     a("--log-every", type=int, default=10, help="write log.jsonl every N steps (default: 10)")
+    a("--log-with", default="none", choices=["none", "tensorboard"],
+      help="also send the log and the validation grids to TensorBoard (RUN/tensorboard) (default: none)")
     a("--save-every", type=int, default=200, help="write last.pt every N steps, and at the end (default: 200)")
     a("--resume", action="store_true", default=False, help="continue the run in --out from its last.pt")
     return p

@@ -53,7 +53,10 @@ def test_end_to_end(models, tmp_path, monkeypatch):
     subject = make_subject(tmp_path / "subject")
     out = tmp_path / "run"
     with pytest.warns(UserWarning, match="px"):  # 64-px synthetic photos are below the 256-px advice
-        assert train.main(base_args(models, subject, out, "--steps", "4", "--val-every", "2")) == 0
+        assert train.main(base_args(models, subject, out, "--steps", "4", "--val-every", "2",
+                                    "--log-with", "tensorboard")) == 0
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert "step 4" in (out / "report.html").read_text()
     for f in ["config.json", "log.jsonl", "best.pt", "last.pt", "summary.json", "rewards.json",
               "negatives/index.json", "val/step_00000.png", "val/step_00002.png", "val/step_00004.png"]:
         assert (out / f).exists(), f

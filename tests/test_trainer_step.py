@@ -15,6 +15,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from tests.test_train import RES, base_args, make_subject, models  # noqa: F401  (models is a fixture)
 from tinyrpo.data import to_tensor
+from tinyrpo.grids import grid_cells
 from tinyrpo.reward import score
 from tinyrpo.trainer import Trainer, TrainConfig
 
@@ -144,9 +145,8 @@ def test_validation_scores_the_policy(models, tmp_path):
     grid2 = Image.open(tr.out / "val" / "step_00002.png").convert("RGB")
     assert not np.array_equal(np.asarray(grid2), grid0)
     # the recorded reward is the fp32 reward of exactly the images in the grid
-    n, size = tr.cfg.val_images_per_prompt, RES
-    cells = [grid2.crop((c * size, r * size, (c + 1) * size, (r + 1) * size))
-             for r in range(len(tr.prompts)) for c in range(n)]
+    n = tr.cfg.val_images_per_prompt
+    cells = grid_cells(grid2, len(tr.prompts), n, (RES, RES))
     s = tr.reward(cells, [p for p in tr.prompts for _ in range(n)], tr.cfg.lambda_val)
     assert v2["reward"] == pytest.approx(s.reward.mean().item(), rel=1e-6)
     assert v2["reward"] != pytest.approx(v0["reward"], rel=1e-6)
@@ -158,8 +158,7 @@ def test_validation_reward_is_fp32_under_bf16(models, tmp_path):
     tr = make_trainer(models, subject, tmp_path / "run", "--precision", "bf16")
     v = tr.validate(0)
     grid = Image.open(tr.out / "val" / "step_00000.png").convert("RGB")
-    n, size = tr.cfg.val_images_per_prompt, RES
-    cells = [grid.crop((c * size, r * size, (c + 1) * size, (r + 1) * size))
-             for r in range(len(tr.prompts)) for c in range(n)]
+    n = tr.cfg.val_images_per_prompt
+    cells = grid_cells(grid, len(tr.prompts), n, (RES, RES))
     s = score(tr.scorer, cells, [p for p in tr.prompts for _ in range(n)], tr.ref_embs, "sks", tr.cfg.lambda_val)
     assert v["reward"] == pytest.approx(s.reward.mean().item(), rel=1e-6)

@@ -29,9 +29,12 @@ from tinyrpo.data import Subject, load_subject
 from tinyrpo.download import DEFAULT_REWARD_CLIP, DEFAULT_SD
 from tinyrpo.errors import UserError
 from tinyrpo.methods import METHODS
-from tinyrpo.pipeline import generate, image_grid, resolve_device, to_pil
+from tinyrpo.grids import labelled_grid
+from tinyrpo.pipeline import generate, resolve_device, to_pil
+from tinyrpo.report import write_report
 from tinyrpo.reward import CLIPScorer, Scores, score
 from tinyrpo.rpo import REWARDS
+from tinyrpo.tracking import LOG_WITH, Tracker, make_tracker
 from tinyrpo.runfolder import RESUMABLE, JsonlLog, RunLock, atomic_write_json, config_differences, read_json
 from tinyrpo.weights import load_clip, load_sd
 
@@ -71,6 +74,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     gen_batch_size: int = 16               # images per U-Net pass when generating (×2 for guidance)
     log_every: int = 10
+    log_with: str = "none"                 # also send the log to: none, tensorboard
     resume: bool = False
     options: dict = field(default_factory=dict)  # the method's own settings (its Options dataclass)
 
@@ -97,6 +101,7 @@ class TrainConfig:
         need(0 <= self.seed <= MAX_SEED, f"--seed must be between 0 and {MAX_SEED} (got {self.seed})")
         need(self.precision in ("auto", "bf16", "fp16", "fp32"),
              f"--precision must be bf16, fp16, fp32 or auto (got {self.precision})")
+        need(self.log_with in LOG_WITH, f"--log-with must be one of {', '.join(LOG_WITH)} (got {self.log_with!r})")
         need(self.log_every >= 1, f"--log-every must be at least 1 (got {self.log_every})")
         need(self.gen_batch_size >= 1, f"--gen-batch-size must be at least 1 (got {self.gen_batch_size})")
 
@@ -168,6 +173,7 @@ class Trainer:
         self.out = Path(cfg.out or Path("runs") / Path(cfg.subject).name)
         self.lock = RunLock(self.out)
         self.stop_signal, self.saved_step = None, None
+        self.tracker = Tracker()  # --log-with's, once the run starts
 
     def phase(self, name):
         trainer = self
@@ -312,9 +318,10 @@ class Trainer:
             s = self.reward(pils, prompts, cfg.lambda_val)
         self.policy.train()
         self.sd.text_encoder.train(self.train_text_encoder)
-        grid = image_grid(pils, rows=len(self.prompts), cols=cfg.val_images_per_prompt)
+        grid = labelled_grid(pils, self.prompts, cfg.val_images_per_prompt)  # each row labelled by its prompt
         (self.out / "val").mkdir(exist_ok=True)
         grid.save(self.out / "val" / f"step_{step:05d}.png")
+        self.tracker.log_images(step, {"val/grid": grid})
         return {"step": step, "val": True, **s.mean()}
 
     # ---------------------------------------------------------------- checkpoints
@@ -393,6 +400,7 @@ class Trainer:
                     else "the images generated so far are kept")
             raise TrainingInterrupted(f"interrupted; {kept}. Continue with: {self.resume_command()}") from None
         finally:
+            self.tracker.close()
             self.lock.release()
 
     def _run(self, t_start) -> dict:
@@ -408,11 +416,13 @@ class Trainer:
         # One generator draws everything random in the loop, on the CPU, so a resumed run continues exactly.
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.best, self.bad_vals, self.saved_step = None, 0, None
-        log = JsonlLog(self.out / "log.jsonl")
+        log = Log(self.out / "log.jsonl")
         start = 0
         if (self.out / "last.pt").exists():
             start = self.load_last()
             log.truncate(start)
+        self.tracker = log.tracker = make_tracker(cfg.log_with, self.out, resume_step=start if start else None)
+        if start:
             best = f"best so far: step {self.best['step']}, reward {self.best['reward']:.4f}" if self.best else ""
             print(f"resuming {self.out} at step {start} ({best})")
         else:
@@ -420,6 +430,7 @@ class Trainer:
             v = self.validate(0)
             log.write([v])
             self.after_validation(v)
+            self.write_report()
 
         pending = []  # per-step values stay on the device until the next log flush (no host sync per step)
         stopped_early, step = False, start
@@ -444,6 +455,7 @@ class Trainer:
                     v = self.validate(step)
                     log.write([v])
                     stop = self.after_validation(v)
+                    self.write_report()
                     bar.set_postfix(loss=f"{records[-1]['loss']:.4f}", reward=f"{v['reward']:.4f}",
                                     best=f"{self.best['reward']:.4f}@{self.best['step']}")
                 if step % cfg.save_every == 0 or step == cfg.steps or stop or self.stop_signal is not None:
@@ -471,7 +483,26 @@ class Trainer:
                    "seconds": {k: round(v, 2) for k, v in self.times.items()},
                    "best_ckpt": str(self.out / "best.pt")}
         atomic_write_json(self.out / "summary.json", summary)
+        self.write_report()
         return summary
+
+    def write_report(self):
+        """report.html, rebuilt from the run folder; a failure to draw it must not end a training run."""
+        try:
+            write_report(self.out)
+        except Exception as e:  # noqa: BLE001 (the report is a view of the run, never the run)
+            tqdm.write(f"warning: could not write {self.out / 'report.html'} ({type(e).__name__}: {e})")
+
+
+class Log(JsonlLog):
+    """log.jsonl, and the same records sent to the --log-with tracker."""
+
+    tracker = None
+
+    def write(self, records: list[dict]) -> None:
+        super().write(records)
+        if self.tracker is not None:
+            self.tracker.log_records(records)
 
 
 def _need(ok, msg):
