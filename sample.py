@@ -1,14 +1,17 @@
 """Generate images with Stable Diffusion v1, optionally with a U-Net fine-tuned by train.py.
 
     python sample.py --prompt "a photo of a dog on the beach"                     # base SD v1.5, 4 images
-    python sample.py --ckpt runs/dog/best.pt --prompt "a sks dog in the snow" --n 8
+    python sample.py --ckpt runs/dog/best.safetensors --prompt "a sks dog in the snow" --n 8
+    python sample.py --lora my_style.safetensors --lora-scale 0.8 --prompt "a castle"  # a kohya/diffusers LoRA
+    python sample.py --weights runs/dog/dog.safetensors --prompt "a sks dog"       # an exported single file
     python sample.py --prompt "a cat" --prompt "a sks dog" --negative-prompt "blurry" --seed 7
     python sample.py --prompt "a castle" --scheduler ddpm --steps 100 --out samples/ddpm
     python sample.py --prompt "a dog" --device cpu --steps 10 --height 256 --width 256  # a quick CPU run
 
 Each run writes into a new numbered folder (samples/0000/, samples/0001/, ...; --overwrite writes straight
 into --out instead): one PNG per image, one grid per prompt and settings.json. Every PNG carries the
-settings as text metadata, e.g. `python -c "from PIL import Image; print(Image.open('x.png').text)"`.
+settings as text metadata, e.g. `python -c "from PIL import Image; print(Image.open('x.png').text)"`, among
+them `parameters` in AUTOMATIC1111's format (its "PNG Info" tab and civitai read it; tinyrpo/infotext.py).
 Seeds: prompt p uses --seed + p, and image k of it equals image k of diffusers' StableDiffusionPipeline
 called with that prompt, num_images_per_prompt=--n and torch.Generator().manual_seed(--seed + p).
 """
@@ -21,10 +24,12 @@ import torch
 from PIL.PngImagePlugin import PngInfo
 
 from tinyrpo.cli import HelpFormatter
-from tinyrpo.checkpoint import apply_checkpoint, load_checkpoint
+from tinyrpo.checkpoint import BEST, apply_checkpoint, load_checkpoint
 from tinyrpo.download import DEFAULT_SD
 from tinyrpo.errors import UserError, run_cli
 from tinyrpo.identify import checkpoint_mixup
+from tinyrpo.infotext import infotext, lora_hash, model_hash, model_name
+from tinyrpo.lora_files import apply_lora, tinyrpo_lora_meta
 from tinyrpo.pipeline import check_args, check_seed, generate, image_grid, resolve_device, to_pil
 from tinyrpo.weights import load_sd
 
@@ -40,8 +45,13 @@ def parse_args(argv=None):
     p.add_argument("--weights", default=None,
                    help=f"base SD v1 weights: a diffusers folder or a single .safetensors/.ckpt file "
                         f"(default: the checkpoint's recorded base with --ckpt, else {DEFAULT_SD})")
-    p.add_argument("--ckpt", default=None, help="a fine-tuned U-Net checkpoint written by train.py (default: none, "
-                                                 "the base model)")
+    p.add_argument("--ckpt", default=None, help=f"a checkpoint written by train.py: {BEST}, a fine-tuned U-Net or a "
+                                                "LoRA (best.pt of older runs too; default: none, the base model)")
+    p.add_argument("--lora", default=None, help="a LoRA file of an SD v1 model to merge in: kohya / A1111 / civitai "
+                                                "(lora_unet_*), diffusers (lora_A/lora_B), or tinyrpo's own LoRA "
+                                                "checkpoint (or its export)")
+    p.add_argument("--lora-scale", type=float, default=1.0,
+                   help="strength of the LoRA (--lora, or a LoRA --ckpt): 0 = base model, 1 = as trained")
     p.add_argument("--steps", type=int, default=50, help="denoising steps")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--scheduler", choices=["ddim", "ddpm"], default="ddim", help="sampler")
@@ -89,6 +99,26 @@ def png_info(settings: dict) -> PngInfo:
     return info
 
 
+def a1111_params(args, weights, ckpt_meta) -> dict:
+    """AUTOMATIC1111's generation parameters (tinyrpo/infotext.py) of this run, but for the seed.
+
+    Model / Model hash name the checkpoint file A1111 would load: the base weights, or, for a whole fine-tuned
+    U-Net, the run (`python -m tinyrpo.export RUN` writes it as RUN.safetensors; its hash is not known before).
+    LoRAs are listed in "Lora hashes" ("name: hash"), as A1111 does.
+    """
+    full_ckpt = ckpt_meta is not None and ckpt_meta["content"] == "unet"
+    loras = []
+    if ckpt_meta is not None and ckpt_meta["content"] == "lora":
+        loras.append(f"{Path(args.ckpt).resolve().parent.name}: {lora_hash(args.ckpt)}")
+    if args.lora is not None:
+        loras.append(f"{Path(args.lora).stem}: {lora_hash(args.lora)}")
+    return {"Steps": args.steps, "Sampler": args.scheduler.upper(), "CFG scale": args.guidance, "Seed": None,
+            "Size": f"{args.width}x{args.height}", "Model hash": None if full_ckpt else model_hash(weights),
+            "Model": Path(args.ckpt).resolve().parent.name if full_ckpt else model_name(weights),
+            "Eta DDIM": args.eta if args.scheduler == "ddim" and args.eta != 0 else None,
+            "Lora hashes": ", ".join(loras) or None}
+
+
 def main(argv=None):
     args = parse_args(argv)
     # Everything but the VAE's downsampling factor can be checked before the (slow) weight loading.
@@ -97,16 +127,24 @@ def main(argv=None):
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.float16 if device.type == "cuda" else torch.float32)
 
-    weights = args.weights
+    weights, ckpt_meta = args.weights, None
     if args.ckpt is not None:
         if mixup := checkpoint_mixup(args.ckpt):
             raise UserError(mixup)
-        _, meta = load_checkpoint(args.ckpt)  # fails early on a bad file; memory-mapped, so cheap
-        weights = weights or meta.get("base")
+        _, ckpt_meta = load_checkpoint(args.ckpt)  # fails early on a bad file
+        weights = weights or ckpt_meta.get("base")
+    ckpt_is_lora = ckpt_meta is not None and ckpt_meta["content"] == "lora"
+    if args.lora_scale != 1.0 and args.lora is None and not ckpt_is_lora:
+        raise UserError("--lora-scale sets the strength of a LoRA; pass --lora FILE (or a LoRA --ckpt)")
+    if args.lora is not None and weights is None:
+        weights = (tinyrpo_lora_meta(args.lora) or {}).get("base")  # a tinyrpo LoRA names its base
     weights = weights or DEFAULT_SD
     sd = load_sd(weights, device, dtype)
     if args.ckpt is not None:
-        apply_checkpoint(sd, args.ckpt)
+        # --lora-scale goes to --lora when there is one, else to a LoRA checkpoint
+        apply_checkpoint(sd, args.ckpt, args.lora_scale if ckpt_is_lora and args.lora is None else 1.0)
+    if args.lora is not None:
+        apply_lora(sd, args.lora, args.lora_scale)
     unet = torch.compile(sd.unet) if args.compile else None
 
     images, records = generate(sd, args.prompt, negative_prompt=args.negative_prompt, n=args.n, steps=args.steps,
@@ -117,7 +155,9 @@ def main(argv=None):
     folder = run_folder(Path(args.out), args.overwrite)
     common = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
                   scheduler=args.scheduler, eta=args.eta, height=args.height, width=args.width, n=args.n,
-                  weights=str(weights), ckpt=args.ckpt, dtype=str(dtype).removeprefix("torch."), device=str(device))
+                  weights=str(weights), ckpt=args.ckpt, lora=args.lora, lora_scale=args.lora_scale,
+                  dtype=str(dtype).removeprefix("torch."), device=str(device))
+    a1111 = a1111_params(args, weights, ckpt_meta)
     pils = to_pil(images)
     written, index = [], []
     for p, prompt in enumerate(args.prompt):
@@ -125,12 +165,15 @@ def main(argv=None):
         for k in range(args.n):
             i, r = p * args.n + k, records[p * args.n + k]
             path = folder / f"{stem}-{k:02d}.png"
-            pils[i].save(path, pnginfo=png_info({"prompt": r.prompt, "seed": r.seed, "index": r.index, **common}))
+            parameters = infotext(r.prompt, args.negative_prompt, {**a1111, "Seed": r.seed})
+            pils[i].save(path, pnginfo=png_info({"parameters": parameters, "prompt": r.prompt, "seed": r.seed,
+                                                 "index": r.index, **common}))
             written.append(path)
             index.append({"file": path.name, **vars(r)})
         path = folder / f"{stem}-grid.png"
+        parameters = infotext(prompt, args.negative_prompt, {**a1111, "Seed": args.seed + p})
         image_grid(pils[p * args.n:(p + 1) * args.n]).save(
-            path, pnginfo=png_info({"prompt": prompt, "seed": args.seed + p, **common}))
+            path, pnginfo=png_info({"parameters": parameters, "prompt": prompt, "seed": args.seed + p, **common}))
         written.append(path)
     (folder / "settings.json").write_text(json.dumps({**vars(args), **common, "images": index}, indent=2) + "\n")
     for path in written:

@@ -24,8 +24,7 @@ from tinyrpo.schedulers import SchedulerConfig, make_betas
 from tinyrpo.tokenizer import CLIPTokenizer
 from tinyrpo.unet import UNet, UNetConfig
 from tinyrpo.vae import AutoencoderKL, VAEConfig
-from tinyrpo.layouts import (DINO_HF, DINO_ORIGINAL, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, Renames,
-                             compvis_unet_table, compvis_vae_table, expand)
+from tinyrpo.layouts import DINO_HF, DINO_ORIGINAL, Renames, compvis_single_file, expand
 
 # Two levels each; the U-Net attends on level 0 only (as SD v1 attends on all levels but the last). The
 # sample sizes keep SD v1.5's values (informational here), which is also what a config-less single file reads as.
@@ -113,33 +112,11 @@ def _tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer.from_bpe_gz()
 
 
-def schedule_buffers(n: int = 1000) -> dict:
-    """The noise-schedule buffers LatentDiffusion saves into every single file (loaders ignore them)."""
-    betas = make_betas(SchedulerConfig(num_train_timesteps=n))
-    a = torch.cumprod(1 - betas, 0)
-    a_prev = torch.cat([torch.ones(1), a[:-1]])
-    var = betas * (1 - a_prev) / (1 - a)
-    return {"betas": betas, "alphas_cumprod": a, "alphas_cumprod_prev": a_prev, "sqrt_alphas_cumprod": a.sqrt(),
-            "sqrt_one_minus_alphas_cumprod": (1 - a).sqrt(), "log_one_minus_alphas_cumprod": (1 - a).log(),
-            "sqrt_recip_alphas_cumprod": (1 / a).sqrt(), "sqrt_recipm1_alphas_cumprod": (1 / a - 1).sqrt(),
-            "posterior_variance": var, "posterior_log_variance_clipped": var.clamp_min(1e-20).log(),
-            "posterior_mean_coef1": betas * a_prev.sqrt() / (1 - a),
-            "posterior_mean_coef2": (1 - a_prev) * (1 - betas).sqrt() / (1 - a)}
-
-
 def to_compvis(unet: UNet, vae: AutoencoderKL, text: CLIPTextModel) -> dict:
-    """The three networks as one CompVis-layout state dict, by running weights.py's tables backwards
+    """The three networks as one CompVis-layout state dict, by running the loader's tables backwards
     (tests/test_weights.py checks the result against diffusers' own converter)."""
-    unet_names, vae_names = Renames(compvis_unet_table(unet.cfg)), Renames(compvis_vae_table(vae.cfg))
-    state = {UNET_PREFIX + unet_names.file_name(k): t for k, t in unet.state_dict().items()}
-    for k, t in vae.state_dict().items():
-        if ".mid_block.attentions.0.to_" in k and k.endswith("weight"):
-            t = t[:, :, None, None]  # CompVis: 1x1 convs
-        state[VAE_PREFIX + vae_names.file_name(k)] = t
-    state.update({TEXT_PREFIX + k: t for k, t in text.state_dict().items()})
-    state[TEXT_PREFIX + "text_model.embeddings.position_ids"] = torch.arange(text.config.max_position_embeddings)[None]
-    state.update(schedule_buffers())
-    return state
+    return compvis_single_file(unet.state_dict(), unet.cfg, vae.state_dict(), vae.cfg, text.state_dict(),
+                               make_betas(SchedulerConfig()))
 
 
 def make_tiny_sd(dest, layout: str = "diffusers", fp16: bool = False, seed: int = 0,

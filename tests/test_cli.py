@@ -72,7 +72,7 @@ def test_help_has_no_wrong_defaults_and_examples_on_lines(script):
     options = re.split(r"\s(?=--[a-z])", r.stdout.split("options:")[1].split("examples:")[0])
     assert all(o.count("default") <= 1 for o in options), [o for o in options if o.count("default") > 1]
     examples = [line.strip() for line in r.stdout.splitlines() if line.strip().startswith("python sample.py")]
-    assert len(examples) == 5 and all(shlex.split(e.split("#")[0])[:2] == ["python", "sample.py"] for e in examples)
+    assert len(examples) == 7 and all(shlex.split(e.split("#")[0])[:2] == ["python", "sample.py"] for e in examples)
 
 
 def command_in(message: str) -> list[str]:

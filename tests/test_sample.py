@@ -4,6 +4,9 @@ plus the checkpoint format and sample.py's handling of bad input. Tiny SD v1 wei
 The oracle reads the tiny model from its diffusers folder; tinyrpo reads the same weights from that folder
 and from the single-file (CompVis) layout. Images are compared as the PNGs sample.py wrote, read back.
 """
+import copy
+import hashlib
+import json
 import subprocess
 import sys
 from functools import lru_cache
@@ -13,11 +16,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 import sample
 from tests.fixtures import make_tiny_sd
-from tinyrpo.checkpoint import FORMAT, apply_checkpoint, load_checkpoint, save_checkpoint
+from tests.util import parse_a1111
+from tinyrpo import checkpoint
+from tinyrpo.checkpoint import BEST, FORMAT, apply_checkpoint, load_checkpoint, save_checkpoint
 from tinyrpo.errors import UserError, run_cli
+from tinyrpo.infotext import lora_hash, model_hash
+from tinyrpo.lora import add_lora, lora_config, lora_state_dict, set_lora_scale
 from tinyrpo.pipeline import generate, to_pil, to_uint8
 from tinyrpo.weights import load_sd
 
@@ -159,6 +168,10 @@ def test_png_metadata_and_no_overwrite(weights, tmp_path):
     assert (tmp_path / "0000" / "settings.json").is_file()
 
     text = Image.open(first[1]).text
+    assert parse_a1111(text["parameters"]) == {  # AUTOMATIC1111's format, parsed by A1111's rules
+        "Prompt": "a dog", "Negative prompt": NEG, "Steps": "1", "Sampler": "DDPM", "CFG scale": "7.5", "Seed": "11",
+        "Size": f"{SIZE}x{SIZE}", "Model hash": hashlib.sha256(weights["single"].read_bytes()).hexdigest()[:10],
+        "Model": "tiny-sd-v1"}
     assert text["prompt"] == "a dog" and text["negative_prompt"] == NEG and text["seed"] == "11"
     assert text["index"] == "1" and text["steps"] == "1" and text["scheduler"] == "ddpm"
     assert text["guidance"] == "7.5" and text["eta"] == "0.0"
@@ -183,29 +196,46 @@ def meta_of(sd, **kw) -> dict:
 
 
 def test_checkpoint_round_trip(weights, tmp_path):
+    """best.safetensors: the tensors in float32, the meta in the safetensors header as strings (safe_open, the
+    reference reader, shows them), and back with their types; a version-1 best.pt still loads."""
     sd = load_sd(weights["diffusers"])
     state = {k: v.half() for k, v in finetuned(sd).items()}
-    path = save_checkpoint(tmp_path / "ckpts" / "best.pt", state, meta_of(sd))
-    assert [p.name for p in path.parent.iterdir()] == ["best.pt"]  # no temporary file left behind
-    raw = torch.load(path, weights_only=True)
-    assert raw["format"] == FORMAT and raw["version"] == 1
+    path = save_checkpoint(tmp_path / "ckpts" / BEST, state, meta_of(sd, class_noun="007"))
+    assert [p.name for p in path.parent.iterdir()] == [BEST]  # no temporary file left behind
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata()
+        assert set(f.keys()) == set(state) and f.get_tensor("conv_in.weight").dtype == torch.float32
+    assert header["tinyrpo.format"] == FORMAT and header["tinyrpo.version"] == "2"
+    assert header["tinyrpo.content"] == "unet" and header["format"] == "pt"
+    assert header["base"] == sd.source and header["token"] == "sks" and header["step"] == "400"
+    assert json.loads(header["config"]) == {"lr": 5e-6, "out": "runs/x", "betas": [0.9, 0.999]}
     got, meta = load_checkpoint(path)
     assert all(got[k].dtype == torch.float32 and torch.equal(got[k], v.float()) for k, v in state.items())
-    assert meta["config"] == {"lr": 5e-6, "out": "runs/x", "betas": [0.9, 0.999]} and meta["step"] == 400
+    assert meta["config"] == {"lr": 5e-6, "out": "runs/x", "betas": [0.9, 0.999]}
+    assert meta["step"] == 400 and meta["reward"] == 0.5 and meta["class_noun"] == "007"  # "007" stays a string
+    assert meta["content"] == "unet" and meta["base_fingerprint"] == sd.fingerprint
+
+    legacy = save_checkpoint(tmp_path / "best.pt", state, meta_of(sd))  # version 1, as train.py wrote before
+    raw = torch.load(legacy, weights_only=True)
+    assert raw["format"] == FORMAT and raw["version"] == 1
+    got, meta = load_checkpoint(legacy)
+    assert all(torch.equal(got[k], v.float()) for k, v in state.items()) and meta["step"] == 400
 
 
-def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
-    path = tmp_path / "best.pt"
+@pytest.mark.parametrize("name", [BEST, "best.pt"])
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch, name):
+    path = tmp_path / name
     save_checkpoint(path, {"w": torch.ones(3)}, {"step": 1})
 
     def dies_midway(obj, f, *a, **kw):
-        f.write(b"PK\x03\x04 half a checkpoint")
+        Path(f).write_bytes(b"PK\x03\x04 half a checkpoint")
         raise KeyboardInterrupt  # Ctrl-C (or a crash) while writing
 
     monkeypatch.setattr(torch, "save", dies_midway)
+    monkeypatch.setattr(checkpoint, "save_file", dies_midway)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(path, {"w": torch.zeros(3)}, {"step": 2})
-    assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]  # no partial file, no temporary left
+    assert [p.name for p in tmp_path.iterdir()] == [name]  # no partial file, no temporary left
     state, meta = load_checkpoint(path)  # the previous checkpoint is intact
     assert meta["step"] == 1 and torch.equal(state["w"], torch.ones(3))
 
@@ -214,7 +244,7 @@ def test_sample_with_checkpoint(weights, tmp_path):
     """--ckpt loads the fine-tuned U-Net; without --weights the checkpoint's recorded base is used."""
     sd = load_sd(weights["single"])
     state = finetuned(sd)
-    ckpt = save_checkpoint(tmp_path / "best.pt", state, meta_of(sd))
+    ckpt = save_checkpoint(tmp_path / "dog" / BEST, state, meta_of(sd))
     args = ["--prompt", PROMPTS[0], "--steps", 2, "--n", 1, "--height", SIZE, "--width", SIZE, "--device", "cpu"]
     paths = run_sample("--ckpt", ckpt, "--out", tmp_path / "a", *args)
     base = run_sample("--weights", weights["single"], "--out", tmp_path / "b", *args)
@@ -223,18 +253,53 @@ def test_sample_with_checkpoint(weights, tmp_path):
     want, _ = generate(sd, PROMPTS[0], n=1, steps=2, height=SIZE, width=SIZE, progress=False)
     assert_same_pixels(read_pngs(paths[:1]), to_uint8(want))
     assert np.abs(read_pngs(paths[:1]).astype(int) - read_pngs(base[:1])).max() > 10  # the fine-tuning shows
-    assert Image.open(paths[0]).text["ckpt"] == str(ckpt)
+    text = Image.open(paths[0]).text
+    assert text["ckpt"] == str(ckpt)
+    params = parse_a1111(text["parameters"])  # the run's name, no hash: its exported file is not made yet
+    assert params["Model"] == "dog" and "Model hash" not in params
 
-    # The other layout of the same base is the same base.
+    # The other layout of the same base is the same base; a version-1 best.pt of the same U-Net is the same.
     other_layout = load_sd(weights["diffusers"])
     assert apply_checkpoint(other_layout, ckpt)["token"] == "sks"
+    legacy = load_sd(weights["diffusers"])
+    apply_checkpoint(legacy, save_checkpoint(tmp_path / "best.pt", state, meta_of(sd)))
+    assert all(torch.equal(a, b) for a, b in zip(legacy.unet.state_dict().values(),
+                                                 other_layout.unet.state_dict().values()))
+
+
+def lora_checkpoint(sd, path, scale=0.3, seed=0):
+    """A LoRA checkpoint as train.py writes it (rank 4, α 2, random A and B), and the adapted U-Net (unmerged)."""
+    unet = copy.deepcopy(sd.unet)
+    add_lora(unet, 4, alpha=2.0)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in lora_state_dict(unet).values():
+            t.copy_(torch.randn(t.shape, generator=g) * scale)
+    return save_checkpoint(path, lora_state_dict(unet), meta_of(sd), lora=lora_config(unet)), unet
+
+
+def test_sample_with_lora_checkpoint(weights, tmp_path):
+    """--ckpt with a LoRA checkpoint merges the adapters, --lora-scale scaling them: the images equal the
+    unmerged adapted U-Net's (tinyrpo.lora's forward, eq. 3)."""
+    sd = load_sd(weights["single"])
+    ckpt, adapted = lora_checkpoint(sd, tmp_path / "dog" / BEST)
+    args = ["--prompt", PROMPTS[0], "--steps", 2, "--n", 1, "--height", SIZE, "--width", SIZE, "--device", "cpu"]
+    paths = run_sample("--ckpt", ckpt, "--lora-scale", 0.5, "--out", tmp_path / "a", *args)
+    set_lora_scale(adapted, 0.5)
+    want, _ = generate(sd, PROMPTS[0], n=1, steps=2, height=SIZE, width=SIZE, progress=False, unet=adapted)
+    assert_same_pixels(read_pngs(paths[:1]), to_uint8(want))
+    base, _ = generate(sd, PROMPTS[0], n=1, steps=2, height=SIZE, width=SIZE, progress=False)
+    assert np.abs(to_uint8(want).astype(int) - to_uint8(base)).max() > 10  # the LoRA shows
+    params = parse_a1111(Image.open(paths[0]).text["parameters"])
+    assert params["Model"] == "tiny-sd-v1" and params["Model hash"] == model_hash(weights["single"])
+    assert params["Lora hashes"] == f"dog: {lora_hash(ckpt)}"
 
 
 def test_apply_checkpoint_checks_shapes(weights, tmp_path):
     sd = load_sd(weights["single"])
     state = sd.unet.state_dict()
     state["conv_in.weight"] = state["conv_in.weight"][:, :3]
-    ckpt = save_checkpoint(tmp_path / "bad.pt", state, meta_of(sd))
+    ckpt = save_checkpoint(tmp_path / BEST, state, meta_of(sd))
     with pytest.raises(UserError, match=r"does not fit.*conv_in\.weight"):
         apply_checkpoint(sd, ckpt)
 
@@ -255,12 +320,23 @@ def cli_error(capsys, *args) -> str:
 def bad_ckpts(weights, tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpts")
     other = load_sd(weights["other"])
-    ckpt = save_checkpoint(root / "other.pt", other.unet.state_dict(), meta_of(other))
-    corrupt = root / "corrupt.pt"
+    ckpt = save_checkpoint(root / "other" / BEST, other.unet.state_dict(), meta_of(other))
+    corrupt = root / "corrupt.safetensors"
     corrupt.write_bytes(ckpt.read_bytes()[:1000])  # truncated mid-write
+    legacy = save_checkpoint(root / "best.pt", other.unet.state_dict(), meta_of(other))
+    corrupt_pt = root / "corrupt.pt"
+    corrupt_pt.write_bytes(legacy.read_bytes()[:1000])
     foreign = root / "foreign.pt"
     torch.save({"state_dict": {"w": torch.ones(1)}}, foreign)
-    return {"other": ckpt, "corrupt": corrupt, "foreign": foreign}
+    foreign_st = root / "foreign.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.ones(1, 2)}, foreign_st)
+    resumable = root / "state.pt"  # train.py's last.pt, under another name
+    torch.save({"unet": {"w": torch.ones(1)}, "optimizer": {}, "rng": torch.zeros(4, dtype=torch.uint8)}, resumable)
+    (root / "run").mkdir()
+    last = root / "run" / "last.pt"
+    last.write_bytes(resumable.read_bytes())
+    return {"other": ckpt, "corrupt": corrupt, "corrupt_pt": corrupt_pt, "foreign": foreign,
+            "foreign_st": foreign_st, "resumable": resumable, "last": last}
 
 
 @pytest.mark.parametrize("case,args,expect", [
@@ -272,8 +348,13 @@ def bad_ckpts(weights, tmp_path_factory):
     ("eta > 1", ["--eta", 1.5], "--eta must be in [0, 1]"),
     ("missing ckpt", ["--ckpt", "nowhere/best.pt"], "checkpoint nowhere/best.pt not found"),
     ("corrupt ckpt", ["--ckpt", "corrupt"], "truncated, corrupt"),
+    ("corrupt best.pt", ["--ckpt", "corrupt_pt"], "truncated, corrupt"),
     ("foreign ckpt", ["--ckpt", "foreign"], "not a tinyrpo checkpoint"),
+    ("a LoRA as ckpt", ["--ckpt", "foreign_st"], "is a LoRA (weight deltas for a base model), not a checkpoint"),
+    ("last.pt", ["--ckpt", "last"], "last.pt is train.py's resumable state"),
+    ("resumable state", ["--ckpt", "resumable"], "resumable state (weights, optimizer, RNG: for train.py --resume)"),
     ("other base", ["--ckpt", "other"], "was trained from"),
+    ("lora scale alone", ["--lora-scale", 0.5], "--lora-scale sets the strength of a LoRA"),
 ])
 def test_bad_input(weights, bad_ckpts, capsys, tmp_path, case, args, expect):
     args = [bad_ckpts.get(a, a) for a in args]
@@ -282,6 +363,8 @@ def test_bad_input(weights, bad_ckpts, capsys, tmp_path, case, args, expect):
     assert expect in err, err
     if case == "other base":
         assert f"pass --weights {weights['other']}" in err
+    if case in ("last.pt", "resumable state"):
+        assert f"pass {Path(args[1]).with_name(BEST)}" in err
     assert not any(tmp_path.iterdir())  # nothing written
 
 

@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import sample
 from tests.fixtures import make_tiny_clip, make_tiny_dino, make_tiny_sd
 from tinyrpo import evaluate
-from tinyrpo.checkpoint import load_checkpoint, save_checkpoint
+from tinyrpo.checkpoint import BEST, load_checkpoint, save_checkpoint
 from tinyrpo.errors import run_cli
+from tinyrpo.lora_files import read_lora
 from tinyrpo.weights import load_clip, load_dino, load_sd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,9 +29,13 @@ def paths(tmp_path_factory):
     sd = make_tiny_sd(root / "sd")
     single = make_tiny_sd(root / "single", layout="single")
     base = load_sd(sd)
-    ckpt = save_checkpoint(root / "run" / "best.pt", base.unet.state_dict(),
-                           {"base": str(sd), "base_fingerprint": base.fingerprint, "token": "sks",
-                            "class_noun": "toy", "live": False})
+    meta = {"base": str(sd), "base_fingerprint": base.fingerprint, "token": "sks", "class_noun": "toy", "live": False}
+    ckpt = save_checkpoint(root / "run" / BEST, base.unet.state_dict(), meta)
+    legacy = save_checkpoint(root / "old_run" / "best.pt", base.unet.state_dict(), meta)
+    lora = root / "style_lora.safetensors"  # a kohya LoRA of one layer
+    layer = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q"
+    save_file({f"{layer}.lora_down.weight": torch.ones(2, 64), f"{layer}.lora_up.weight": torch.ones(64, 2)}, lora)
+    LOADERS["--lora"] = lambda path: read_lora(path, base)
     subject = root / "refs" / "toy"
     subject.mkdir(parents=True)
     from tests.test_data import photos
@@ -37,8 +43,8 @@ def paths(tmp_path_factory):
     return {"sd": sd, "single": single, "single_folder": single.parent, "unet": sd / "unet",
             "text_encoder": sd / "text_encoder", "clip": make_tiny_clip(root / "clip"),
             "clip_file": root / "clip" / "model.safetensors", "dino": make_tiny_dino(root / "dino"),
-            "dino_pth": make_tiny_dino(root / "dino_orig", layout="original"), "ckpt": ckpt, "subject": subject,
-            "out": root / "out"}
+            "dino_pth": make_tiny_dino(root / "dino_orig", layout="original"), "ckpt": ckpt, "legacy": legacy,
+            "lora": lora, "subject": subject, "out": root / "out"}
 
 
 def cli_error(capsys, main, args) -> str:
@@ -83,6 +89,9 @@ def evaluate_args(paths, **over):
     ("dino", "--weights", ["ViT folder", "--dino"]),
     ("dino_pth", "--weights", ["ViT", "--dino"]),
     ("ckpt", "--weights", ["checkpoint written by train.py", "--ckpt"]),
+    ("legacy", "--weights", ["checkpoint written by train.py", "--ckpt"]),
+    ("lora", "--weights", ["is a LoRA", "--lora"]),
+    ("lora", "--ckpt", ["is a LoRA", "--lora"]),
     ("unet", "--weights", ["unet/ of a diffusers SD folder"]),
     ("text_encoder", "--weights", ["text_encoder/ of a diffusers SD folder"]),
     ("single_folder", "--weights", ["single-file checkpoint tiny-sd-v1.safetensors"]),
@@ -145,3 +154,4 @@ def test_the_right_paths_still_load(paths):
     """The checks must not refuse what each flag takes."""
     load_sd(paths["sd"]), load_sd(paths["single"]), load_clip(paths["clip"]), load_clip(paths["clip_file"])
     load_dino(paths["dino"]), load_dino(paths["dino_pth"]), load_checkpoint(paths["ckpt"])
+    load_checkpoint(paths["legacy"]), read_lora(paths["lora"], load_sd(paths["sd"]))

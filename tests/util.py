@@ -1,4 +1,7 @@
 """Helpers shared by the tests."""
+import json
+import re
+
 import torch
 
 
@@ -21,3 +24,24 @@ def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| relative to the reference's scale (max |b|)."""
     a, b = a.detach().double(), b.detach().double()
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+# AUTOMATIC1111's infotext grammar (stable-diffusion-webui modules/infotext_utils.py): the last line is
+# "key: value" pairs, a value either a JSON string or text up to the next comma.
+_A1111_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def parse_a1111(text: str) -> dict:
+    """A PNG `parameters` text -> {"Prompt", "Negative prompt", key: value, ...}, read as A1111 reads it."""
+    *lines, last = text.strip().split("\n")
+    if len(_A1111_PARAM.findall(last)) < 3:  # no parameter line: everything is prompt
+        lines, last = [*lines, last], ""
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    out = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+    for k, v in _A1111_PARAM.findall(last):
+        out[k] = json.loads(v) if v[:1] == '"' == v[-1:] else v
+    return out

@@ -1,23 +1,32 @@
-"""The fine-tuned checkpoint: written by train.py, read by sample.py and the evaluation.
+"""The fine-tuned checkpoint: written by train.py, read by sample.py, the evaluation and the export.
 
-Format (version 1): one `torch.save` file holding a plain dict
+Format (version 2): one `.safetensors` file (no pickle: safe to share), train.py's `best.safetensors`:
 
-    {"format": "tinyrpo-ckpt", "version": 1,
-     "unet": {name: float32 tensor, ...},        # the whole fine-tuned U-Net, diffusers names
-     "meta": {"base": ..., "base_fingerprint": ..., "token": ..., "class_noun": ...,
-              "step": ..., "reward": ..., "config": {...}}}
+    tensors   the whole fine-tuned U-Net in float32, diffusers names ("content": "unet"), or only the LoRA
+              adapters, `<module path>.lora_A.weight` / `.lora_B.weight` in float32 ("content": "lora")
+    header    {"format": "pt", "tinyrpo.format": "tinyrpo-ckpt", "tinyrpo.version": "2",
+               "tinyrpo.content": "unet" | "lora", "tinyrpo.json": '["step", ...]',
+               "base": ..., "base_fingerprint": ..., "token": ..., "class_noun": ..., "step": ..., "reward": ...,
+               "config": '{...}', "lora": '{"rank": 4, "alpha": 4.0, "targets": [...]}'}
 
-Why the U-Net and why in full float32: RPO fine-tunes only the U-Net (text encoder, VAE and tokenizer are
+The header holds strings only (safetensors' rule), so a string stays as it is and anything else (numbers,
+booleans, lists, dicts) is written as JSON, its key listed in "tinyrpo.json" so that reading gives back the
+same types. `python -c "from safetensors import safe_open; print(safe_open('best.safetensors', 'pt').metadata())"`
+shows it. "format": "pt" is the entry transformers and diffusers expect in a safetensors header.
+
+Why the whole U-Net and in full float32: RPO fine-tunes only the U-Net (text encoder, VAE and tokenizer are
 the base model's), and 400 steps at lr 5e-6 move each weight by about 1e-3 of its size, which is below
 bf16's resolution (2^-8 ≈ 4e-3) and near fp16's (2^-11 ≈ 5e-4): a half-precision copy would round most of
-the fine-tuning away. A delta against the base would be smaller once quantized, but it needs the exact base
-tensors both when saving and when loading; the full U-Net is self-contained and is what
-`load_state_dict` takes. The base model is still identified (`base_fingerprint`), because the U-Net is only
-meaningful next to the text encoder and VAE it was trained with.
+the fine-tuning away. A LoRA stores its update as the two small factors instead (tinyrpo/lora.py). The
+base model is identified (`base_fingerprint`), because the U-Net or the LoRA is only meaningful next to
+the base it was trained from.
 
-Reading uses `torch.load(weights_only=True)` (no pickle code runs) and mmap (a 3.4 GB SD v1.5 U-Net is not
-read into memory twice). Writing is atomic: a temporary file in the same folder, fsync, then `os.replace`,
-so a crash mid-write leaves the previous checkpoint intact and never a truncated one under the real name.
+Version 1 (`best.pt`, a torch.save'd dict {"format", "version", "unet", "meta"}) still loads, with
+`torch.load(weights_only=True)` (no pickle code runs) and mmap. train.py's `last.pt` is not a checkpoint of
+this kind: it is the resumable training state (weights, optimizer, RNG) for `train.py --resume`.
+
+Writing is atomic: a temporary file in the same folder, fsync, then `os.replace`, so a crash mid-write leaves
+the previous checkpoint intact and never a truncated one under the real name.
 """
 import json
 import os
@@ -25,39 +34,38 @@ import pickle
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Callable
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from tinyrpo.errors import UserError
+from tinyrpo.lora import add_lora, load_lora_state_dict, merge_lora, set_lora_scale
 
 FORMAT = "tinyrpo-ckpt"
-VERSION = 1
+VERSION = 2
+BEST = "best.safetensors"  # the validation-reward argmax that train.py keeps: what sample.py --ckpt takes
+LEGACY_BEST = "best.pt"  # version 1, written by train.py before BEST
+LAST = "last.pt"  # train.py's resumable state (--resume), not a checkpoint to sample from
+CONTENTS = ("unet", "lora")
 
 
-def save_checkpoint(path, unet_state: dict, meta: dict) -> Path:
-    """Write `unet_state` (any dtype/device; stored as float32 on the CPU) and `meta` to `path`, atomically.
-
-    `meta` must be JSON-like; Paths and other objects are stored as strings, tuples as lists, so that the
-    file loads with `weights_only=True`.
-    """
-    state = {k: (v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()).contiguous()
-             for k, v in unet_state.items()}
-    meta = json.loads(json.dumps(meta, default=str))
-    obj = {"format": FORMAT, "version": VERSION, "unet": state, "meta": meta}
-    return atomic_torch_save(obj, path)
+# ---------------------------------------------------------------------------------------------------------
+# Atomic writes
 
 
-def atomic_torch_save(obj, path) -> Path:
-    """torch.save(obj, path) that leaves either the old file or the complete new one, never a partial file."""
+def atomic_write(path, write: Callable[[Path], None]) -> Path:
+    """Run write(tmp) on a temporary path beside `path`, fsync it, then rename it over `path`: readers see
+    the old file or the complete new one, never a partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            if hasattr(os, "fchmod"):
-                os.fchmod(f.fileno(), 0o644)  # mkstemp makes it private (0600); a checkpoint is an ordinary file
-            torch.save(obj, f)
-            f.flush()
+        write(Path(tmp))
+        os.chmod(tmp, 0o644)  # mkstemp makes it private (0600); a checkpoint is an ordinary file
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())  # the bytes are on disk before the new name points at them
         os.replace(tmp, path)
     except BaseException:
@@ -66,6 +74,16 @@ def atomic_torch_save(obj, path) -> Path:
         raise
     _fsync_dir(path.parent)  # make the rename itself durable
     return path
+
+
+def atomic_torch_save(obj, path) -> Path:
+    """torch.save(obj, path) that leaves either the old file or the complete new one, never a partial file."""
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_save_safetensors(tensors: dict, path, metadata: dict[str, str] | None = None) -> Path:
+    """safetensors.torch.save_file, atomically."""
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -81,40 +99,175 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def load_checkpoint(path) -> tuple[dict, dict]:
-    """-> (U-Net state dict of float32 CPU tensors, meta). Raises UserError for a missing, corrupt or foreign file."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"checkpoint {path} not found; train.py writes best.pt into its run folder (runs/<subject>/)")
-    if path.is_dir():
-        raise UserError(f"checkpoint {path} is a folder; pass the .pt file inside it")
+# ---------------------------------------------------------------------------------------------------------
+# The header: strings only
+
+
+def encode_metadata(meta: dict) -> dict[str, str]:
+    """meta -> safetensors header entries: strings as they are, anything else as JSON (listed in tinyrpo.json)."""
+    out, as_json = {}, []
+    for k, v in meta.items():
+        if isinstance(v, str):
+            out[k] = v
+        else:
+            out[k] = json.dumps(v, default=str)  # Paths and other objects become strings
+            as_json.append(k)
+    out["tinyrpo.json"] = json.dumps(as_json)
+    return out
+
+
+def decode_metadata(header: dict[str, str]) -> dict:
+    """The inverse of encode_metadata, without the format entries."""
+    as_json = set(json.loads(header.get("tinyrpo.json", "[]")))
+    return {k: json.loads(v) if k in as_json else v for k, v in header.items()
+            if k != "format" and not k.startswith("tinyrpo.")}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writing and reading
+
+
+def save_checkpoint(path, state: dict, meta: dict, lora: dict | None = None) -> Path:
+    """Write a checkpoint to `path`, atomically; returns the path.
+
+    state: the fine-tuned U-Net's state dict (any dtype/device; stored as float32 on the CPU), or with `lora`
+           given, the adapters' tensors (tinyrpo.lora.lora_state_dict).
+    meta:  JSON-like facts about the run (base, base_fingerprint, token, class_noun, step, reward, config...).
+    lora:  tinyrpo.lora.lora_config(unet) for a LoRA checkpoint, None for a full U-Net.
+
+    A path ending in .pt gets the version-1 torch format, which is what train.py wrote before it wrote
+    BEST (`best.pt`); every other path gets the safetensors format above.
+    """
+    state = {k: (v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()).contiguous()
+             for k, v in state.items()}
+    meta = json.loads(json.dumps(meta, default=str))  # Paths as strings, tuples as lists: what loading gives back
+    if lora is not None:
+        meta["lora"] = json.loads(json.dumps(lora))
+    if Path(path).suffix == ".pt":
+        if lora is not None:
+            raise ValueError("a LoRA checkpoint is written as .safetensors (checkpoint.BEST)")
+        return atomic_torch_save({"format": FORMAT, "version": 1, "unet": state, "meta": meta}, path)
+    header = {"format": "pt", "tinyrpo.format": FORMAT, "tinyrpo.version": str(VERSION),
+              "tinyrpo.content": "lora" if lora is not None else "unet", **encode_metadata(meta)}
+    return atomic_save_safetensors(state, path, header)
+
+
+def best_checkpoint(run) -> Path | None:
+    """The best checkpoint of a train.py run folder (best.safetensors, else a version-1 best.pt), or None."""
+    for name in (BEST, LEGACY_BEST):
+        if (Path(run) / name).is_file():
+            return Path(run) / name
+    return None
+
+
+def _short(e: Exception) -> str:
+    detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return detail if len(detail) <= 80 else detail[:77] + "..."
+
+
+def _resumable_state_message(path: Path) -> str:
+    return (f"{path} is train.py's resumable state (weights, optimizer, RNG: for train.py --resume), not a "
+            f"checkpoint to sample from; pass {path.with_name(BEST)} (or {LEGACY_BEST} from an older run)")
+
+
+def _corrupt(path: Path, e: Exception) -> UserError:
+    return UserError(f"cannot read checkpoint {path}: it is truncated, corrupt or not a tinyrpo checkpoint "
+                     f"({_short(e)}); re-run train.py or pick another checkpoint")
+
+
+def _load_torch(path: Path) -> tuple[dict, dict]:
+    """Version 1: a torch.save'd dict."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, RuntimeError, ValueError, OSError) as e:
-        detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        detail = detail if len(detail) <= 80 else detail[:77] + "..."
-        raise UserError(f"cannot read checkpoint {path}: it is truncated, corrupt or not a tinyrpo checkpoint "
-                        f"({detail}); re-run train.py or pick another checkpoint") from None
+        raise _corrupt(path, e) from None
+    if isinstance(obj, dict) and "optimizer" in obj and "rng" in obj:
+        raise UserError(_resumable_state_message(path))
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise UserError(f"{path} is not a tinyrpo checkpoint (no format tag '{FORMAT}'); sample.py --ckpt takes "
-                        "the .pt files that train.py writes, and --weights takes base Stable Diffusion weights")
-    if not isinstance(obj.get("version"), int) or obj["version"] > VERSION:
-        raise UserError(f"checkpoint {path} has format version {obj.get('version')}, this tinyrpo reads up to "
-                        f"version {VERSION}; update tinyrpo")
+        raise UserError(f"{path} is not a tinyrpo checkpoint (no format tag '{FORMAT}'); --ckpt takes the "
+                        f"{BEST} that train.py writes, --weights takes base Stable Diffusion weights and "
+                        "--lora a LoRA file")
+    if not isinstance(obj.get("version"), int) or obj["version"] > 1:
+        raise UserError(f"checkpoint {path} has format version {obj.get('version')} in a .pt file, which this "
+                        "tinyrpo cannot read; update tinyrpo")
     if not isinstance(obj.get("unet"), dict) or not isinstance(obj.get("meta"), dict):
         raise UserError(f"checkpoint {path} is incomplete (no 'unet' or 'meta' entry); re-run train.py")
-    return obj["unet"], obj["meta"]
+    return obj["unet"], {**obj["meta"], "content": "unet"}
 
 
-def apply_checkpoint(sd, path) -> dict:
-    """Load the fine-tuned U-Net of checkpoint `path` into `sd.unet` (in sd.unet's dtype); return its meta.
+def read_header(path) -> dict[str, str] | None:
+    """The safetensors header metadata of `path`, or None when it is not a readable safetensors file."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception:  # safetensors raises its own error types for a foreign, truncated or corrupt file
+        return None
 
+
+def load_checkpoint(path) -> tuple[dict, dict]:
+    """-> (tensors as float32 CPU tensors, meta). meta["content"] is "unet" (a whole U-Net state dict) or
+    "lora" (adapter tensors; meta["lora"] = {"rank", "alpha", "targets"}).
+
+    Raises UserError for a missing, corrupt or foreign file, and for train.py's last.pt.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint {path} not found; train.py writes {BEST} into its run folder (runs/<subject>/)")
+    if path.is_dir():
+        found = best_checkpoint(path)
+        raise UserError(f"checkpoint {path} is a folder; pass the file inside it"
+                        + (f": {found}" if found else f" ({BEST})"))
+    if path.name == LAST:
+        raise UserError(_resumable_state_message(path))
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"PK\x03\x04":  # a zip: torch.save's format, version 1
+        return _load_torch(path)
+    header = read_header(path)
+    if header is None:
+        raise _corrupt(path, ValueError("not a safetensors file"))
+    if header.get("tinyrpo.format") != FORMAT:
+        raise UserError(f"{path} is not a tinyrpo checkpoint (no tinyrpo.format '{FORMAT}' in its header); "
+                        f"--ckpt takes the {BEST} that train.py writes, --weights takes base Stable Diffusion "
+                        "weights (an exported single file too) and --lora a LoRA file")
+    version = header.get("tinyrpo.version", "")
+    if not version.isdigit() or int(version) > VERSION:
+        raise UserError(f"checkpoint {path} has format version {version}, this tinyrpo reads up to version "
+                        f"{VERSION}; update tinyrpo")
+    content = header.get("tinyrpo.content")
+    if content not in CONTENTS:
+        raise UserError(f"checkpoint {path} holds '{content}', not one of {', '.join(CONTENTS)}; update tinyrpo")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        meta = decode_metadata(header)
+    except Exception as e:
+        raise _corrupt(path, e) from None
+    if content == "lora" and not isinstance(meta.get("lora"), dict):
+        raise UserError(f"checkpoint {path} is a LoRA without its rank/alpha/targets entry; re-run train.py")
+    return state, {**meta, "content": content}
+
+
+def apply_checkpoint(sd, path, lora_scale: float = 1.0) -> dict:
+    """Put checkpoint `path` into `sd.unet` (in sd.unet's dtype); return its meta.
+
+    A full U-Net replaces the weights; a LoRA is added and merged into them, its update scaled by lora_scale.
     The base model must be the one the checkpoint was trained from: same fingerprint and same U-Net shapes.
     """
     state, meta = load_checkpoint(path)
     base = meta.get("base", "<unknown>")
     if meta.get("base_fingerprint") != getattr(sd, "fingerprint", None):
         raise UserError(f"checkpoint {path} was trained from {base}, not from {sd.source}; pass --weights {base}")
+    if meta["content"] == "lora":
+        cfg = meta["lora"]
+        add_lora(sd.unet, cfg["rank"], cfg["alpha"], cfg["targets"])
+        load_lora_state_dict(sd.unet, state, source=f"checkpoint {path}")
+        set_lora_scale(sd.unet, lora_scale)
+        merge_lora(sd.unet)
+        sd.unet.requires_grad_(True)  # as load_sd returns it; add_lora had frozen it
+        return meta
+    if lora_scale != 1.0:
+        raise UserError(f"--lora-scale scales a LoRA, and {path} holds a whole fine-tuned U-Net; drop --lora-scale")
     own = sd.unet.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

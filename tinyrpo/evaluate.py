@@ -1,6 +1,6 @@
 """DreamBench evaluation (Ruiz et al. 2023, DreamBooth sec. 4.1): DINO, CLIP-I, CLIP-T and RPO's λ-Harmonic.
 
-    python -m tinyrpo.evaluate --ckpt runs/dog/best.pt --subject refs/dog     # a model fine-tuned by train.py
+    python -m tinyrpo.evaluate --ckpt runs/dog/best.safetensors --subject refs/dog   # fine-tuned by train.py
     python -m tinyrpo.evaluate --subject refs/dog                             # the base model
     python -m tinyrpo.evaluate --real --subject refs/dog                      # the reference photos themselves
     python -m tinyrpo.evaluate --dreambench refs --out runs/dreambench -- --steps 400 --lr 5e-6
@@ -27,9 +27,9 @@ finished evaluation), eval.md (the table printed at the end) and grids/pNN-<prom
 
 --dreambench ROOT runs every subject folder of ROOT found in DreamBench's table (or --subjects a,b): train.py
 with --subject ROOT/<name> --out OUT/<name> --class-noun <class> and every argument after `--`, then the
-evaluation of OUT/<name>/best.pt. It resumes: a subject with a finished eval.json is skipped, a training
-run with last.pt but no summary.json continues with --resume. --weights, --token and --device, when given
-here, are passed on to train.py too (unless set after `--`). Aggregates go to OUT/dreambench.{json,md}.
+evaluation of OUT/<name>/best.safetensors (best.pt of older runs). It resumes: a subject with a finished
+eval.json is skipped, a training run with last.pt but no summary.json continues with --resume. --weights,
+--token and --device, when given here, are passed on to train.py too (unless set after `--`). Aggregates go to OUT/dreambench.{json,md}.
 """
 import argparse
 import gc
@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from tinyrpo import dreambench
-from tinyrpo.checkpoint import apply_checkpoint, load_checkpoint
+from tinyrpo.checkpoint import apply_checkpoint, best_checkpoint, load_checkpoint
 from tinyrpo.data import load_subject, resolve_class
 from tinyrpo.download import DEFAULT_DINO, DEFAULT_EVAL_CLIP, DEFAULT_SD, missing_weights_message
 from tinyrpo.dino import DINO, dino_preprocess
@@ -469,7 +469,7 @@ def run_dreambench(root, out, train_args: list[str], subjects: str | None, args,
             print(f"[{i + 1:2d}/{len(folders)}] {folder.name}: done before, skipped")
             continue
         t0 = time.perf_counter()
-        if not ((run / "summary.json").exists() and (run / "best.pt").exists()):
+        if not ((run / "summary.json").exists() and best_checkpoint(run) is not None):
             try:
                 train.main(train_args_for(folder, run, train_args, forward))
             except UserError as e:
@@ -477,7 +477,7 @@ def run_dreambench(root, out, train_args: list[str], subjects: str | None, args,
             free_memory(resolve_device(settings.device))
         if embedder is None:
             embedder = load_embedder(args.eval_clip, args.dino, resolve_device(settings.device))
-        result = evaluate_subject(folder, out=run / "eval", ckpt=run / "best.pt", weights=args.weights,
+        result = evaluate_subject(folder, out=run / "eval", ckpt=best_checkpoint(run), weights=args.weights,
                                   eval_clip=args.eval_clip, dino=args.dino, token=args.token,
                                   settings=settings, embedder=embedder)
         results.append(result)
@@ -509,7 +509,8 @@ def parse_args(argv):
                "The metrics and outputs are described in `python -m pydoc tinyrpo.evaluate`.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--ckpt", default=None, help="checkpoint written by train.py (omit it to evaluate the base model)")
+    a("--ckpt", default=None, help="best.safetensors (a fine-tuned U-Net or a LoRA) or best.pt written by "
+                                 "train.py (omit it to evaluate the base model)")
     a("--subject", default=None, help="folder of the subject's reference photos, e.g. refs/dog")
     a("--real", action="store_true", help="score the reference photos against each other (no model)")
     a("--dreambench", default=None, metavar="ROOT",

@@ -1,11 +1,12 @@
 """What a weight path holds, so that a model given to the wrong flag is named and sent to the right one.
 
-tinyrpo takes four kinds of weights, each through its own flag:
+tinyrpo takes five kinds of weights, each through its own flag:
 
     sd     Stable Diffusion v1 (diffusers folder or single file)   --weights
     clip   CLIP (HF folder or file)                                --reward-model (train.py), --eval-clip
     dino   DINO ViT (HF folder or file, DINO's .pth)               --dino
     ckpt   a checkpoint written by train.py                        --ckpt
+    lora   a LoRA file of another tool (kohya, diffusers)          --lora (sample.py)
 
 A loader that finds something else than it wants asks `wrong_kind(path, want)` for the sentence that
 says what the path is and which flag takes it. Identification reads as little as it can: a folder's
@@ -21,6 +22,7 @@ KINDS = {  # kind -> (what it is, the flag(s) that take it)
     "clip": ("a CLIP model", "--reward-model (train.py) or --eval-clip (python -m tinyrpo.evaluate)"),
     "dino": ("a DINO ViT", "--dino (python -m tinyrpo.evaluate)"),
     "ckpt": ("a checkpoint written by train.py", "--ckpt (sample.py, python -m tinyrpo.evaluate)"),
+    "lora": ("a LoRA", "--lora (sample.py)"),
 }
 WANTED = {  # kind -> what the flag needs, and where to get it
     "sd": "--weights takes an SD v1 diffusers folder (unet/, vae/, text_encoder/) or a single .safetensors file "
@@ -28,7 +30,8 @@ WANTED = {  # kind -> what the flag needs, and where to get it
     "clip": "a CLIP model is an HF folder such as weights/clip-vit-large-patch14 (python -m tinyrpo.download "
             "clip-l14)",
     "dino": "DINO is an HF folder such as weights/dino-vits16 (python -m tinyrpo.download dino)",
-    "ckpt": "--ckpt takes the best.pt that train.py writes into its run folder",
+    "ckpt": "--ckpt takes the best.safetensors that train.py writes into its run folder (best.pt of older runs)",
+    "lora": "--lora takes a LoRA .safetensors file (kohya lora_unet_*, diffusers lora_A/lora_B, or tinyrpo's)",
 }
 # One network of a diffusers SD folder, alone: (config _class_name or model_type, what it is)
 SD_PARTS = {"UNet2DConditionModel": "unet", "AutoencoderKL": "vae", "clip_text_model": "text_encoder"}
@@ -43,6 +46,8 @@ class Found(NamedTuple):
 def kind_of_names(names) -> Found | None:
     """What a state dict holds, from its tensor names."""
     names = [n.removeprefix("module.").removeprefix("backbone.") for n in names]
+    if names == ["tinyrpo.format"]:
+        return Found("ckpt", KINDS["ckpt"][0])
 
     def has(*prefixes):
         return any(n.startswith(prefixes) for n in names)
@@ -52,7 +57,7 @@ def kind_of_names(names) -> Found | None:
     if has("model.diffusion_model."):
         return Found("sd", "a Stable Diffusion v1 single-file checkpoint")
     if any("lora" in n.lower() for n in names):
-        return Found("other", "a LoRA (weight deltas for a base model)")
+        return Found("lora", "a LoRA (weight deltas for a base model)")
     if has("text_model.") and has("vision_model."):
         return Found("clip", KINDS["clip"][0])
     if has("cls_token", "embeddings.cls_token", "vit.embeddings.cls_token"):
@@ -67,10 +72,11 @@ def kind_of_names(names) -> Found | None:
 
 
 def _safetensors_names(path: Path) -> list[str] | None:
+    """The tensor names, or ["tinyrpo.format"] for a checkpoint train.py wrote (its header says so)."""
     try:
         from safetensors import safe_open
         with safe_open(str(path), "pt") as f:
-            return list(f.keys())
+            return ["tinyrpo.format"] if "tinyrpo.format" in (f.metadata() or {}) else list(f.keys())
     except Exception:  # not readable as safetensors: the loader says so
         return None
 
@@ -140,4 +146,4 @@ def checkpoint_mixup(path) -> str | None:
     """For --ckpt: the sentence when `path` holds base or evaluation weights; None otherwise (what train.py
     writes, in whichever format, is tinyrpo.checkpoint's to read and judge)."""
     found = identify(path)
-    return wrong_kind(path, "ckpt", found) if found and found.kind in ("sd", "clip", "dino", "part") else None
+    return wrong_kind(path, "ckpt", found) if found and found.kind in ("sd", "clip", "dino", "part", "lora") else None

@@ -160,6 +160,11 @@ def vae_conv_to_linear(name: str, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def vae_linear_to_conv(name: str, t: torch.Tensor) -> torch.Tensor:
+    """The inverse of vae_conv_to_linear, for writing a CompVis file."""
+    return t[:, :, None, None] if _VAE_ATTN_WEIGHT.fullmatch(name) and t.ndim == 2 else t
+
+
 # ---- DINO ViT: HF transformers ViTModel and facebookresearch/dino (timm) -> tinyrpo (CLIP's block names)
 
 DINO_HF = {
@@ -217,3 +222,33 @@ SCHEDULE_BUFFERS = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alph
                     "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
                     "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
                     "posterior_mean_coef1", "posterior_mean_coef2"}
+
+
+def schedule_buffers(betas: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The SCHEDULE_BUFFERS values, as LatentDiffusion.register_schedule computes them from β (ldm/models/
+    diffusion/ddpm.py): loaders ignore them, writers of a single file include them, as real files do."""
+    betas = betas.double()
+    a = torch.cumprod(1 - betas, 0)
+    a_prev = torch.cat([torch.ones(1, dtype=a.dtype), a[:-1]])
+    var = betas * (1 - a_prev) / (1 - a)
+    out = {"betas": betas, "alphas_cumprod": a, "alphas_cumprod_prev": a_prev, "sqrt_alphas_cumprod": a.sqrt(),
+           "sqrt_one_minus_alphas_cumprod": (1 - a).sqrt(), "log_one_minus_alphas_cumprod": (1 - a).log(),
+           "sqrt_recip_alphas_cumprod": (1 / a).sqrt(), "sqrt_recipm1_alphas_cumprod": (1 / a - 1).sqrt(),
+           "posterior_variance": var, "posterior_log_variance_clipped": var.clamp_min(1e-20).log(),
+           "posterior_mean_coef1": betas * a_prev.sqrt() / (1 - a),
+           "posterior_mean_coef2": (1 - a_prev) * (1 - betas).sqrt() / (1 - a)}
+    return {k: v.float() for k, v in out.items()}
+
+
+def compvis_single_file(unet_state: dict, unet_cfg: UNetConfig, vae_state: dict, vae_cfg: VAEConfig,
+                        text_state: dict, betas: torch.Tensor) -> dict[str, torch.Tensor]:
+    """tinyrpo's three networks as one CompVis-layout SD v1 single-file state dict (v1-5-pruned-emaonly's
+    names): the loader's tables run backwards, the 1x1-conv fix undone, position_ids and the schedule added."""
+    unet_names, vae_names = Renames(compvis_unet_table(unet_cfg)), Renames(compvis_vae_table(vae_cfg))
+    state = {UNET_PREFIX + unet_names.file_name(k): t for k, t in unet_state.items()}
+    state.update({VAE_PREFIX + vae_names.file_name(k): vae_linear_to_conv(k, t) for k, t in vae_state.items()})
+    state.update({TEXT_PREFIX + k: t for k, t in text_state.items()})
+    positions = text_state["text_model.embeddings.position_embedding.weight"].shape[0]
+    state[TEXT_PREFIX + "text_model.embeddings.position_ids"] = torch.arange(positions)[None]
+    state.update(schedule_buffers(betas))
+    return state

@@ -68,6 +68,8 @@ def read_state_dict(path, want: str = "sd") -> dict[str, torch.Tensor]:
     """Every tensor of a .safetensors file, or of a .pth / .bin / .ckpt state dict (weights_only=True).
     `want` (a kind of tinyrpo.identify) is what the caller loads, to word the error for a train.py checkpoint."""
     path = Path(path)
+    if path.suffix == ".safetensors" and (found := identify(path)) and found.kind == "ckpt":  # its header says so
+        raise WeightsError(wrong_kind(path, want, found))
     try:
         if path.suffix == ".safetensors":
             return load_file(path)

@@ -1,0 +1,344 @@
+"""tinyrpo.export and LoRA files of other tools: every exported file, loaded by diffusers, computes what tinyrpo's
+fine-tuned model computes; sample.py takes kohya / diffusers LoRA files and the exported single file; the
+real-size SD v1.5 names and shapes match the public layouts (meta device). Tiny random weights on the CPU."""
+import copy
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import sample
+from tests.fixtures import TINY_UNET, make_tiny_sd
+from tests.util import max_rel_err, parse_a1111
+from tinyrpo import export as E
+from tinyrpo.checkpoint import BEST, apply_checkpoint, save_checkpoint
+from tinyrpo.clip import CLIPTextConfig, CLIPTextModel
+from tinyrpo.errors import run_cli
+from tinyrpo.layouts import compvis_single_file
+from tinyrpo.lora import add_lora, lora_config, lora_state_dict, merge_lora, set_lora_scale
+from tinyrpo.lora_files import apply_lora, kohya_name, to_kohya
+from tinyrpo.schedulers import SchedulerConfig, make_betas
+from tinyrpo.unet import UNet, UNetConfig
+from tinyrpo.vae import AutoencoderKL, VAEConfig
+from tinyrpo.weights import empty_model, load_sd
+
+MANIFESTS = Path(__file__).parent / "manifests"
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A tiny base model, and two "runs": dog/ with a whole fine-tuned U-Net, cat/ with a LoRA (rank 4, α 2)."""
+    root = tmp_path_factory.mktemp("export")
+    folder = make_tiny_sd(root / "sd")
+    sd = load_sd(folder)
+    meta = {"base": str(folder), "base_fingerprint": sd.fingerprint, "token": "sks", "class_noun": "dog", "step": 40}
+    g = torch.Generator().manual_seed(0)
+    tuned = copy.deepcopy(sd.unet)
+    tuned.load_state_dict({k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in sd.unet.state_dict().items()})
+    save_checkpoint(root / "dog" / BEST, tuned.state_dict(), meta)
+    adapted = copy.deepcopy(sd.unet)
+    add_lora(adapted, 4, alpha=2.0)
+    with torch.no_grad():
+        for t in lora_state_dict(adapted).values():
+            t.copy_(torch.randn(t.shape, generator=g) * 0.3)
+    save_checkpoint(root / "cat" / BEST, lora_state_dict(adapted), {**meta, "class_noun": "cat"},
+                    lora=lora_config(adapted))
+    return {"root": root, "sd": folder, "single": make_tiny_sd(root / "single", "single"), "base": sd,
+            "tuned": tuned.eval(), "adapted": adapted.eval()}
+
+
+def inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, 4, 8, 8, generator=g), torch.tensor([20, 800]),
+            torch.randn(2, 77, TINY_UNET.cross_attention_dim, generator=g))
+
+
+@torch.no_grad()
+def assert_unet(theirs, ours, tol=TOL):
+    """A diffusers U-Net (or a tinyrpo one) against tinyrpo's model on the same input."""
+    x, t, c = inputs()
+    out = theirs(x, t, encoder_hidden_states=c)
+    out = out.sample if hasattr(out, "sample") else out
+    assert max_rel_err(out, ours(x, t, c)) <= tol
+
+
+def out_of(runs, run, fmt, tmp_path, **kw) -> Path:
+    ext = "" if fmt == "diffusers" else ".safetensors"
+    return E.export(runs["root"] / run, fmt, out=tmp_path / f"{run}-{fmt}{ext}", **kw)
+
+
+def pipeline(runs):
+    diffusers = pytest.importorskip("diffusers")
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(runs["sd"], safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Each format, loaded by diffusers
+
+
+@pytest.mark.parametrize("run", ["dog", "cat"], ids=["full", "lora-merged"])
+def test_single_file_loads_in_diffusers_from_single_file(runs, tmp_path, run):
+    """diffusers' StableDiffusionPipeline.from_single_file (its CompVis converter; the config from the base folder,
+    offline) reads the export as tinyrpo's model: the fine-tuned U-Net, or the base with the LoRA merged."""
+    diffusers = pytest.importorskip("diffusers")
+    path = out_of(runs, run, "single-file", tmp_path)
+    pipe = diffusers.StableDiffusionPipeline.from_single_file(str(path), config=str(runs["sd"]),
+                                                              local_files_only=True, safety_checker=None)
+    ours = runs["tuned"] if run == "dog" else runs["adapted"]
+    assert_unet(pipe.unet, ours)
+    with torch.no_grad():  # VAE and text encoder are the base model's
+        z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+        assert max_rel_err(pipe.vae.decode(z).sample, runs["base"].vae.decode(z)) <= TOL
+        ids = runs["base"].tokenizer(["a photo of sks dog"])
+        assert max_rel_err(pipe.text_encoder(ids).last_hidden_state, runs["base"].text_encoder(ids)) <= TOL
+    with safe_open(str(path), "pt") as f:  # the file's header names the fine-tune; fp32 by default
+        assert f.metadata()["tinyrpo.token"] == "sks" and f.get_tensor("model.diffusion_model.out.2.bias").dtype == \
+            torch.float32
+
+
+@pytest.mark.parametrize("run", ["dog", "cat"], ids=["full", "lora-merged"])
+def test_diffusers_folder_loads_in_from_pretrained(runs, tmp_path, run):
+    """The folder, here in fp16, holds the fine-tuned (or LoRA-merged) model rounded to fp16, and the base
+    tokenizer."""
+    diffusers = pytest.importorskip("diffusers")
+    path = out_of(runs, run, "diffusers", tmp_path, dtype="fp16")
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(path, safety_checker=None, torch_dtype=torch.float32)
+    ours = copy.deepcopy(runs["tuned"] if run == "dog" else runs["adapted"])
+    merge_lora(ours)  # (nothing to merge for the full run)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.copy_(p.half().float())
+    assert_unet(pipe.unet, ours)
+    prompt = "a photo of sks dog"
+    assert pipe.tokenizer(prompt, padding="max_length", max_length=77).input_ids == \
+        runs["base"].tokenizer([prompt])[0].tolist()
+    assert pipe.unet.config.sample_size == TINY_UNET.sample_size and path.stat().st_mode & 0o755 == 0o755
+
+
+@pytest.mark.parametrize("fmt", ["lora-diffusers", "lora-kohya"])
+def test_lora_files_load_in_diffusers(runs, tmp_path, fmt):
+    """pipe.load_lora_weights reads both files (the kohya one through diffusers' own kohya converter) and gives
+    the U-Net tinyrpo trained, at scale 1 and at a smaller one."""
+    pipe = pipeline(runs)
+    path = out_of(runs, "cat", fmt, tmp_path, dtype="fp32")
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="cat")
+    assert_unet(pipe.unet, runs["adapted"])
+    pipe.set_adapters(["cat"], adapter_weights=[0.4])
+    ours = copy.deepcopy(runs["adapted"])
+    set_lora_scale(ours, 0.4)
+    assert_unet(pipe.unet, ours)
+
+
+def test_kohya_file_names_and_header(runs, tmp_path):
+    path = out_of(runs, "cat", "lora-kohya", tmp_path)
+    tensors = load_file(path)
+    name = "lora_unet_down_blocks_0_attentions_1_transformer_blocks_0_attn2_to_out_0"  # sd-scripts' SD v1 naming
+    assert tensors[f"{name}.lora_down.weight"].shape == (4, 32) and tensors[f"{name}.lora_up.weight"].shape == (32, 4)
+    assert tensors[f"{name}.alpha"].item() == 2.0 and tensors[f"{name}.lora_down.weight"].dtype == torch.float16
+    assert len(tensors) == 3 * 48
+    with safe_open(str(path), "pt") as f:
+        header = f.metadata()
+    assert header["ss_network_dim"] == "4" and header["ss_network_alpha"] == "2.0"
+    assert header["ss_base_model_version"] == "sd_v1"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Other tools' LoRA files in tinyrpo (sample.py --lora)
+
+
+@pytest.mark.parametrize("fmt", ["lora-diffusers", "lora-kohya", "tinyrpo"])
+def test_apply_lora_files(runs, tmp_path, fmt):
+    path = runs["root"] / "cat" / BEST if fmt == "tinyrpo" else out_of(runs, "cat", fmt, tmp_path, dtype="fp32")
+    sd = load_sd(runs["sd"])
+    info = apply_lora(sd, path, scale=0.7)
+    assert info["layers"] == 48 and info["networks"] == ["unet"]
+    ours = copy.deepcopy(runs["adapted"])
+    set_lora_scale(ours, 0.7)
+    assert_unet(sd.unet, ours)
+
+
+@torch.no_grad()
+def test_kohya_file_with_text_encoder_and_compvis_names(runs, tmp_path):
+    """A kohya file as other SD v1 trainers write it: U-Net layers under their CompVis names (here proj_in, a
+    1x1 conv, and a resnet's time projection), and text-encoder layers (lora_te_*). The U-Net against diffusers'
+    load_lora_weights of the diffusers-named file; the text encoder against the update written by hand
+    (diffusers 0.42 with transformers 5 drops kohya text-encoder layers: its converter keeps the text_model.
+    prefix that transformers 5's CLIPTextModel no longer has)."""
+    pipe = pipeline(runs)
+    g = torch.Generator().manual_seed(4)
+    C = TINY_UNET.block_out_channels[0]
+    layers = {  # kohya name (diffusers naming) -> CompVis naming, down shape, up shape
+        "lora_unet_down_blocks_0_attentions_0_proj_in": ("lora_unet_input_blocks_1_1_proj_in", (2, C, 1, 1),
+                                                         (C, 2, 1, 1)),
+        "lora_unet_up_blocks_1_resnets_2_time_emb_proj": ("lora_unet_output_blocks_5_0_emb_layers_1", (2, 4 * C),
+                                                          (C, 2)),
+        "lora_te_text_model_encoder_layers_1_self_attn_v_proj": (None, (2, 128), (128, 2)),
+        "lora_te_text_model_encoder_layers_0_mlp_fc1": (None, (2, 128), (256, 2)),
+    }
+    diffusers_named, compvis_named, by_hand = {}, {}, {}
+    for name, (compvis, down, up) in layers.items():
+        t = {"lora_down.weight": torch.randn(down, generator=g) * 0.3,
+             "lora_up.weight": torch.randn(up, generator=g) * 0.3, "alpha": torch.tensor(1.0)}
+        diffusers_named.update({f"{name}.{k}": v for k, v in t.items()})
+        compvis_named.update({f"{compvis or name}.{k}": v for k, v in t.items()})
+        if name.startswith("lora_te_"):
+            by_hand[name] = 0.5 * t["lora_up.weight"] @ t["lora_down.weight"]  # (α/r) B A, α = 1, r = 2
+    save_file(diffusers_named, tmp_path / "a.safetensors")
+    save_file(compvis_named, tmp_path / "b.safetensors")
+    pipe.load_lora_weights(str(tmp_path), weight_name="a.safetensors")
+    text = copy.deepcopy(runs["base"].text_encoder)
+    layers = text.text_model.encoder.layers
+    layers[1].self_attn.v_proj.weight += by_hand["lora_te_text_model_encoder_layers_1_self_attn_v_proj"]
+    layers[0].mlp.fc1.weight += by_hand["lora_te_text_model_encoder_layers_0_mlp_fc1"]
+    for file in ("a.safetensors", "b.safetensors"):
+        sd = load_sd(runs["sd"])
+        assert apply_lora(sd, tmp_path / file)["networks"] == ["text_encoder", "unet"]
+        assert_unet(pipe.unet, sd.unet)
+        ids = sd.tokenizer(["a photo of sks dog"])
+        assert max_rel_err(sd.text_encoder(ids), text(ids)) <= TOL
+        assert max_rel_err(sd.text_encoder(ids), runs["base"].text_encoder(ids)) > 1e-2  # the text LoRA shows
+
+
+@pytest.mark.parametrize("tensors, says", [
+    ({"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.ones(2, 128)}, "Stable Diffusion XL"),
+    ({"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.hada_w1_a": torch.ones(2, 2)}, "LyCORIS"),
+    ({"lora_unet_down_blocks_7_attentions_0_proj_in.lora_down.weight": torch.ones(2, 2)}, "does not have"),
+    ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.ones(2, 32, 1, 1)}, "only its down"),
+    ({"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": torch.ones(2, 7, 1, 1),
+      "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": torch.ones(64, 2, 1, 1)}, "in that shape"),
+    ({"first_stage_model.decoder.conv_in.weight": torch.ones(2)}, "not a LoRA tensor name"),
+], ids=["sdxl", "lycoris", "unknown-layer", "half-pair", "shape", "not-a-lora"])
+def test_bad_lora_files(runs, tmp_path, capsys, tensors, says):
+    save_file(tensors, tmp_path / "x.safetensors")
+    with pytest.raises(SystemExit) as e:
+        run_cli(sample.main, ["--weights", str(runs["sd"]), "--lora", str(tmp_path / "x.safetensors"), "--prompt", "a",
+                              "--steps", "1", "--n", "1", "--height", "32", "--width", "32",
+                              "--out", str(tmp_path / "o"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and says in err, err
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sample.py with exported files
+
+
+def test_sample_with_exported_single_file_and_lora(runs, tmp_path):
+    """--weights EXPORTED.safetensors gives the images --ckpt gives; --lora EXPORTED-KOHYA gives the images of the
+    LoRA checkpoint; the PNGs name the file A1111 would load, by A1111's hash."""
+    single = out_of(runs, "dog", "single-file", tmp_path)
+    kohya = out_of(runs, "cat", "lora-kohya", tmp_path, dtype="fp32")
+    common = ["--prompt", "a photo of sks dog", "--steps", "2", "--n", "1", "--height", "32", "--width", "32",
+              "--device", "cpu", "--no-progress", "--overwrite"]
+
+    def png(*args):
+        return sample.main([*map(str, args), *common])[0]
+
+    a, b = png("--weights", single, "--out", tmp_path / "a"), png("--ckpt", runs["root"] / "dog" / BEST, "--out",
+                                                                  tmp_path / "b")
+    assert (Image.open(a).tobytes() == Image.open(b).tobytes())
+    params = parse_a1111(Image.open(a).text["parameters"])
+    assert params["Model"] == "dog-single-file"
+    assert params["Model hash"] == hashlib.sha256(single.read_bytes()).hexdigest()[:10]
+
+    c = png("--weights", runs["sd"], "--lora", kohya, "--lora-scale", 0.6, "--out", tmp_path / "c")
+    d = png("--ckpt", runs["root"] / "cat" / BEST, "--lora-scale", 0.6, "--out", tmp_path / "d")
+    diff = abs(torch.tensor(list(Image.open(c).tobytes())).int() - torch.tensor(list(Image.open(d).tobytes())).int())
+    assert diff.max() <= 2  # fp32 factors, merged in either order: float rounding only
+    params = parse_a1111(Image.open(c).text["parameters"])
+    tensor_bytes = kohya.read_bytes()[8 + int.from_bytes(kohya.read_bytes()[:8], "little"):]
+    assert params["Lora hashes"] == f"cat-lora-kohya: {hashlib.sha256(tensor_bytes).hexdigest()[:12]}"
+    assert "Model hash" not in params and params["Model"] == "sd"  # a diffusers folder: no file to hash
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Real-size SD v1.5 names and shapes, on the meta device
+
+
+def manifest(name: str) -> dict:
+    m = json.loads((MANIFESTS / name).read_text())
+    return {**m["tensors"], **m.get("extra", {})}
+
+
+def test_sd15_single_file_layout():
+    """The export of an SD v1.5-size model has exactly v1-5-pruned-emaonly's tensor names and shapes (the EMA
+    bookkeeping of non-emaonly files aside)."""
+    unet, vae = empty_model(UNet, UNetConfig()), empty_model(AutoencoderKL, VAEConfig())
+    text = empty_model(CLIPTextModel, CLIPTextConfig())
+    state = compvis_single_file(unet.state_dict(), unet.cfg, vae.state_dict(), vae.cfg, text.state_dict(),
+                                make_betas(SchedulerConfig()))
+    want = {k: v for k, v in manifest("sd15_single_file.json").items() if not k.startswith("model_ema.")}
+    assert {k: list(t.shape) for k, t in state.items()} == want
+
+
+def test_sd15_lora_names_are_what_diffusers_and_kohya_read():
+    """At SD v1.5 size: diffusers' kohya converter maps every exported kohya name onto a layer of diffusers'
+    UNet2DConditionModel of the right shape, and the diffusers-format names are that model's module paths."""
+    diffusers = pytest.importorskip("diffusers")
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from tests.test_weights import SD15_UNET_JSON
+    with torch.device("meta"):
+        theirs = diffusers.UNet2DConditionModel.from_config(SD15_UNET_JSON)
+    ours = empty_model(UNet, UNetConfig())
+    add_lora(ours, 16)
+    state = lora_state_dict(ours)
+    assert len(state) == 2 * 128  # 16 transformer blocks x 2 attentions x 4 projections
+    converted, alphas = _convert_non_diffusers_lora_to_diffusers(to_kohya(state, 16.0))
+    peft = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in converted.items()})
+    modules = dict(theirs.named_modules())
+    for k, t in peft.items():
+        path, ab = k.rsplit(".", 2)[0], k.split(".")[-2]
+        layer = modules[path]
+        assert t.shape == ((16, layer.in_features) if ab == "lora_A" else (layer.out_features, 16)), k
+    assert {k.rsplit(".", 2)[0] for k in peft} == {k.rsplit(".", 2)[0] for k in state}
+    assert kohya_name("unet", "up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_out.0") == \
+        "lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_attn2_to_out_0"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Errors
+
+
+def cli_error(capsys, args) -> str:
+    with pytest.raises(SystemExit) as e:
+        run_cli(E.main, [str(a) for a in args])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_export_errors(runs, tmp_path, capsys):
+    assert "is a whole fine-tuned U-Net, not a LoRA" in cli_error(capsys, [runs["root"] / "dog", "--format",
+                                                                             "lora-kohya"])
+    existing = tmp_path / "x.safetensors"
+    existing.write_bytes(b"keep me")
+    assert "already exists; pass --overwrite" in cli_error(capsys, [runs["root"] / "dog", "--out", existing])
+    assert existing.read_bytes() == b"keep me"
+    assert "holds no best.safetensors" in cli_error(capsys, [tmp_path])
+    (tmp_path / "last.pt").write_bytes(b"PK\x03\x04")
+    assert "resumable state" in cli_error(capsys, [tmp_path / "last.pt"])
+    assert "name it *.safetensors" in cli_error(capsys, [runs["root"] / "cat", "--format", "lora-kohya", "--out",
+                                                         tmp_path / "cat.ckpt"])
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+
+
+def test_cli_default_outputs(runs, tmp_path, capsys):
+    run = tmp_path / "cat"
+    run.mkdir()
+    (run / BEST).write_bytes((runs["root"] / "cat" / BEST).read_bytes())
+    assert E.main([str(run), "--format", "lora-kohya"]) == run / "cat-lora.safetensors"
+    assert "wrote " in capsys.readouterr().out
+    assert E.main([str(run / BEST), "--format", "lora-diffusers"]) == run / "cat-lora-diffusers.safetensors"
+    assert load_file(run / "cat-lora.safetensors")["lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q"
+                                                   ".alpha"].item() == 2.0
+    sd = load_sd(runs["sd"])
+    assert apply_checkpoint(sd, run / BEST)["class_noun"] == "cat"

@@ -1,0 +1,243 @@
+"""Export a fine-tuned model for the tools people already use: A1111, ComfyUI, diffusers, kohya, civitai.
+
+    python -m tinyrpo.export runs/dog                                  # runs/dog/dog.safetensors (single file)
+    python -m tinyrpo.export runs/dog --format single-file --dtype fp16 --out dog-fp16.safetensors
+    python -m tinyrpo.export runs/dog --format diffusers               # runs/dog/dog-diffusers/
+    python -m tinyrpo.export runs/dog --format lora-kohya              # runs/dog/dog-lora.safetensors
+    python -m tinyrpo.export runs/dog/best.safetensors --format lora-diffusers
+
+RUN_OR_CKPT is a train.py run folder (its best checkpoint is used) or a checkpoint file. Formats:
+
+    single-file     one CompVis-layout SD v1 .safetensors, v1-5-pruned-emaonly's names: the fine-tuned U-Net
+                    (a LoRA merged into it), the base model's VAE and text encoder. A1111, ComfyUI and
+                    diffusers' from_single_file load it, and so does `sample.py --weights`.
+    diffusers       a folder StableDiffusionPipeline.from_pretrained loads (model_index.json, unet/, vae/,
+                    text_encoder/, tokenizer/, scheduler/).
+    lora-kohya      a LoRA checkpoint in kohya sd-scripts' names (lora_unet_*.lora_down / lora_up / alpha): put
+                    it in A1111's models/Lora or ComfyUI's models/loras.
+    lora-diffusers  a LoRA checkpoint in the names diffusers' pipe.load_lora_weights reads (unet.*.lora_A/B).
+
+The single file is the loader's rules run backwards (tinyrpo/layouts.py), so what tinyrpo reads it writes.
+--dtype: fp32 keeps a full fine-tune exactly (it moves weights by ~1e-3 of their size, near fp16's
+resolution); fp16 halves the file (2.1 GB for SD v1.5). LoRA files default to fp16: their factors lose nothing
+that matters there. Every file is written atomically and an existing output is kept unless --overwrite.
+"""
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from tinyrpo.checkpoint import apply_checkpoint, atomic_save_safetensors, best_checkpoint, load_checkpoint
+from tinyrpo.cli import HelpFormatter
+from tinyrpo.errors import UserError, run_cli
+from tinyrpo.layouts import compvis_single_file
+from tinyrpo.lora_files import to_diffusers, to_kohya
+from tinyrpo.schedulers import make_betas
+from tinyrpo.weights import load_sd
+
+FORMATS = ("single-file", "diffusers", "lora-kohya", "lora-diffusers")
+DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+SUFFIX = {"single-file": ".safetensors", "diffusers": "-diffusers", "lora-kohya": "-lora.safetensors",
+          "lora-diffusers": "-lora-diffusers.safetensors"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# diffusers' config files, from tinyrpo's configs (the inverse of weights.py's readers)
+
+
+def unet_config_json(cfg) -> dict:
+    return {"_class_name": "UNet2DConditionModel", "act_fn": "silu",
+            "attention_head_dim": cfg.num_heads,  # diffusers' name for SD v1's number of heads
+            "block_out_channels": list(cfg.block_out_channels), "center_input_sample": False,
+            "cross_attention_dim": cfg.cross_attention_dim,
+            "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention_levels],
+            "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": cfg.in_channels,
+            "layers_per_block": cfg.layers_per_block, "mid_block_scale_factor": 1, "norm_eps": 1e-05,
+            "norm_num_groups": cfg.norm_num_groups, "out_channels": cfg.out_channels, "sample_size": cfg.sample_size,
+            "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in cfg.attention_levels[::-1]]}
+
+
+def vae_config_json(cfg) -> dict:
+    n = len(cfg.block_out_channels)
+    return {"_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": list(cfg.block_out_channels),
+            "down_block_types": ["DownEncoderBlock2D"] * n, "in_channels": cfg.in_channels,
+            "latent_channels": cfg.latent_channels, "layers_per_block": cfg.layers_per_block,
+            "norm_num_groups": cfg.norm_num_groups, "out_channels": cfg.out_channels, "sample_size": cfg.sample_size,
+            "scaling_factor": cfg.scaling_factor, "up_block_types": ["UpDecoderBlock2D"] * n}
+
+
+def text_config_json(cfg, dtype: torch.dtype) -> dict:
+    return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "hidden_act": cfg.hidden_act,
+            "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+            "num_attention_heads": cfg.num_heads, "num_hidden_layers": cfg.num_layers,
+            "max_position_embeddings": cfg.max_position_embeddings, "layer_norm_eps": cfg.layer_norm_eps,
+            "vocab_size": cfg.vocab_size, "bos_token_id": 49406, "eos_token_id": cfg.eos_token_id, "pad_token_id": 1,
+            "projection_dim": cfg.hidden_size, "torch_dtype": str(dtype).removeprefix("torch.")}
+
+
+def scheduler_config_json(cfg) -> dict:
+    # SD v1.5 ships a PNDMScheduler config; every diffusers scheduler reads these numbers.
+    return {"_class_name": "PNDMScheduler", "num_train_timesteps": cfg.num_train_timesteps,
+            "beta_start": cfg.beta_start, "beta_end": cfg.beta_end, "beta_schedule": cfg.beta_schedule,
+            "steps_offset": cfg.steps_offset, "set_alpha_to_one": cfg.set_alpha_to_one,
+            "clip_sample": cfg.clip_sample, "skip_prk_steps": True, "prediction_type": "epsilon",
+            "timestep_spacing": "leading", "trained_betas": None}
+
+
+MODEL_INDEX_JSON = {"_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None],
+                    "requires_safety_checker": False, "safety_checker": [None, None],
+                    "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+                    "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+                    "vae": ["diffusers", "AutoencoderKL"]}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writers
+
+
+def _cast(state: dict, dtype: torch.dtype) -> dict:
+    return {k: (t.to(dtype) if t.is_floating_point() else t).contiguous() for k, t in state.items()}
+
+
+def _header(meta: dict) -> dict[str, str]:
+    """A few facts about the fine-tune for the exported file's header (never "tinyrpo.format": that marks a
+    tinyrpo checkpoint)."""
+    facts = {k: meta.get(k) for k in ("token", "class_noun", "base", "step", "reward")}
+    return {"format": "pt", **{f"tinyrpo.{k}": str(v) for k, v in facts.items() if v is not None}}
+
+
+def single_file_state(sd, dtype: torch.dtype) -> dict:
+    """The loaded (fine-tuned) model as one CompVis-layout state dict."""
+    return _cast(compvis_single_file(sd.unet.state_dict(), sd.unet.cfg, sd.vae.state_dict(), sd.vae.cfg,
+                                     sd.text_encoder.state_dict(), make_betas(sd.scheduler_config)), dtype)
+
+
+def write_single_file(sd, out: Path, dtype: torch.dtype, meta: dict) -> Path:
+    return atomic_save_safetensors(single_file_state(sd, dtype), out, _header(meta))
+
+
+def write_diffusers(sd, out: Path, dtype: torch.dtype, meta: dict) -> Path:
+    """A diffusers StableDiffusionPipeline folder, written beside `out` and renamed into place when complete."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the folder is for sharing
+    try:
+        for sub, model, name, config in [
+                ("unet", sd.unet, "diffusion_pytorch_model", unet_config_json(sd.unet.cfg)),
+                ("vae", sd.vae, "diffusion_pytorch_model", vae_config_json(sd.vae.cfg)),
+                ("text_encoder", sd.text_encoder, "model", text_config_json(sd.text_encoder.config, dtype))]:
+            (tmp / sub).mkdir()
+            atomic_save_safetensors(_cast(model.state_dict(), dtype), tmp / sub / f"{name}.safetensors",
+                                    _header(meta))
+            (tmp / sub / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        sd.tokenizer.save_vocab(tmp / "tokenizer")
+        (tmp / "scheduler").mkdir()
+        (tmp / "scheduler" / "scheduler_config.json").write_text(
+            json.dumps(scheduler_config_json(sd.scheduler_config), indent=2) + "\n")
+        (tmp / "model_index.json").write_text(json.dumps(MODEL_INDEX_JSON, indent=2) + "\n")
+        if out.exists():  # --overwrite: the old folder goes only once the new one is complete
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def write_lora(state: dict, meta: dict, out: Path, dtype: torch.dtype, fmt: str) -> Path:
+    lora = meta["lora"]
+    if fmt == "lora-kohya":
+        tensors = to_kohya(state, lora["alpha"])
+        # sd-scripts' own header entries: A1111 reads them to tell an SD v1 LoRA from an SDXL / SD 2 one
+        header = {"ss_network_module": "networks.lora", "ss_network_dim": str(lora["rank"]),
+                  "ss_network_alpha": str(lora["alpha"]), "ss_base_model_version": "sd_v1", "ss_v2": "False",
+                  "ss_output_name": out.stem}
+    else:
+        tensors, header = to_diffusers(state, lora["rank"], lora["alpha"]), {}
+    return atomic_save_safetensors(_cast(tensors, dtype), out, {**_header(meta), **header})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command
+
+
+def resolve_checkpoint(path) -> Path:
+    """A run folder's best checkpoint, or the file itself."""
+    path = Path(path)
+    if path.is_dir():
+        found = best_checkpoint(path)
+        if found is None:
+            raise UserError(f"{path} holds no best.safetensors (or best.pt): pass a train.py run folder or a "
+                            "checkpoint file; a run writes its best checkpoint at the first validation")
+        return found
+    if not path.exists():
+        raise UserError(f"{path} not found; pass a train.py run folder (runs/<subject>) or its best.safetensors")
+    return path
+
+
+def default_out(ckpt: Path, fmt: str) -> Path:
+    """Beside the checkpoint, named after the run: runs/dog/dog.safetensors, dog-diffusers/, dog-lora.safetensors."""
+    name = ckpt.resolve().parent.name or "model"
+    return ckpt.parent / f"{name}{SUFFIX[fmt]}"
+
+
+def export(path, fmt: str = "single-file", out=None, dtype: str | None = None, weights=None,
+           overwrite: bool = False) -> Path:
+    """Write checkpoint (or run folder) `path` as `fmt`; returns the output path."""
+    if fmt not in FORMATS:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)} (got {fmt!r})")
+    ckpt = resolve_checkpoint(path)
+    state, meta = load_checkpoint(ckpt)  # (train.py's last.pt is refused here, with what to pass instead)
+    is_lora = meta["content"] == "lora"
+    if fmt.startswith("lora") and not is_lora:
+        raise UserError(f"{ckpt} is a whole fine-tuned U-Net, not a LoRA; export it as --format single-file or "
+                        "diffusers (train with --lora RANK for a LoRA)")
+    dtype = DTYPES[dtype or ("fp16" if fmt.startswith("lora") else "fp32")]
+    out = Path(out) if out is not None else default_out(ckpt, fmt)
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite to replace it, or --out another path")
+    if fmt != "diffusers" and out.suffix != ".safetensors":
+        raise UserError(f"--out {out}: the {fmt} format is one .safetensors file; name it *.safetensors")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt.startswith("lora"):
+        return write_lora(state, meta, out, dtype, fmt)
+    del state  # apply_checkpoint reads it again into the model
+    sd = load_sd(weights or meta.get("base"), "cpu", torch.float32)
+    apply_checkpoint(sd, ckpt)  # a LoRA is merged here
+    writer = write_single_file if fmt == "single-file" else write_diffusers
+    return writer(sd, out, dtype, meta)
+
+
+def parse_args(argv=None):
+    description, examples = __doc__.split("\n\n")[:2]
+    p = argparse.ArgumentParser(prog="python -m tinyrpo.export", description=description,
+                                epilog=f"examples:\n{examples}\n\nThe formats are described in "
+                                       "`python -m pydoc tinyrpo.export`.", formatter_class=HelpFormatter)
+    p.add_argument("path", metavar="RUN_OR_CKPT", help="a train.py run folder (its best checkpoint) or a checkpoint")
+    p.add_argument("--format", default="single-file", choices=FORMATS, help="what to write")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES),
+                   help="tensor precision (default: fp32 for single-file and diffusers, fp16 for the LoRA formats)")
+    p.add_argument("--out", default=None, help="output file (folder for diffusers); default: beside the "
+                                               "checkpoint, named after the run")
+    p.add_argument("--weights", default=None, help="the base SD v1 model (default: the one the checkpoint records)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = export(args.path, args.format, args.out, args.dtype, args.weights, args.overwrite)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.is_dir() else out.stat().st_size
+    print(f"wrote {out} ({size / 1e6:.1f} MB)")
+    return out
+
+
+if __name__ == "__main__":
+    run_cli(main)
