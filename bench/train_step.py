@@ -7,6 +7,8 @@
     python3 bench/train_step.py --device cuda --gradient-checkpointing --variants eager,compile
     python3 bench/train_step.py --device cuda --full-run-estimate
     python3 bench/train_step.py --device cuda --adamw foreach     # the default torch AdamW, vs the trainer's fused
+    python3 bench/train_step.py --lora 16 --variants eager           # LoRA rank 16 vs the full fine-tune
+    python3 bench/train_step.py --lora 16 --variants eager --channels 160 --latent 16   # the same, a smaller CPU run
 
 The step is the training loop's own code (tinyrpo.rpo.rpo_forward and tinyrpo.trainer.optimizer_step): B pairs, so
 the policy U-Net runs forward and backward on 2B latents and the frozen reference U-Net forward on the
@@ -19,6 +21,13 @@ master weights (the trainer's hyper-parameters). As in the trainer, the forwards
     diffusers          diffusers' UNet2DConditionModel holding the same random weights, called as
                        `lambda x, t, c: unet(x, t, c).sample`: only the network differs
     diffusers-compile  the same, compiled (not run unless named in --variants)
+    lora               with --lora RANK (added to --variants): LoRA adapters on the attention projections
+                       (tinyrpo/lora.py); AdamW on the adapters only, and the reference is the same U-Net with
+                       its adapters off (no second copy), as train.py --lora
+    lora-compile       the same, compiled (not run unless named in --variants)
+
+--channels C runs a U-Net C/320 as wide as SD v1.5's (levels C, 2C, 4C, 4C; C a multiple of 32), for a
+quicker, smaller comparison on a busy CPU; the default is SD v1.5 itself.
 
 On the CPU the compiled step was slower than eager in every run so far (bench/README.md has the figures).
 
@@ -49,22 +58,28 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.common import DTYPES, diffusers_unet, machine, peak_rss_mib, rss_mib, run_child, sync  # noqa: E402
 from tinyrpo import dreambench  # noqa: E402
+from tinyrpo.lora import add_lora, lora_disabled  # noqa: E402
 from tinyrpo.schedulers import NoiseSchedule, SchedulerConfig  # noqa: E402
 from tinyrpo.rpo import RPOOptions, rpo_forward  # noqa: E402
 from tinyrpo.trainer import TrainConfig, optimizer_step, resolve_config  # noqa: E402
 from tinyrpo.unet import UNet, UNetConfig  # noqa: E402
 
-VARIANTS = ("eager", "compile", "diffusers", "diffusers-compile")
+VARIANTS = ("eager", "compile", "diffusers", "diffusers-compile", "lora", "lora-compile")
 H100_BF16_TFLOPS = 989.0  # H100 SXM dense bf16 tensor-core peak (NVIDIA datasheet, without sparsity)
 
 
 # ---------------------------------------------------------------------------------------------- FLOPs
 
-def forward_flops(latent: int) -> tuple[float, int]:
-    """FLOPs of one SD v1.5 U-Net forward on one latent, and its parameter count (meta device: free)."""
+def unet_config(channels: int) -> UNetConfig:
+    """SD v1.5's U-Net, or one `channels`/320 as wide."""
+    return UNetConfig(block_out_channels=(channels, 2 * channels, 4 * channels, 4 * channels))
+
+
+def forward_flops(latent: int, channels: int = 320) -> tuple[float, int]:
+    """FLOPs of one U-Net forward on one latent, and its parameter count (meta device: free)."""
     from torch.utils.flop_counter import FlopCounterMode
     with torch.device("meta"):
-        unet = UNet(UNetConfig())
+        unet = UNet(unet_config(channels))
         x, t, c = torch.empty(1, 4, latent, latent), torch.zeros(1, dtype=torch.long), torch.empty(1, 77, 768)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
@@ -86,9 +101,22 @@ def autocast(device: torch.device, precision: str):
 
 
 def build(variant: str, args, device):
-    """Policy (fp32 master weights, train mode), frozen reference, and the two callables rpo_forward uses."""
+    """Policy (fp32 master weights, train mode), the parameters AdamW trains, and the two callables rpo_forward
+    uses (policy and frozen reference)."""
     torch.manual_seed(0)  # every variant starts from the same random weights
-    policy = UNet(UNetConfig()).to(device)
+    policy = UNet(unet_config(args.channels)).to(device)
+    if variant.startswith("lora"):
+        params = add_lora(policy, args.lora)  # freezes the U-Net; A and B train
+        policy.gradient_checkpointing = args.gradient_checkpointing
+        policy.train()
+        if args.channels_last:
+            policy.to(memory_format=torch.channels_last)
+        policy_fwd = torch.compile(policy, mode=args.compile_mode) if variant.endswith("compile") else policy
+
+        def ref_fwd(x, t, c):  # the base model: the same U-Net with its adapters off
+            with lora_disabled(policy):
+                return policy_fwd(x, t, c)
+        return policy, params, policy_fwd, ref_fwd
     if variant.startswith("diffusers"):
         policy = diffusers_unet(policy)  # takes over the tensors; the tinyrpo module is dropped
         if args.gradient_checkpointing:
@@ -110,19 +138,19 @@ def build(variant: str, args, device):
     if variant.endswith("compile"):
         policy_fwd = torch.compile(policy, mode=args.compile_mode)
         ref_fwd = torch.compile(ref, mode=args.compile_mode)
-    return policy, wrap(policy_fwd), wrap(ref_fwd)
+    return policy, list(policy.parameters()), wrap(policy_fwd), wrap(ref_fwd)
 
 
 def child(args):
     """Build one variant, warm up, time --repeats steps; print one JSON line for the parent."""
     device = torch.device(args.device)
     base_mib = rss_mib()
-    policy, policy_fwd, ref_fwd = build(args.child, args, device)
+    policy, params, policy_fwd, ref_fwd = build(args.child, args, device)
     cfg, rpo = resolve_config(TrainConfig(subject="")), RPOOptions()
     # Trainer.run's AdamW; its implementation: fused on a GPU and the default (a per-tensor loop) on the CPU.
     impl = {"trainer": dict(fused=device.type == "cuda"), "fused": dict(fused=True),
             "foreach": dict(foreach=True), "loop": dict(foreach=False)}[args.adamw]
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8, **impl)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8, **impl)
     scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None
     sched = NoiseSchedule(SchedulerConfig())
     B, L = args.pairs, args.latent
@@ -144,7 +172,7 @@ def child(args):
         if args.channels_last:
             x_t = x_t.contiguous(memory_format=torch.channels_last)
         out = rpo_forward(policy_fwd, ref_fwd, x_t, tt, cond, noise, y, rpo.beta, autocast(device, args.precision))
-        optimizer_step(out.loss, list(policy.parameters()), opt, cfg.grad_clip, scaler)
+        optimizer_step(out.loss, params, opt, cfg.grad_clip, scaler)
         return out.loss.detach()
 
     def timed(fn, *a):
@@ -156,7 +184,8 @@ def child(args):
         return time.perf_counter() - t0, time.process_time() - c0, r
 
     ready_mib = rss_mib()  # weights + reference
-    res = {"variant": args.child, "warmup": [], "times": [], "cpu_times": [], "losses": []}
+    res = {"variant": args.child, "warmup": [], "times": [], "cpu_times": [], "losses": [],
+           "trainable": sum(p.numel() for p in params)}
     for k in range(args.warmup + args.repeats):
         s, cpu, loss = timed(step, k)
         res["losses"].append(loss.item())
@@ -213,7 +242,8 @@ def report(results: dict, args, F: float, params: int):
     cuda = torch.device(args.device).type == "cuda"
     flops = step_flops(F, args.pairs)
     n = 2 * args.pairs
-    print(f"\nRPO training step, SD v1.5 U-Net ({params / 1e6:.0f}M params, random weights): {machine(args.device)}")
+    size = "SD v1.5 U-Net" if args.channels == 320 else f"U-Net {args.channels}/320 of SD v1.5's width"
+    print(f"\nRPO training step, {size} ({params / 1e6:.0f}M params, random weights): {machine(args.device)}")
     print(f"  {args.pairs} pair(s): policy forward+backward on {n} latents of {args.latent}x{args.latent}, reference "
           f"forward on {n}; precision {args.precision} (reference stored in it); AdamW ({args.adamw}) on fp32 "
           f"master weights; channels_last={args.channels_last}, gradient_checkpointing={args.gradient_checkpointing}, "
@@ -250,6 +280,14 @@ def report(results: dict, args, F: float, params: int):
         for v, r in ok.items():
             print(f"  {v:<18} " + " / ".join(f"{r[k] / 1024:.2f}" for k in ("base_mib", "ready_mib", "state_mib"))
                   + " GiB")
+    if "lora" in ok and "eager" in ok:
+        lora, full = ok["lora"], ok["eager"]
+        print(f"\nLoRA rank {args.lora} vs the full fine-tune (eager, same run): step time "
+              f"{med['lora']:.3f} / {med['eager']:.3f} s = {med['lora'] / med['eager']:.2f}x (CPU time "
+              f"{statistics.median(lora['cpu_times']) / statistics.median(full['cpu_times']):.2f}x), peak memory "
+              f"{lora['peak_mib'] / 1024:.2f} / {full['peak_mib'] / 1024:.2f} GiB = "
+              f"{lora['peak_mib'] / full['peak_mib']:.2f}x, trained parameters {lora['trainable'] / 1e6:.2f}M / "
+              f"{full['trainable'] / 1e6:.0f}M ({100 * lora['trainable'] / full['trainable']:.2f} %)")
     if args.full_run_estimate and ok:
         print("\nfull default train.py run, U-Net work only (no weight loading, text encoding, VAE, CLIP scoring):")
         for v, r in ok.items():
@@ -291,6 +329,11 @@ def parse_args():
                    help="also time a generation forward and estimate the U-Net time of a default train.py run")
     p.add_argument("--profile", type=int, default=0, metavar="ROWS",
                    help="after timing, profile one step of each variant and print this many rows (default: off)")
+    p.add_argument("--lora", type=int, default=None, metavar="RANK",
+                   help="add the lora variant: LoRA of this rank on the attention projections (default: off)")
+    p.add_argument("--channels", type=int, default=320,
+                   help="width of the U-Net's first level: 320 = SD v1.5, smaller for a quicker CPU run "
+                        "(default: %(default)s)")
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args()
 
@@ -301,6 +344,12 @@ def parse_args():
     args.repeats = args.repeats or (10 if cuda else 3)
     args.peak_tflops = args.peak_tflops or (H100_BF16_TFLOPS if cuda else None)
     args.variant_list = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if args.lora and not any(v.startswith("lora") for v in args.variant_list):
+        args.variant_list.append("lora")
+    if any(v.startswith("lora") for v in args.variant_list) and not args.lora:
+        p.error("the lora variants need --lora RANK")
+    if args.channels < 32 or args.channels % 32:
+        p.error("--channels must be a positive multiple of 32 (GroupNorm's 32 groups)")
     if args.no_compile:
         args.variant_list = [v for v in args.variant_list if not v.endswith("compile")]
     bad = [v for v in args.variant_list if v not in VARIANTS]
@@ -317,7 +366,8 @@ def main():
         return child(args)
     flags = [f"--device={args.device}", f"--latent={args.latent}", f"--pairs={args.pairs}",
              f"--precision={args.precision}", f"--compile-mode={args.compile_mode}", f"--adamw={args.adamw}",
-             f"--warmup={args.warmup}", f"--repeats={args.repeats}", f"--profile={args.profile}"]
+             f"--warmup={args.warmup}", f"--repeats={args.repeats}", f"--profile={args.profile}",
+             f"--channels={args.channels}"] + ([f"--lora={args.lora}"] if args.lora else [])
     flags += [f for f, on in (("--channels-last", args.channels_last),
                               ("--gradient-checkpointing", args.gradient_checkpointing),
                               ("--full-run-estimate", args.full_run_estimate)) if on]
@@ -327,7 +377,7 @@ def main():
         rc, r = run_child(__file__, ["--child", v, *flags])
         results[v] = r if r is not None else (
             "killed (out of memory?)" if rc in (-9, 137) else f"failed (exit code {rc})")
-    report(results, args, *forward_flops(args.latent))
+    report(results, args, *forward_flops(args.latent, args.channels))
 
 
 if __name__ == "__main__":
