@@ -157,7 +157,7 @@ def read_lora(path, sd) -> tuple[list[LoRAUpdate], dict | None]:
                               state[k.removesuffix(".lora_A.weight") + ".lora_B.weight"], alpha)
                    for k in state if k.endswith(".lora_A.weight")]
         return updates, meta
-    return parse_lora(read_state_dict(path), header, sd, str(path)), None
+    return parse_lora(read_state_dict(path, want="lora"), header, sd, str(path)), None
 
 
 def delta_weight(u: LoRAUpdate, shape: torch.Size) -> torch.Tensor:
