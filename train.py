@@ -5,10 +5,10 @@ examples:
   python train.py --subject photos/my_mug --class-noun mug    # your own subject
   python train.py --subject refs/dog --method dreambooth      # a baseline: DreamBooth, prior preservation
   python train.py --out runs/dog --resume                     # continue an interrupted run
-  python sample.py --ckpt runs/dog/best.pt --prompt "a sks dog on the beach"
+  python sample.py --ckpt runs/dog/best.safetensors --prompt "a sks dog on the beach"
 
 The run folder (--out, default runs/<subject>) gets config.json, the method's cached images, log.jsonl, a
-grid per validation (val/step_*.png), best.pt (the chosen checkpoint), last.pt, summary.json and
+grid per validation (val/step_*.png), best.safetensors (the chosen checkpoint), last.pt, summary.json and
 report.html (curves and grids; open it in a browser, rebuilt after every validation).
 --resume takes every setting from the run's config.json; of the flags given with it, only --steps,
 --patience, --log-every, --save-every, --gen-batch-size, --compile, --device and --log-with may differ
@@ -57,6 +57,11 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     a("--resolution", type=int, default=512, help="training and generation resolution in pixels (default: 512)")
     a("--train-text-encoder", action="store_true", default=None,
       help="fine-tune the text encoder too (default: off for RPO)")
+    a("--lora", type=int, default=None, metavar="RANK",
+      help="train LoRA adapters of this rank on the U-Net instead of every weight (default lr then 1e-4)")
+    a("--lora-alpha", type=float, default=None, help="LoRA α; the update is scaled by α/rank (default: rank)")
+    a("--lora-targets", default=None,
+      help="comma-separated U-Net layers to adapt (default: to_q,to_k,to_v,to_out.0 of every attention)")
     a("--seed", type=int, default=0, help="seed of the generated images and of the training draws (default: 0)")
 
     a = group("validation and checkpoint selection")
@@ -66,7 +71,7 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     a("--mean", default="harmonic", choices=["harmonic", "arithmetic"],
       help="how the reward combines ALIGN-I and ALIGN-T (default: harmonic, eq. 5; arithmetic: Table 6)")
     a("--select", default=None, choices=["best", "last"],
-      help="best.pt is the validation-reward argmax (best) or the final step (last) (default: RPO best)")
+      help="the checkpoint kept is the validation-reward argmax (best) or the final step (last) (default: RPO best)")
     a("--no-early-stop", dest="select", action="store_const", const="last", help="the same as --select last")
     a("--select-best", dest="select", action="store_const", const="best", help="the same as --select best")
     a("--patience", type=int, default=None, help="stop after N validations without improvement (default: never)")

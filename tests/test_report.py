@@ -108,7 +108,7 @@ def test_report_of_a_real_run(tiny_run):
     for phase in summary["seconds"]:
         assert f"<td>{phase}</td>" in html
     assert all(f"<li>{p}</li>" in html for p in cfg["train_prompts"]) and "lambda_val" in html
-    assert "finished: 4 of 4 steps" in html and 'href="best.pt"' in html
+    assert "finished: 4 of 4 steps" in html and 'href="best.safetensors"' in html
 
     # the embedded grids: labelled rows holding the run's own validation images
     grids = embedded_grids(html)

@@ -1,4 +1,4 @@
-"""End-to-end: train.py on tiny random weights and synthetic photos, then sample.py with its best.pt."""
+"""End-to-end: train.py on tiny random weights and synthetic photos, then sample.py with its checkpoint."""
 import json
 import subprocess
 import sys
@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import train
+from tinyrpo.checkpoint import load_checkpoint
 from tests.fixtures import make_tiny_clip, make_tiny_sd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +46,7 @@ def base_args(models, subject, out, *extra):
 
 def test_end_to_end(models, tmp_path, monkeypatch):
     from tinyrpo.trainer import Trainer
-    # Tiny random networks give a flat, noisy reward; nudge it up with the step so that best.pt is a
+    # Tiny random networks give a flat, noisy reward; nudge it up with the step so that the best checkpoint is a
     # trained checkpoint (and sample.py with it must differ from the base). The argmax logic is unchanged.
     validate = Trainer.validate
     monkeypatch.setattr(Trainer, "validate", lambda self, step: (lambda v: v | {"reward": v["reward"] + 0.1 * step})(
@@ -57,7 +58,7 @@ def test_end_to_end(models, tmp_path, monkeypatch):
                                     "--log-with", "tensorboard")) == 0
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert "step 4" in (out / "report.html").read_text()
-    for f in ["config.json", "log.jsonl", "best.pt", "last.pt", "summary.json", "rewards.json",
+    for f in ["config.json", "log.jsonl", "best.safetensors", "last.pt", "summary.json", "rewards.json",
               "negatives/index.json", "val/step_00000.png", "val/step_00002.png", "val/step_00004.png"]:
         assert (out / f).exists(), f
     assert len(list((out / "negatives").glob("*.png"))) == 8  # 8 object prompts x 1 image
@@ -67,9 +68,9 @@ def test_end_to_end(models, tmp_path, monkeypatch):
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     assert all({"loss", "l_sim", "l_pref", "delta", "label"} <= r.keys() for r in steps)
     assert [v["step"] for v in vals] == [0, 2, 4]
-    # best.pt is the argmax of the validation reward
+    # the best checkpoint is the argmax of the validation reward
     best = max(vals, key=lambda v: v["reward"])
-    meta = torch.load(out / "best.pt", weights_only=True)["meta"]
+    _, meta = load_checkpoint(out / "best.safetensors")
     assert meta["step"] == best["step"] and meta["reward"] == pytest.approx(best["reward"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["best_step"] == best["step"]
@@ -83,7 +84,7 @@ def test_end_to_end(models, tmp_path, monkeypatch):
     common = ["--prompt", "a sks toy on the beach", "--steps", "2", "--n", "1", "--height", str(RES),
               "--width", str(RES), "--device", "cpu", "--seed", "3"]
     sample.main([*common, "--weights", str(models[0]), "--out", str(tmp_path / "base")])
-    sample.main([*common, "--ckpt", str(out / "best.pt"), "--out", str(tmp_path / "tuned")])
+    sample.main([*common, "--ckpt", str(out / "best.safetensors"), "--out", str(tmp_path / "tuned")])
     a = sorted((tmp_path / "base").rglob("*-00.png"))
     b = sorted((tmp_path / "tuned").rglob("*-00.png"))
     assert len(a) == len(b) == 1

@@ -339,7 +339,8 @@ def run_page(run: Run) -> str:
             f"<small>({escape(run.name)})</small></h1>",
             f'<p class="status">{escape(status_line(run))} · λ_val = {escape(str(cfg.get("lambda_val", "?")))}</p>']
     if best is not None:
-        ckpt = ' · checkpoint <a href="best.pt">best.pt</a>' if (run.path / "best.pt").exists() else ""
+        name = next((n for n in ("best.safetensors", "best.pt") if (run.path / n).exists()), None)
+        ckpt = f' · checkpoint <a href="{name}">{name}</a>' if name else ""
         head.append(f'<p class="best-line"><span class="badge">best</span> <a href="#step-{best}">step {best}</a>: '
                     f"reward {num(bv.get('reward'))}, ALIGN-I {num(bv.get('align_i'))}, "
                     f"ALIGN-T {num(bv.get('align_t'))}{ckpt}</p>")

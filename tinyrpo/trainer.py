@@ -24,12 +24,13 @@ import torch
 from tqdm import tqdm
 
 from tinyrpo import dreambench
-from tinyrpo.checkpoint import atomic_torch_save, save_checkpoint
+from tinyrpo.checkpoint import BEST, LAST, atomic_torch_save, save_checkpoint
 from tinyrpo.data import Subject, load_subject
 from tinyrpo.download import DEFAULT_REWARD_CLIP, DEFAULT_SD
 from tinyrpo.errors import UserError
 from tinyrpo.methods import METHODS
 from tinyrpo.grids import labelled_grid
+from tinyrpo.lora import DEFAULT_TARGETS, add_lora, load_lora_state_dict, lora_config, lora_disabled, lora_state_dict
 from tinyrpo.pipeline import generate, resolve_device, to_pil
 from tinyrpo.report import write_report
 from tinyrpo.reward import CLIPScorer, Scores, score
@@ -38,6 +39,9 @@ from tinyrpo.tracking import LOG_WITH, Tracker, make_tracker
 from tinyrpo.runfolder import RESUMABLE, JsonlLog, RunLock, atomic_write_json, config_differences, read_json
 from tinyrpo.weights import load_clip, load_sd
 
+# With --lora and no --lr: diffusers' LoRA DreamBooth example (train_dreambooth_lora.py's README) trains at
+# 1e-4; full fine-tunes use 5e-6, which would barely move adapters that start at B = 0.
+LORA_LR = 1e-4
 MAX_SEED = 2**63 - 1 - 10_000  # the seed + offsets drawn from it (validation uses seed + 1000) must fit a generator
 
 
@@ -67,6 +71,9 @@ class TrainConfig:
     patience: int | None = None
     save_every: int = 200                  # last.pt (10 GB for SD v1.5 with AdamW) every N steps, and at the end
     train_text_encoder: bool | None = None  # None: the method's default
+    lora: int | None = None                # rank of LoRA adapters on the U-Net (None: fine-tune every weight)
+    lora_alpha: float | None = None        # α of eq. (3) of Hu et al.; None: = rank (scaling 1)
+    lora_targets: str | None = None        # comma-separated module names; None: to_q,to_k,to_v,to_out.0
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"                # bf16 autocast on CUDA, fp32 on CPU
@@ -103,6 +110,12 @@ class TrainConfig:
              f"--precision must be bf16, fp16, fp32 or auto (got {self.precision})")
         need(self.log_with in LOG_WITH, f"--log-with must be one of {', '.join(LOG_WITH)} (got {self.log_with!r})")
         need(self.log_every >= 1, f"--log-every must be at least 1 (got {self.log_every})")
+        need(self.lora is None or self.lora >= 1, f"--lora rank must be at least 1 (got {self.lora})")
+        need(self.lora_alpha is None or self.lora_alpha > 0, f"--lora-alpha must be positive (got {self.lora_alpha})")
+        need(self.lora is not None or (self.lora_alpha is None and self.lora_targets is None),
+             "--lora-alpha and --lora-targets need --lora RANK")
+        need(not (self.lora and self.train_text_encoder),
+             "--train-text-encoder with --lora is not supported: LoRA adapts the U-Net only; drop one of them")
         need(self.gen_batch_size >= 1, f"--gen-batch-size must be at least 1 (got {self.gen_batch_size})")
 
 
@@ -128,6 +141,9 @@ def resolve_config(cfg: TrainConfig, given: set[str] | None = None) -> TrainConf
             cfg = TrainConfig(**(asdict(cfg) | keep | {"options": opts, "out": str(out), "resume": True}))
             cfg.validate()
     method = METHODS[cfg.method]
+    if cfg.lora:  # adapters train at a LoRA learning rate, and on the U-Net alone
+        cfg.lr = LORA_LR if cfg.lr is None else cfg.lr
+        cfg.train_text_encoder = False
     for key, value in method.defaults.items():
         if getattr(cfg, key) is None:
             setattr(cfg, key, value)
@@ -196,7 +212,7 @@ class Trainer:
         cfg, out = self.cfg, self.out
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {out} is a file; choose a folder")
-        holds_run = (out / "config.json").exists() or (out / "last.pt").exists()
+        holds_run = (out / "config.json").exists() or (out / LAST).exists()
         if holds_run and not cfg.resume:
             raise UserError(f"{out} already holds a run; pass --resume to continue it, or --out DIR to start a new one")
         if cfg.resume and not holds_run:
@@ -266,19 +282,28 @@ class Trainer:
             self.policy.gradient_checkpointing = cfg.gradient_checkpointing
             self.train_text_encoder = bool(cfg.train_text_encoder)
             self.sd.text_encoder.requires_grad_(self.train_text_encoder).train(self.train_text_encoder)
-            self.params = [p for p in self.policy.parameters()]
+            self.params = list(self.policy.parameters())
+            if cfg.lora:
+                # The base stays frozen in the autocast dtype (no fp32 master copy needed); the adapters
+                # are fp32 master weights. With adapters off it is the base model: RPO's reference.
+                self.policy.to(self.amp_dtype or torch.float32)
+                targets = cfg.lora_targets.split(",") if cfg.lora_targets else DEFAULT_TARGETS
+                with torch.random.fork_rng(devices=[]):  # A's random init from --seed: reproducible runs
+                    torch.manual_seed(cfg.seed)
+                    self.params = add_lora(self.policy, cfg.lora, cfg.lora_alpha, targets)
             if self.train_text_encoder:
                 self.params += list(self.sd.text_encoder.parameters())
             self.policy_fwd, self.ref_fwd = self.policy, None
-            if self.method_cls.uses_reference:
+            if cfg.compile:
+                self.policy_fwd = torch.compile(self.policy)
+            if self.method_cls.uses_reference and cfg.lora:
+                self.ref_fwd = adapters_off(self.policy, self.policy_fwd)
+            elif self.method_cls.uses_reference:
                 # The frozen reference U-Net: a copy of the base, stored in the autocast dtype (it only ever
                 # runs forwards, so it needs no fp32 master copy; fp32 when training in fp32).
                 self.ref_unet = copy.deepcopy(self.policy).to(self.amp_dtype or torch.float32)
                 self.ref_unet.requires_grad_(False).eval()
-                self.ref_fwd = self.ref_unet
-            if cfg.compile:
-                self.policy_fwd = torch.compile(self.policy)
-                self.ref_fwd = self.ref_fwd and torch.compile(self.ref_fwd)
+                self.ref_fwd = torch.compile(self.ref_unet) if cfg.compile else self.ref_unet
         self._text_cache = {}
 
     def text_states(self, prompts: list[str]) -> torch.Tensor:
@@ -331,24 +356,32 @@ class Trainer:
                 "step": step, "reward": reward, "lambda_val": self.cfg.lambda_val,
                 "reward_model": str(self.cfg.reward_model), "config": self.resolved}
 
+    def trained_unet_state(self) -> dict:
+        """What training changed in the U-Net: the adapters with --lora, else every weight."""
+        return lora_state_dict(self.policy) if self.cfg.lora else self.policy.state_dict()
+
     def save_best(self, step: int, reward: float | None):
-        save_checkpoint(self.out / "best.pt", self.policy.state_dict(), self.meta(step, reward))
+        lora = lora_config(self.policy) if self.cfg.lora else None
+        save_checkpoint(self.out / BEST, self.trained_unet_state(), self.meta(step, reward), lora=lora)
 
     def save_last(self, step: int):
-        state = {"unet": self.policy.state_dict(), "optimizer": self.opt.state_dict(),
+        state = {"unet": self.trained_unet_state(), "optimizer": self.opt.state_dict(),
                  "rng": self.gen.get_state(), "step": step, "best": self.best, "bad_vals": self.bad_vals,
                  "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                  "method": self.method.state_dict()}
         if self.train_text_encoder:
             state["text_encoder"] = self.sd.text_encoder.state_dict()
-        atomic_torch_save(state, self.out / "last.pt")
+        atomic_torch_save(state, self.out / LAST)
         self.saved_step = step
 
     def load_last(self) -> int:
-        path = self.out / "last.pt"
+        path = self.out / LAST
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-            self.policy.load_state_dict(state["unet"])
+            if self.cfg.lora:
+                load_lora_state_dict(self.policy, state["unet"], str(path))
+            else:
+                self.policy.load_state_dict(state["unet"])
             if self.train_text_encoder:
                 self.sd.text_encoder.load_state_dict(state["text_encoder"])
             self.opt.load_state_dict(state["optimizer"])
@@ -364,7 +397,8 @@ class Trainer:
         return state["step"]
 
     def after_validation(self, v: dict) -> bool:
-        """Track the validation-reward argmax (saved as best.pt with --select best); True when patience runs out."""
+        """Track the validation-reward argmax (saved as best.safetensors with --select best); True when
+        patience runs out."""
         if self.best is None or v["reward"] > self.best["reward"]:
             self.best = {"step": v["step"], "reward": v["reward"], "align_i": v["align_i"], "align_t": v["align_t"]}
             self.bad_vals = 0
@@ -418,7 +452,7 @@ class Trainer:
         self.best, self.bad_vals, self.saved_step = None, 0, None
         log = Log(self.out / "log.jsonl")
         start = 0
-        if (self.out / "last.pt").exists():
+        if (self.out / LAST).exists():
             start = self.load_last()
             log.truncate(start)
         self.tracker = log.tracker = make_tracker(cfg.log_with, self.out, resume_step=start if start else None)
@@ -461,7 +495,7 @@ class Trainer:
                 if step % cfg.save_every == 0 or step == cfg.steps or stop or self.stop_signal is not None:
                     self.save_last(step)
                 if self.stop_signal is not None:
-                    raise TrainingInterrupted(f"interrupted at step {step}; saved {self.out / 'last.pt'}. "
+                    raise TrainingInterrupted(f"interrupted at step {step}; saved {self.out / LAST}. "
                                               f"Continue with: {self.resume_command()}")
                 if stop:
                     stopped_early = True
@@ -481,7 +515,7 @@ class Trainer:
                    "best_align_i": self.best["align_i"], "best_align_t": self.best["align_t"],
                    "steps_run": step, "stopped_early": stopped_early,
                    "seconds": {k: round(v, 2) for k, v in self.times.items()},
-                   "best_ckpt": str(self.out / "best.pt")}
+                   "best_ckpt": str(self.out / BEST)}
         atomic_write_json(self.out / "summary.json", summary)
         self.write_report()
         return summary
@@ -492,6 +526,14 @@ class Trainer:
             write_report(self.out)
         except Exception as e:  # noqa: BLE001 (the report is a view of the run, never the run)
             tqdm.write(f"warning: could not write {self.out / 'report.html'} ({type(e).__name__}: {e})")
+
+
+def adapters_off(model, fwd):
+    """RPO's frozen reference with --lora: the same U-Net (compiled or not) with its adapters switched off."""
+    def ref(x, t, c):
+        with lora_disabled(model):
+            return fwd(x, t, c)
+    return ref
 
 
 class Log(JsonlLog):
