@@ -357,7 +357,7 @@ def test_dreambench_trains_evaluates_resumes_and_aggregates(models, tmp_path, mo
     assert "[ 1/1] dog: DINO" in printed and "ETA" in printed
     first = json.loads((out / "dog" / "eval" / "eval.json").read_text())
     assert first["live"] and first["class_noun"] == "dog" and len(first["prompts"]) == 2
-    assert first["models"]["ckpt"] == str(out / "dog" / "best.pt")
+    assert first["models"]["ckpt"] == str(out / "dog" / "best.safetensors")
     assert json.loads((out / "dog" / "config.json").read_text())["device"] == "cpu"  # forwarded
 
     # Make dog's training look interrupted (last.pt, no summary.json, no evaluation): it must be resumed.
