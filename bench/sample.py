@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import diffusers_unet  # noqa: E402
 from tinyrpo.clip import CLIPTextConfig, CLIPTextModel  # noqa: E402
 from tinyrpo.pipeline import generate  # noqa: E402
 from tinyrpo.schedulers import SchedulerConfig  # noqa: E402
@@ -51,23 +52,22 @@ def build_ours(device, dtype):
 
 
 def build_diffusers(sd, device, dtype, tmp: Path):
-    """StableDiffusionPipeline from diffusers / transformers classes holding `sd`'s weights."""
+    """StableDiffusionPipeline from diffusers / transformers classes holding `sd`'s weights (any sizes)."""
     from diffusers import AutoencoderKL as DAutoencoderKL
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig as HFTextConfig
     from transformers import CLIPTextModel as HFTextModel
     from transformers import CLIPTokenizer as HFTokenizer
 
-    u, v, t, s = sd.unet.cfg, sd.vae.cfg, sd.text_encoder.config, sd.scheduler_config
+    v, t, s = sd.vae.cfg, sd.text_encoder.config, sd.scheduler_config
     levels = len(v.block_out_channels)
-    with torch.device("meta"):  # diffusers' U-Net and VAE share tinyrpo's tensors (3.8 GB in fp32)
-        unet = UNet2DConditionModel(cross_attention_dim=u.cross_attention_dim, sample_size=u.sample_size)
+    unet = diffusers_unet(sd.unet)  # diffusers' U-Net and VAE share tinyrpo's tensors (3.8 GB in fp32)
+    with torch.device("meta"):
         vae = DAutoencoderKL(down_block_types=("DownEncoderBlock2D",) * levels,
                              up_block_types=("UpDecoderBlock2D",) * levels,
                              block_out_channels=v.block_out_channels, layers_per_block=v.layers_per_block,
                              latent_channels=v.latent_channels, norm_num_groups=v.norm_num_groups,
                              sample_size=v.sample_size, scaling_factor=v.scaling_factor)
-    unet.load_state_dict(sd.unet.state_dict(), strict=True, assign=True)
     vae.load_state_dict(sd.vae.state_dict(), strict=True, assign=True)
     # transformers' CLIPTextModel renames checkpoint keys on load, so it gets the weights through a file
     HFTextConfig(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,

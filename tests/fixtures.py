@@ -133,6 +133,14 @@ def make_tiny_sd(dest, layout: str = "diffusers", fp16: bool = False, seed: int 
         _save(to_compvis(unet, vae, text), path, dtype)
         return path
     assert layout == "diffusers", f"unknown layout {layout!r}"
+    return write_sd_folder(dest, unet, vae, text, fp16, legacy_vae_attention)
+
+
+def write_sd_folder(dest, unet: UNet, vae: AutoencoderKL, text: CLIPTextModel, fp16: bool = False,
+                    legacy_vae_attention: bool = False) -> Path:
+    """Any SD v1 networks as a diffusers folder (see make_tiny_sd; bench/gpu.py writes SD v1.5-size ones)."""
+    dest = Path(dest)
+    dtype = torch.float16 if fp16 else None
     v = ".fp16" if fp16 else ""
     _save(unet.state_dict(), dest / "unet" / f"diffusion_pytorch_model{v}.safetensors", dtype)
     _json(dest / "unet" / "config.json", unet_config_json(unet.cfg))
@@ -158,10 +166,16 @@ def make_tiny_sd(dest, layout: str = "diffusers", fp16: bool = False, seed: int 
 
 def make_tiny_clip(dest, projection_dim: int = 32, seed: int = 0) -> Path:
     """A tiny CLIPModel (real vocabulary, 32-pixel images in 8-pixel patches) as an HF folder."""
-    dest = Path(dest)
     cfg = CLIPConfig(text=TINY_CLIP_TEXT, vision=TINY_CLIP_VISION, projection_dim=projection_dim)
-    _save(randomize_(CLIPModel(cfg), seed=seed).state_dict(), dest / "model.safetensors")
-    t, v = cfg.text, cfg.vision
+    return write_clip_folder(dest, randomize_(CLIPModel(cfg), seed=seed))
+
+
+def write_clip_folder(dest, model: CLIPModel, fp16: bool = False) -> Path:
+    """Any CLIPModel as an HF folder (model.safetensors, config.json), as transformers saves one."""
+    dest = Path(dest)
+    cfg = model.config
+    _save(model.state_dict(), dest / "model.safetensors", torch.float16 if fp16 else None)
+    t, v, projection_dim = cfg.text, cfg.vision, cfg.projection_dim
     text_config = clip_text_config_json(t, eos_token_id=49407)
     del text_config["architectures"], text_config["torch_dtype"]
     _json(dest / "config.json", {
