@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tinyrpo.checkpoint import BEST, LAST
+
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ["machine", "kernels", "train", "sample", "fullrun", "variants"]
 
@@ -94,10 +96,13 @@ def test_sample_figures(dry):
 
 
 def test_full_run_figures(dry):
-    run = items(dry[0], "fullrun")["default RPO run"]
+    runs = items(dry[0], "fullrun")
+    run = runs["default RPO run"]
     assert run["steps_run"] == 4
     assert {"load", "negatives", "rewards", "train", "validation", "total"} <= run["phases_s"].keys()
-    assert {"best.pt", "last.pt", "summary.json", "log.jsonl", "config.json"} <= run["top_level_files_mib"].keys()
+    assert {BEST, LAST, "summary.json", "log.jsonl", "config.json"} <= run["top_level_files_mib"].keys()
+    lora = runs["default RPO run, LoRA r16"]  # train.py --lora 16: adapters and their AdamW state only
+    assert lora["steps_run"] == 4 and lora["top_level_files_mib"][LAST] < run["top_level_files_mib"][LAST] / 5
     # Everything in the run folder was written by the run, and write() saw at least those bytes.
     assert 0 < run["run_folder_gib"] <= run["wchar_gib"]
     assert run["phases_s"]["total"] <= run["total_s"]
