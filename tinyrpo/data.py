@@ -1,6 +1,13 @@
-"""The subject: reference photos, class noun and prompt set, checked the way a user needs them checked."""
+"""The subject: reference photos, class noun and prompt set, checked the way a user needs them checked.
+
+A subject folder may hold a `subject.json` (the toy subjects do, see tinyrpo/toy/subjects.py) with any of
+    {"class_noun": "toy", "live": false,
+     "train_prompts": ["a {0} {1} on the moon", ...], "eval_prompts": [...]}
+({0} the token, {1} the class noun, as in tinyrpo.dreambench); flags given explicitly win over it.
+"""
+import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +122,30 @@ def load_subject_images(folder, resolution: int = 512) -> list[Image.Image]:
     return images
 
 
+SUBJECT_FILE = "subject.json"
+
+
+def read_subject_file(folder) -> dict:
+    """The folder's subject.json, checked; {} when there is none."""
+    path = Path(folder) / SUBJECT_FILE
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path} ({e}); fix it or delete it") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path} is not a JSON object ({{...}}); fix it or delete it")
+    kinds = {"class_noun": str, "live": bool, "train_prompts": list, "eval_prompts": list}
+    bad = [k for k, kind in kinds.items() if k in meta and not isinstance(meta[k], kind)]
+    bad += [k for k in ("train_prompts", "eval_prompts") if k in meta and k not in bad
+            and not (meta[k] and all(isinstance(t, str) and "{0}" in t for t in meta[k]))]
+    if bad:
+        raise UserError(f"{path}: {bad[0]} is not valid (class_noun: a string, live: true/false, *_prompts: "
+                        "lists of prompts with {0} for the token); fix it or delete it")
+    return meta
+
+
 @dataclass
 class Subject:
     name: str                 # folder name, e.g. "dog"
@@ -122,6 +153,9 @@ class Subject:
     class_noun: str           # e.g. "dog"
     live: bool                # live subjects (dogs, cats) get the live prompt sets
     images: list              # PIL images at the training resolution
+    train_prompts: list | None = None  # templates from subject.json, else the trainer's (DreamBench) defaults
+    eval_prompts: list | None = None
+    meta: dict = field(default_factory=dict)  # the whole subject.json
 
     def prompt(self, template: str) -> str:
         return template.format(self.token, self.class_noun)
@@ -132,9 +166,12 @@ class Subject:
 
 
 def resolve_class(folder, class_noun: str | None) -> str:
-    """The class noun: given, or looked up for a DreamBench subject folder name."""
+    """The class noun: given, else the folder's subject.json's, else looked up for a DreamBench folder name."""
     if class_noun:
         return class_noun.strip()
+    from_file = read_subject_file(folder).get("class_noun")
+    if from_file:
+        return from_file.strip()
     name = Path(folder).name
     if name in dreambench.SUBJECT_CLASSES:
         return dreambench.SUBJECT_CLASSES[name]
@@ -147,5 +184,8 @@ def load_subject(folder, token: str = "sks", class_noun: str | None = None, live
     cls = resolve_class(folder, class_noun)
     if not token or any(c.isspace() for c in token):
         raise UserError(f"--token must be one word (got {token!r}); the default 'sks' is a rare token")
+    meta = read_subject_file(folder)
     images = load_subject_images(folder, resolution)
-    return Subject(Path(folder).name, token, cls, dreambench.is_live(cls) if live is None else live, images)
+    live = meta.get("live", dreambench.is_live(cls)) if live is None else live
+    return Subject(Path(folder).name, token, cls, live, images, meta.get("train_prompts"), meta.get("eval_prompts"),
+                   meta)

@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from tinyrpo import dreambench
 from tinyrpo.checkpoint import apply_checkpoint, best_checkpoint, load_checkpoint
-from tinyrpo.data import load_subject, resolve_class
+from tinyrpo.data import load_subject, read_subject_file, resolve_class
 from tinyrpo.download import DEFAULT_DINO, DEFAULT_EVAL_CLIP, DEFAULT_SD, missing_weights_message
 from tinyrpo.dino import DINO, dino_preprocess
 from tinyrpo.errors import UserError, run_cli
@@ -56,6 +56,7 @@ from tinyrpo.identify import checkpoint_mixup, wrong_kind
 from tinyrpo.pipeline import check_seed, generate, image_grid, resolve_device, to_pil
 from tinyrpo.reward import CLIPScorer
 from tinyrpo.rpo import harmonic_reward
+from tinyrpo.toy.metrics import exact_columns
 from tinyrpo.weights import load_clip, load_dino, load_sd
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -126,8 +127,14 @@ def image_scores(gen: Embeddings, refs: Embeddings, text_embs: torch.Tensor, lam
     return scores | harmonic_scores(scores["clip_i"], scores["clip_t"], lam)
 
 
-def mean_scores(scores: dict[str, torch.Tensor], index=slice(None)) -> dict[str, float]:
-    return {k: v[index].mean().item() for k, v in scores.items()}
+def mean_scores(scores: dict[str, torch.Tensor], index=slice(None)) -> dict[str, float | None]:
+    # An exact toy metric is NaN where a prompt does not ask what it checks: left out of the mean, and a mean
+    # over nothing is None (JSON has no NaN).
+    return {k: none_if_nan(torch.nanmean(v[index].double()).item()) for k, v in scores.items()}
+
+
+def none_if_nan(x: float) -> float | None:
+    return None if x != x else x
 
 
 # ------------------------------------------------------------------------------------------------- models
@@ -223,13 +230,15 @@ def reference_block(embedder: Embedder, refs: Embeddings, class_noun: str, lam: 
     return {"images": n, "clip_t_text": text, **mean_scores(scores)}
 
 
-def evaluate_subject(subject_dir, out=None, ckpt=None, weights=None, eval_clip=DEFAULT_EVAL_CLIP,
-                     dino=DEFAULT_DINO, token=None, class_noun=None, live=None, real=False,
-                     settings: EvalSettings | None = None, embedder: Embedder | None = None) -> dict:
+def evaluate_subject(subject_dir, out=None, ckpt=None, weights=None, eval_clip=None, dino=None, token=None,
+                     class_noun=None, live=None, real=False, settings: EvalSettings | None = None,
+                     embedder: Embedder | None = None) -> dict:
     """Generate, score and write eval.json / eval.md / grids for one subject. Returns eval.json's content.
 
     ckpt None evaluates the base model (`weights`); `real` scores only the reference photos.
-    `embedder` lets --dreambench load the evaluation networks once.
+    `embedder` lets --dreambench load the evaluation networks once. A subject folder's subject.json may name
+    the prompts, the resolution and the models to use (the toy subjects name the toy weights); a toy subject
+    also gets the exact metrics of tinyrpo/toy/metrics.py (identity, fidelity, leak) beside the others.
     """
     s = settings or EvalSettings()
     s.validate()
@@ -245,7 +254,10 @@ def evaluate_subject(subject_dir, out=None, ckpt=None, weights=None, eval_clip=D
         if mixup := checkpoint_mixup(ckpt):
             raise UserError(mixup)
         _, meta = load_checkpoint(ckpt)  # fails early on a bad file; memory-mapped, so cheap
-    weights = None if real else (weights or meta.get("base") or DEFAULT_SD)
+    file = read_subject_file(subject_dir)
+    named = file.get("weights", {}) if isinstance(file.get("weights"), dict) else {}
+    eval_clip, dino = eval_clip or named.get("clip") or DEFAULT_EVAL_CLIP, dino or named.get("dino") or DEFAULT_DINO
+    weights = None if real else (weights or meta.get("base") or named.get("sd") or DEFAULT_SD)
     if weights is not None and not Path(weights).exists():
         raise UserError(missing_weights_message("sd15", weights, "--weights"))
     if weights is not None and (mixup := wrong_kind(weights, "sd")):  # before the photos are scored
@@ -254,7 +266,7 @@ def evaluate_subject(subject_dir, out=None, ckpt=None, weights=None, eval_clip=D
     token = token or meta.get("token") or "sks"
     class_noun = resolve_class(subject_dir, class_noun or meta.get("class_noun"))
     live = meta.get("live") if live is None else live
-    resolution = s.resolution or meta.get("config", {}).get("resolution") or 512
+    resolution = s.resolution or meta.get("config", {}).get("resolution") or file.get("resolution") or 512
     subject = load_subject(subject_dir, token, class_noun, live, resolution)
     if real and len(subject.images) < 2:
         raise UserError(f"--real compares the reference photos with each other: {subject_dir} needs at least 2")
@@ -272,7 +284,7 @@ def evaluate_subject(subject_dir, out=None, ckpt=None, weights=None, eval_clip=D
     refs = embedder.images(subject.images, desc="scoring references", progress=s.progress)
     reference = reference_block(embedder, refs, subject.class_noun, s.lambda_val)
 
-    templates = dreambench.LIVE_PROMPTS if subject.live else dreambench.OBJECT_PROMPTS
+    templates = subject.eval_prompts or (dreambench.LIVE_PROMPTS if subject.live else dreambench.OBJECT_PROMPTS)
     prompts = dreambench.fill(templates, subject.token, subject.class_noun)
     per_prompt, overall = [], None
     if real:
@@ -283,6 +295,7 @@ def evaluate_subject(subject_dir, out=None, ckpt=None, weights=None, eval_clip=D
         gen = embedder.images(images, desc="scoring images", progress=s.progress)
         texts = [scoring_prompt(p, subject.token) for p in prompts]
         scores = image_scores(gen, refs, embedder.texts([t for t in texts for _ in range(n)]), s.lambda_val)
+        scores |= exact_columns(subject.meta, images, [p for p in prompts for _ in range(n)], subject.token)
         overall = mean_scores(scores)
         for p, (prompt, text) in enumerate(zip(prompts, texts)):
             rows = slice(p * n, (p + 1) * n)
@@ -290,7 +303,7 @@ def evaluate_subject(subject_dir, out=None, ckpt=None, weights=None, eval_clip=D
             image_grid(images[rows], cols=min(n, 4)).save(out / grid)
             per_prompt.append({"prompt": prompt, "scored_text": text, "seed": s.seed + p, "grid": str(grid),
                                **mean_scores(scores, rows),
-                               "per_image": {k: v[rows].tolist() for k, v in scores.items()}})
+                               "per_image": {k: list(map(none_if_nan, v[rows].tolist())) for k, v in scores.items()}})
 
     result = {
         "subject": subject.name, "subject_dir": str(subject_dir), "kind": kind, "token": subject.token,
@@ -299,7 +312,7 @@ def evaluate_subject(subject_dir, out=None, ckpt=None, weights=None, eval_clip=D
                    "eval_clip": str(eval_clip), "dino": str(dino), "training_reward_model": reward_model},
         "settings": {**{k: v for k, v in vars(s).items() if k != "progress"}, "resolution": resolution,
                      "device": str(device), "dtype": None if real else str(dtype).removeprefix("torch."),
-                     "prompt_set": "live" if subject.live else "object"},
+                     "prompt_set": "subject.json" if subject.eval_prompts else "live" if subject.live else "object"},
         "out": str(out), "notes": notes, "overall": overall, "reference": reference, "prompts": per_prompt,
         "seconds": round(time.perf_counter() - t0, 2),
     }
@@ -349,18 +362,20 @@ def markdown(result: dict) -> str:
     lines += [f"model: {model}; eval CLIP {models['eval_clip']}, DINO {models['dino']}",
               f"λ_val = {r['settings']['lambda_val']}; CLIP-T scores the prompt without '{r['token']}'", ""]
     lines += [*r["notes"], ""] if r["notes"] else []
-    lines += ["| # | prompt | DINO | CLIP-I | CLIP-T | h_λ |", "|---|---|---|---|---|---|"]
-    for p, row in enumerate(r["prompts"]):
-        lines.append(f"| {p} | {row['prompt']} | " + " | ".join(fmt(row[k]) for k in ("dino", "clip_i", "clip_t",
-                                                                                        "harmonic")) + " |")
     o = r["overall"]
+    keys, names = ["dino", "clip_i", "clip_t", "harmonic"], ["DINO", "CLIP-I", "CLIP-T", "h_λ"]
+    if "identity" in o:  # a toy subject: the exact metrics too
+        keys, names = keys + ["identity", "fidelity", "leak"], names + ["identity", "fidelity", "leak"]
+        lines += ["identity, fidelity, leak: exact metrics of the toy world (tinyrpo/toy/metrics.py)", ""]
+    lines += ["| # | prompt | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(keys)]
+    for p, row in enumerate(r["prompts"]):
+        lines.append(f"| {p} | {row['prompt']} | " + " | ".join(fmt(row.get(k)) for k in keys) + " |")
     name = "reference photos (no self-pairs)" if r["kind"] == "real" else "overall"
-    lines.append(f"| | **{name}** | **{fmt(o['dino'])}** | **{fmt(o['clip_i'])}** | **{fmt(o['clip_t'])}** | "
-                 f"**{fmt(o['harmonic'])}** |")
+    lines.append(f"| | **{name}** | " + " | ".join(f"**{fmt(o.get(k))}**" for k in keys) + " |")
     if r["reference"] and r["kind"] != "real":
         ref = r["reference"]
         lines.append(f"| | real images ({ref['images']}, no self-pairs; CLIP-T vs \"{ref['clip_t_text']}\") | "
-                     + " | ".join(fmt(ref[k]) for k in ("dino", "clip_i", "clip_t", "harmonic")) + " |")
+                     + " | ".join(fmt(ref.get(k)) for k in keys) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -448,6 +463,7 @@ def run_dreambench(root, out, train_args: list[str], subjects: str | None, args,
         raise UserError("--subject and --out for train.py are set per subject by --dreambench; "
                         "remove them after `--` (use --out before `--` for the whole benchmark)")
     settings.validate()
+    args.eval_clip, args.dino = args.eval_clip or DEFAULT_EVAL_CLIP, args.dino or DEFAULT_DINO
     folders = find_subjects(root, subjects)
     check_eval_weights(args.eval_clip, args.dino)  # before hours of training, not after
     out = Path(out or "runs/dreambench")
@@ -519,9 +535,10 @@ def parse_args(argv):
     a("--out", default=None, help="output folder (default: <ckpt folder>/eval, runs/base-<subject>/eval or "
                                   "runs/real-<subject>/eval; runs/dreambench with --dreambench)")
     a("--weights", default=None, help=f"base SD v1 weights (default: the checkpoint's base, else {DEFAULT_SD})")
-    a("--eval-clip", default=DEFAULT_EVAL_CLIP,
-      help="CLIP model (HF layout) for CLIP-I, CLIP-T and h_λ (default: %(default)s)")
-    a("--dino", default=DEFAULT_DINO, help="DINO ViT-S/16, HF or original layout (default: %(default)s)")
+    a("--eval-clip", default=None, help="CLIP model (HF layout) for CLIP-I, CLIP-T and h_λ (default: the one the "
+                                        f"subject's subject.json names, else {DEFAULT_EVAL_CLIP})")
+    a("--dino", default=None, help="DINO ViT-S/16, HF or original layout (default: the one the subject's "
+                                   f"subject.json names, else {DEFAULT_DINO})")
     a("--token", default=None, help="the subject's identifier (default: the checkpoint's, else sks)")
     a("--class-noun", default=None, help="the subject's class (default: the checkpoint's, or DreamBench's table)")
     g = p.add_mutually_exclusive_group()

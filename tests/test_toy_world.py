@@ -1,0 +1,218 @@
+"""The toy world: reproducible pictures and captions, its rules, and the exact metrics on hand-made pictures
+whose answers are known."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tinyrpo.data import load_subject
+from tinyrpo.errors import UserError
+from tinyrpo.toy import metrics
+from tinyrpo.toy.metrics import SubjectTruth, fidelity, identity, read_picture, score_images
+from tinyrpo.toy.pretrain import rules
+from tinyrpo.toy.subjects import HELD_OUT_PATTERNS, SUBJECTS, TRAIN_PROMPTS, write_subject
+from tinyrpo.toy.world import (BACKGROUNDS, COLOURS, SIZE, Picture, Thing, dataset, held_out_triples, luma, parse,
+                               render, render_background, visible_cells)
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY = SUBJECTS["toy"]  # yellow teddy, black cells 2 (right ear), 3 (middle left), 7 (bottom middle), on a sofa
+
+
+def picture(thing=TOY.thing, x=6, y=7, size=18, background="red", bw=False) -> np.ndarray:
+    return render(Picture(thing, x, y, size, background, bw))
+
+
+# ------------------------------------------------------------------------------------------------- the world
+
+def test_same_seed_same_world_other_seed_other_world():
+    a_img, a_cap, a_pic = dataset(3, 24, rules())
+    b_img, b_cap, b_pic = dataset(3, 24, rules())
+    assert np.array_equal(a_img, b_img) and a_cap == b_cap and a_pic == b_pic
+    c_img, c_cap, _ = dataset(4, 24, rules())
+    assert not np.array_equal(a_img, c_img) and a_cap != c_cap
+    # picture i is picture i whatever else is drawn: a later slice equals the slice of a longer draw
+    d_img, d_cap, _ = dataset(3, 8, rules(), start=16)
+    assert np.array_equal(d_img, a_img[16:]) and d_cap == a_cap[16:]
+    assert a_img.shape == (24, SIZE, SIZE, 3) and a_img.dtype == np.uint8
+
+
+def test_pretraining_world_keeps_its_rules():
+    held = held_out_triples()
+    assert 20 <= len(held) <= 40
+    images, captions, pics = dataset(5, 600, rules())
+    for img, cap, p in zip(images, captions, pics):
+        t = p.thing
+        assert t.pattern not in HELD_OUT_PATTERNS
+        assert (t.cls, t.colour, p.background) not in held
+        assert t.colour != t.pattern_colour and set(t.pattern) <= set(visible_cells(t.cls))
+        asks = parse(cap)
+        assert asks["class"] == t.cls and asks["bw"] == p.bw
+        assert asks["colour"] in (None, t.colour) and asks["background"] in (None, p.background)
+    assert {p.thing.cls for p in pics} == {"toy", "ball", "box", "cone"}
+    assert {p.background for p in pics} == set(BACKGROUNDS)
+    assert 0.05 < np.mean([p.bw for p in pics]) < 0.15
+
+
+def test_render_draws_the_truth():
+    img = picture(background="beach")
+    assert (img[0, 0] == (120, 190, 235)).all() and (img[31, 0] == (225, 195, 140)).all()  # sky, sand
+    assert (img[7 + 9, 6 + 9] == COLOURS["yellow"]).all()      # cell 4 (the centre) is body
+    assert (img[7 + 9, 6 + 1] == (20, 20, 20)).all()           # cell 3 (middle left) is black
+    assert (img[7 + 1, 6 + 17] == (20, 20, 20)).all()          # cell 2: the right ear
+    assert (img[7 + 1, 6 + 9] == img[7 + 1, 0]).all()          # the notch between the ears is background
+    grey = picture(bw=True)
+    assert (grey[..., 0] == grey[..., 1]).all() and grey[0, 0, 0] == round(luma(COLOURS["red"]))
+
+
+def test_parse():
+    assert parse("a red sks toy on the beach", "sks") == {"class": "toy", "colour": "red", "background": "beach",
+                                                         "bw": False}
+    assert parse("a photo of a cute ball on a blue background in black and white") == {
+        "class": "ball", "colour": None, "background": "blue", "bw": True}
+    assert parse("a sks toy on a wooden floor", "sks")["background"] == "floor"
+    assert parse("a photo of sks toy", "sks") == {"class": "toy", "colour": None, "background": None, "bw": False}
+
+
+# ------------------------------------------------------------------------------------------------- reading back
+
+def test_every_picture_reads_back_as_its_truth():
+    images, _, pics = dataset(7, 300, rules())
+    for img, p in zip(images, pics):
+        r = read_picture(img)
+        assert r.background == p.background and r.cls == p.thing.cls, p
+        assert (r.found.x, r.found.y, r.found.w, r.found.h) == (p.x, p.y, p.size, p.size), p
+        if not p.bw:
+            assert r.colour == p.thing.colour, p
+        assert identity(img, p.thing) == 1.0, p
+        assert r.grey == (p.bw or metrics.is_grey(render(Picture(p.thing, p.x, p.y, p.size, p.background)))), p
+
+
+def test_reading_tolerates_generation_noise():
+    g = np.random.default_rng(0)
+    for bg in ("red", "beach", "moon"):
+        img = np.clip(picture(background=bg) + g.normal(0, 8, (SIZE, SIZE, 3)), 0, 255).astype(np.uint8)
+        assert identity(img, TOY.thing) == 1.0
+        assert fidelity(img, f"a sks toy {BACKGROUNDS[bg].phrase}", "sks") == 1.0
+
+
+# ------------------------------------------------------------------------------------------------- exact metrics
+
+def test_identity_on_constructed_pictures():
+    t = TOY.thing
+    assert visible_cells("toy") == (0, 2, 3, 4, 5, 6, 7, 8)  # cell 1 is the notch
+    # the subject anywhere, any size, any background: 1
+    assert identity(picture(), t) == 1.0
+    assert identity(picture(x=12, y=2, size=14, background="snow"), t) == 1.0
+    # another pattern, (0, 4, 8) instead of (2, 3, 7): only cells 5 and 6 agree -> 2 of 8
+    assert identity(picture(Thing("toy", "yellow", (0, 4, 8), "black")), t) == 2 / 8
+    # the pattern in another colour: the three pattern cells are wrong -> 5 of 8
+    assert identity(picture(Thing("toy", "yellow", (2, 3, 7), "blue")), t) == 5 / 8
+    # a red body: the five body cells are wrong, unless the prompt asked for a red one
+    red = picture(Thing("toy", "red", (2, 3, 7), "black"), background="blue")
+    assert identity(red, t) == 3 / 8
+    assert identity(red, t, colour="red") == 1.0
+    assert identity(picture(background="blue"), t, colour="red") == 3 / 8  # asked red, drew yellow
+    # black and white: read in grey levels (yellow's luma 195 vs black's 20)
+    assert identity(picture(bw=True), t) == 1.0
+    assert identity(picture(Thing("toy", "yellow", (0, 4, 8), "black"), bw=True), t) == 2 / 8
+    # no object at all
+    assert identity(render_background("red"), t) == 0.0
+    assert read_picture(render_background("red")).cls is None
+
+
+def test_fidelity_on_constructed_pictures():
+    assert fidelity(picture(background="red"), "a sks toy on a red background", "sks") == 1.0
+    assert fidelity(picture(background="blue"), "a sks toy on a red background", "sks") == 0.0  # wrong background
+    assert fidelity(picture(background="beach"), "a sks toy on the beach", "sks") == 1.0
+    red_on_beach = picture(Thing("toy", "red", (2, 3, 7), "black"), background="beach")
+    assert fidelity(red_on_beach, "a red sks toy on the beach", "sks") == 1.0
+    assert fidelity(picture(background="beach"), "a red sks toy on the beach", "sks") == 0.5  # colour wrong
+    assert fidelity(picture(bw=True), "a sks toy in black and white", "sks") == 1.0
+    assert fidelity(picture(), "a sks toy in black and white", "sks") == 0.0
+    assert np.isnan(fidelity(picture(), "a photo of sks toy", "sks"))  # asks nothing checkable
+
+
+def test_score_images_reference_copy_leaks_the_sofa(tmp_path):
+    folder = write_subject(tmp_path / "toy", "toy")
+    reference = Image.open(folder / "00.png")
+    images = [Image.fromarray(picture(background="red")), reference, Image.fromarray(picture(background="blue"))]
+    prompts = ["a sks toy on a red background", "a sks toy on the beach", "a sks toy on a red background"]
+    s = score_images(images, prompts, TOY)
+    assert s["identity"] == 1.0                      # all three are the subject
+    assert s["fidelity"] == pytest.approx(1 / 3)     # only the first is where it was asked to be
+    assert s["background"] == pytest.approx(1 / 3)
+    assert s["leak"] == pytest.approx(1 / 3)         # the reference copy is on the sofa
+    assert [r["background_read"] for r in s["per_image"]] == ["red", "sofa", "blue"]
+    assert s["class"] == 1.0 and np.isnan(s["bw"])
+    # the same images as a float tensor in [0, 1], as the pipeline returns them
+    x = torch.stack([torch.from_numpy(np.asarray(im, np.float32) / 255).permute(2, 0, 1) for im in images])
+    assert score_images(x, prompts, TOY)["per_image"] == s["per_image"]
+    # another subject's truth: the ball's pattern is not the toy's
+    assert score_images(images, prompts, SUBJECTS["ball"])["identity"] < 0.5
+
+
+# ------------------------------------------------------------------------------------------------- subjects
+
+def test_shipped_subject_folders_are_what_the_command_writes(tmp_path):
+    for name in SUBJECTS:
+        fresh = write_subject(tmp_path / name, name)
+        shipped = ROOT / "refs" / name
+        files = sorted(p.name for p in fresh.iterdir())
+        assert files == sorted(p.name for p in shipped.iterdir()), name
+        for f in files:
+            if f.endswith(".png"):
+                assert np.array_equal(np.asarray(Image.open(fresh / f)), np.asarray(Image.open(shipped / f))), f
+            else:
+                assert json.loads((fresh / f).read_text()) == json.loads((shipped / f).read_text()), f
+
+
+def test_references_share_the_background_and_show_the_subject():
+    for name, truth in SUBJECTS.items():
+        meta = json.loads((ROOT / "refs" / name / "subject.json").read_text())
+        assert SubjectTruth.from_json(meta["toy"]) == truth
+        assert meta["train_prompts"] == TRAIN_PROMPTS and len(meta["eval_prompts"]) >= 15
+        places = set()
+        for ref in meta["toy"]["references"]:
+            img = np.asarray(Image.open(ROOT / "refs" / name / ref["file"]))
+            r = read_picture(img)
+            assert r.background == truth.background and identity(img, truth.thing) == 1.0
+            places.add((ref["x"], ref["y"], ref["size"]))
+        assert len(places) == len(meta["toy"]["references"]) >= 4
+        assert len({s for _, _, s in places}) >= 4  # varied sizes
+
+
+@pytest.mark.filterwarnings("ignore:.*px")  # 32-px pictures are below the 256-px advice for photos
+def test_load_subject_reads_subject_json(tmp_path):
+    s = load_subject(ROOT / "refs" / "toy", resolution=32)
+    assert (s.class_noun, s.live, len(s.images)) == ("toy", False, 5)
+    assert s.train_prompts == TRAIN_PROMPTS and s.eval_prompts[0] == "a {0} {1} on a red background"
+    assert s.prompt(s.train_prompts[1]) == "a sks toy on the moon"
+    # explicit flags win
+    s = load_subject(ROOT / "refs" / "toy", class_noun="teddy", live=True, resolution=32)
+    assert (s.class_noun, s.live) == ("teddy", True)
+    # a broken file is one clear error
+    folder = write_subject(tmp_path / "toy", "toy")
+    (folder / "subject.json").write_text("{not json")
+    with pytest.raises(UserError, match="subject.json"):
+        load_subject(folder, resolution=32)
+    (folder / "subject.json").write_text(json.dumps({"class_noun": 3}))
+    with pytest.raises(UserError, match="class_noun"):
+        load_subject(folder, resolution=32)
+
+
+def test_every_subject_prompt_can_be_drawn_by_the_rules():
+    """What the subjects' prompts ask is a picture the world allows (every pixel of the subject visible)."""
+    from dataclasses import replace
+
+    from tinyrpo.toy.subjects import eval_prompts, references
+    from tinyrpo.toy.world import allowed
+    for name, truth in SUBJECTS.items():
+        for template in TRAIN_PROMPTS + eval_prompts(truth):
+            asks = parse(template.format("sks", truth.thing.cls), "sks")
+            thing = replace(truth.thing, colour=asks["colour"] or truth.thing.colour)
+            for ref in references(name):
+                p = replace(ref.picture, thing=thing, background=asks["background"] or "white", bw=asks["bw"])
+                assert asks["background"] is None or allowed(p), (name, template, p)

@@ -1,0 +1,112 @@
+"""The toy world's commands.
+
+    python -m tinyrpo.toy subjects                     # (re)write the subject folders refs/toy and refs/ball
+    python -m tinyrpo.toy pretrain --out weights/toy   # pretrain the toy VAE, CLIP, U-Net and DINO (≤ 1 h on 2 cores)
+    python -m tinyrpo.toy quality                      # how often the toy SD draws the asked background/colour/class
+    python -m tinyrpo.toy show --n 64                  # a grid of pretraining pictures and their captions
+"""
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from tinyrpo.errors import UserError, run_cli
+
+
+def cmd_subjects(args):
+    from tinyrpo.toy.subjects import SUBJECTS, write_subject
+    for name in SUBJECTS:
+        print(write_subject(Path(args.out) / name, name))
+
+
+def cmd_pretrain(args, argv):
+    from tinyrpo.toy.pretrain import PretrainConfig, pretrain
+    cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig)})
+    pretrain(cfg, argv)
+
+
+def cmd_quality(args):
+    import torch
+
+    from tinyrpo.toy.quality import quality_prompts, run_quality, write_quality
+    from tinyrpo.weights import load_sd
+    torch.set_num_threads(args.threads)
+    sd = load_sd(args.weights)
+    prompts = quality_prompts(args.per_triple)
+    result = run_quality(sd, prompts, guidance=args.guidance, steps=args.steps, seed=args.seed)
+    settings = {"weights": args.weights, "guidance": args.guidance, "steps": args.steps, "seed": args.seed,
+                "prompts": len(prompts)}
+    print(f"{len(prompts)} held-out prompts, guidance {args.guidance}, {args.steps} DDIM steps: background "
+          f"{result['background']:.1%}, object colour {result['colour']:.1%}, object class {result['class']:.1%}")
+    out = Path(args.out or Path(args.weights).parent / "quality.json")
+    write_quality(out, result, settings)
+    print(f"wrote {out}")
+
+
+def cmd_show(args):
+    import numpy as np
+    from PIL import Image
+
+    from tinyrpo.toy.pretrain import rules
+    from tinyrpo.toy.world import dataset
+    images, captions, _ = dataset(args.seed, args.n, rules())
+    cols = int(np.ceil(np.sqrt(args.n)))
+    grid = np.zeros((cols * 32, cols * 32, 3), np.uint8)
+    for i, im in enumerate(images):
+        grid[(i // cols) * 32:(i // cols + 1) * 32, (i % cols) * 32:(i % cols + 1) * 32] = im
+    Image.fromarray(grid).resize((cols * 96, cols * 96), Image.NEAREST).save(args.out)
+    for i, c in enumerate(captions):
+        print(f"{i:3d} {c}")
+    print(f"wrote {args.out}")
+
+
+def parse_args(argv):
+    from tinyrpo.toy.pretrain import PretrainConfig
+    p = argparse.ArgumentParser(prog="python -m tinyrpo.toy", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("subjects", help="write the toy subject folders (reference PNGs + subject.json)")
+    s.add_argument("--out", default="refs", help="parent folder of the subject folders (default: %(default)s)")
+
+    s = sub.add_parser("pretrain", help="pretrain the toy models and write them in the public layouts",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(PretrainConfig):
+        s.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                       help=f"({f.name})")
+
+    s = sub.add_parser("quality", help="score the toy SD on the held-out prompts",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("--weights", default="weights/toy/sd", help="the toy SD folder")
+    s.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    s.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    s.add_argument("--seed", type=int, default=0, help="prompt p uses seed + p")
+    s.add_argument("--per-triple", type=int, default=8, help="prompts per held-out (class, colour, background)")
+    s.add_argument("--threads", type=int, default=2, help="torch threads")
+    s.add_argument("--out", default=None, help="where to write the JSON (default: next to the weights)")
+
+    s = sub.add_parser("show", help="a grid of pretraining pictures, captions printed")
+    s.add_argument("--n", type=int, default=64)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="toy_world.png")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.command == "subjects":
+        cmd_subjects(args)
+    elif args.command == "pretrain":
+        cmd_pretrain(args, argv[1:])
+    elif args.command == "quality":
+        if not Path(args.weights).exists():
+            raise UserError(f"no toy weights at {args.weights}; run `python -m tinyrpo.toy pretrain` first")
+        cmd_quality(args)
+    else:
+        cmd_show(args)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

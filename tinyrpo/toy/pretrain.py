@@ -1,0 +1,441 @@
+"""Pretraining the toy models on the toy world, as Stable Diffusion's parts were trained, in four stages:
+
+    1. VAE   reconstruction (L1 + L2) of fresh pictures, plus a small KL term (Rombach et al. 2022, sec. 3);
+             scaling_factor = 1 / the std of the latents it then gives (SD v1's 0.18215 was found the same way)
+    2. CLIP  the symmetric contrastive loss of Radford et al. 2021 (Fig. 3) on (picture, caption) pairs; a
+             picture's positives are all the captions in the batch that equal its own
+    3. U-Net ε-prediction (Ho et al. 2020, eq. 14) on frozen VAE latents, computed once for a fixed set of
+             pictures (a fresh posterior sample every step), conditioned on the frozen CLIP text tower's
+             states, computed once per distinct caption; 10 % of captions dropped to "" so classifier-free
+             guidance works (Ho & Salimans 2022); EMA of the weights is what is kept
+    4. DINO  identity by contrast: two views of the same object instance (other place, size, background)
+             are positives, every other instance in the batch a negative (InfoNCE, as SimCLR, Chen et al.
+             2020), on the class token after the final LayerNorm, the embedding tinyrpo.evaluate compares.
+             So DINO scores say "the same object", whatever the background: what DreamBench's DINO is for.
+
+Each stage saves its weights under OUT/stages/ when done, so an interrupted run continues with the next
+stage. At the end the models are written in the public layouts (tinyrpo/toy/models.py) under OUT/sd,
+OUT/clip, OUT/dino, and OUT/pretrain.log and OUT/pretrain.json say what was done, how long it took (wall
+and CPU time) and how good each model is, measured exactly with tinyrpo/toy/metrics.py.
+"""
+import copy
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from tinyrpo.checkpoint import atomic_torch_save
+from tinyrpo.clip import CLIP_MEAN, CLIP_STD
+from tinyrpo.dino import dino_preprocess
+from tinyrpo.schedulers import NoiseSchedule
+from tinyrpo.tokenizer import CLIPTokenizer
+from tinyrpo.toy import metrics, models
+from tinyrpo.toy.subjects import HELD_OUT_PATTERNS
+from tinyrpo.toy.world import SIZE, WorldRules, dataset, held_out_triples, moved, parse, render, sample
+
+
+@dataclass
+class PretrainConfig:
+    out: str = "weights/toy"
+    seed: int = 0
+    threads: int = 2
+    vae_steps: int = 1200
+    vae_batch: int = 64
+    vae_lr: float = 2e-3
+    vae_kl: float = 1e-5           # per latent element; keeps the latents near N(0, σ²) without blurring
+    clip_steps: int = 500
+    clip_batch: int = 256
+    clip_lr: float = 2e-3
+    unet_pictures: int = 40000     # the cached training set of the U-Net
+    unet_steps: int = 2000
+    unet_batch: int = 128
+    unet_lr: float = 1e-3
+    caption_dropout: float = 0.1
+    min_snr: float = 5.0           # loss weight min(SNR, γ) / SNR (Hang et al. 2023); 0 = plain ε-MSE
+    ema: float = 0.999
+    dino_steps: int = 400
+    dino_batch: int = 128          # instances per step (two views each)
+    dino_lr: float = 1e-3
+    dino_temperature: float = 0.1
+    check_pictures: int = 1024     # the VAE's latent std is measured on these; each stage's check on a quarter
+    check_prompts: int = 48        # quick quality check of the U-Net at the end of its stage
+    guidance: float = 7.5
+
+
+STAGES = ("vae", "clip", "unet", "dino")
+
+
+def rules() -> WorldRules:
+    """The pretraining world: no subject pattern, no quality-test (class, colour, background) triple."""
+    return WorldRules(held_out_patterns=HELD_OUT_PATTERNS, held_out_triples=held_out_triples())
+
+
+def lr_at(step: int, steps: int, base: float, warmup: float = 0.05) -> float:
+    """Linear warm-up over the first 5 % of the steps, then a cosine decay to a tenth."""
+    w = max(1, int(warmup * steps))
+    if step < w:
+        return base * (step + 1) / w
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, steps - w))))
+
+
+def to_unit(images: np.ndarray) -> torch.Tensor:
+    """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [-1, 1] (the VAE's range)."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def clip_pixels(images: np.ndarray) -> torch.Tensor:
+    """uint8 [N, 32, 32, 3] -> CLIP's input. Equals tinyrpo.clip.clip_preprocess at image_size 32, where the
+    resize and crop do nothing and only the normalization is left."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    return (x - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+
+
+class Log:
+    """Lines to OUT/pretrain.log (and the terminal), each with the time since the start."""
+
+    def __init__(self, path: Path):
+        self.path, self.t0 = path, time.perf_counter()
+
+    def __call__(self, msg: str):
+        line = f"[{time.perf_counter() - self.t0:7.1f}s] {msg}"
+        tqdm.write(line)
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+
+
+class Clock:
+    """Wall and CPU time (all threads of this process) of a stage."""
+
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+# ----------------------------------------------------------------------------------------------- stages
+
+def train_vae(cfg: PretrainConfig, vae, log) -> dict:
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(cfg.seed)
+    world = rules()
+    vae.train()
+    bar = tqdm(range(cfg.vae_steps), desc="VAE", unit="step")
+    for step in bar:
+        images, _, _ = dataset(cfg.seed * 100 + 1, cfg.vae_batch, world, start=step * cfg.vae_batch)
+        x = to_unit(images)
+        mean, logvar = vae.encode(x)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g)
+        rec = vae.decode(z)
+        kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).mean()
+        loss = (rec - x).abs().mean() + F.mse_loss(rec, x) + cfg.vae_kl * kl
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg.vae_steps, cfg.vae_lr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == cfg.vae_steps - 1:
+            bar.set_postfix(loss=f"{loss.item():.4f}", kl=f"{kl.item():.2f}")
+    vae.eval()
+    # The U-Net sees latents * scaling_factor, which should have unit variance (Rombach et al., sec. 4.3.2).
+    images, _, _ = dataset(cfg.seed * 100 + 2, cfg.check_pictures, world)
+    with torch.no_grad():
+        latents = torch.cat([vae.encode_latents(to_unit(images[i:i + 256]), torch.Generator().manual_seed(i))
+                             for i in range(0, len(images), 256)])
+    vae.cfg.scaling_factor = round(vae.cfg.scaling_factor / latents.std().item(), 5)
+    check = vae_check(vae, cfg.seed * 100 + 3, world, cfg.check_pictures // 4)
+    log(f"VAE: final loss {loss.item():.4f}, scaling_factor {vae.cfg.scaling_factor}; reconstructions read "
+        f"back: {check}")
+    return {"scaling_factor": vae.cfg.scaling_factor, "check": check}
+
+
+@torch.no_grad()
+def vae_check(vae, seed: int, world: WorldRules, n: int = 256) -> dict:
+    """Encode-decode n pictures and read them back: how often background, colour, class survive."""
+    images, captions, pics = dataset(seed, n, world)
+    rec = vae.decode_latents(vae.encode_latents(to_unit(images)))
+    arr = metrics.to_array((rec + 1) / 2)
+    readings = [metrics.read_picture(a) for a in arr]
+    ident = [metrics.identity(a, p.thing, found=r.found) for a, p, r in zip(arr, pics, readings)]
+    return {"background": float(np.mean([r.background == p.background for r, p in zip(readings, pics)])),
+            "colour": float(np.mean([r.colour == p.thing.colour for r, p in zip(readings, pics) if not p.bw])),
+            "class": float(np.mean([r.cls == p.thing.cls for r, p in zip(readings, pics)])),
+            "identity": float(np.mean(ident)),
+            "mae": float((rec - to_unit(images)).abs().mean() * 127.5)}
+
+
+def train_clip(cfg: PretrainConfig, clip, log) -> dict:
+    tokenizer = CLIPTokenizer.from_bpe_gz()
+    opt = torch.optim.AdamW(clip.parameters(), lr=cfg.clip_lr, weight_decay=0.1)
+    world = rules()
+    clip.train()
+    bar = tqdm(range(cfg.clip_steps), desc="CLIP", unit="step")
+    for step in bar:
+        images, captions, _ = dataset(cfg.seed * 100 + 4, cfg.clip_batch, world, start=step * cfg.clip_batch)
+        ids = tokenizer(captions)
+        # Every caption ends well before position 77, and the causal text tower's pooled (end-of-text) state
+        # never sees the positions after it: cutting them gives the same loss for a third of the work.
+        ids = ids[:, :int((ids != tokenizer.pad_id).sum(1).max()) + 1]
+        logits = clip(ids, clip_pixels(images))  # [images, texts]
+        same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32)
+        target = same / same.sum(1, keepdim=True)  # identical captions are all positives
+        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg.clip_steps, cfg.clip_lr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            clip.logit_scale.clamp_(0, math.log(100))  # CLIP's cap on the temperature
+        if step % 20 == 0 or step == cfg.clip_steps - 1:
+            bar.set_postfix(loss=f"{loss.item():.3f}", scale=f"{clip.logit_scale.exp().item():.1f}")
+    clip.eval()
+    # Round to the precision the files store, so the U-Net trains on the text states users will get.
+    with torch.no_grad():
+        for p in clip.parameters():
+            p.copy_(p.half().float())
+    check = clip_check(clip, tokenizer, cfg.seed * 100 + 5, world, cfg.check_pictures // 2)
+    log(f"CLIP: final loss {loss.item():.3f}; {check}")
+    return {"check": check}
+
+
+@torch.no_grad()
+def clip_check(clip, tokenizer, seed: int, world: WorldRules, n: int = 512) -> dict:
+    """Top-1 caption retrieval among the distinct captions of n pictures, right when the caption found asks
+    what the picture's own asks (class, colour, background, style; fillers and "a photo of" can't be seen)."""
+    images, captions, _ = dataset(seed, n, world)
+    distinct = sorted(set(captions))
+    sims = clip.encode_image(clip_pixels(images)) @ clip.encode_text(tokenizer(distinct)).T
+    pick = [distinct[i] for i in sims.argmax(1).tolist()]
+    return {"caption_top1": float(np.mean([parse(a) == parse(b) for a, b in zip(pick, captions)])),
+            "captions": len(distinct)}
+
+
+@torch.no_grad()
+def cache_unet_data(cfg: PretrainConfig, vae, text_encoder, log) -> dict:
+    """The U-Net's training set, encoded once: posterior mean and std of each picture's latents, and the
+    text states of each distinct caption (the last row: the empty caption of guidance)."""
+    tokenizer = CLIPTokenizer.from_bpe_gz()
+    world = rules()
+    means, stds, captions = [], [], []
+    for start in tqdm(range(0, cfg.unet_pictures, 512), desc="encoding pictures", unit="batch", leave=False):
+        images, caps, _ = dataset(cfg.seed * 100 + 6, min(512, cfg.unet_pictures - start), world, start=start)
+        mean, logvar = vae.encode(to_unit(images))
+        means.append(mean)
+        stds.append(torch.exp(0.5 * logvar))
+        captions += caps
+    distinct = sorted(set(captions)) + [""]
+    index = {c: i for i, c in enumerate(distinct)}
+    states = torch.cat([text_encoder(tokenizer(distinct[i:i + 256])) for i in range(0, len(distinct), 256)])
+    log(f"U-Net data: {cfg.unet_pictures} pictures, {len(distinct) - 1} distinct captions")
+    return {"mean": torch.cat(means), "std": torch.cat(stds), "states": states,
+            "caption": torch.tensor([index[c] for c in captions]), "empty": len(distinct) - 1}
+
+
+def min_snr_weight(sched: NoiseSchedule, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """min(SNR_t, γ) / SNR_t with SNR_t = ᾱ_t / (1 - ᾱ_t) (Hang et al. 2023, eq. 9 for ε-prediction): the
+    nearly clean, easy timesteps stop dominating the gradient; 3x faster convergence in their measurements."""
+    if gamma <= 0:
+        return torch.ones(len(t))
+    a = sched.alpha_bar(t)
+    snr = a / (1 - a)
+    return snr.clamp(max=gamma) / snr
+
+
+def train_unet(cfg: PretrainConfig, unet, data: dict, scale: float, log) -> torch.nn.Module:
+    """ε-prediction on the cached latents; returns the EMA copy of the weights."""
+    sched = NoiseSchedule(models.SCHEDULER)
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=1e-2)
+    g = torch.Generator().manual_seed(cfg.seed)
+    n = len(data["mean"])
+    order = torch.randperm(n, generator=g)
+    unet.train()
+    bar = tqdm(range(cfg.unet_steps), desc="U-Net", unit="step")
+    pos = 0
+    for step in bar:
+        if pos + cfg.unet_batch > n:
+            order, pos = torch.randperm(n, generator=g), 0
+        idx = order[pos:pos + cfg.unet_batch]
+        pos += cfg.unet_batch
+        B = len(idx)
+        x0 = (data["mean"][idx] + data["std"][idx] * torch.randn(data["mean"][idx].shape, generator=g)) * scale
+        cap = data["caption"][idx].clone()
+        cap[torch.rand(B, generator=g) < cfg.caption_dropout] = data["empty"]  # for classifier-free guidance
+        t = torch.randint(0, sched.cfg.num_train_timesteps, (B,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        err = (unet(sched.add_noise(x0, noise, t), t, data["states"][cap]) - noise).pow(2).mean((1, 2, 3))  # eq. (14)
+        loss = (min_snr_weight(sched, t, cfg.min_snr) * err).mean()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg.unet_steps, cfg.unet_lr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        decay = min(cfg.ema, (1 + step) / (10 + step))  # a short EMA at first, as the weights move fast
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), unet.parameters()):
+                e.lerp_(p, 1 - decay)
+        if step % 20 == 0 or step == cfg.unet_steps - 1:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % 250 == 0 or step == cfg.unet_steps - 1:
+            log(f"U-Net step {step}: loss {loss.item():.4f}")
+    return ema.eval()
+
+
+def dino_views(pictures) -> torch.Tensor:
+    """DINO's evaluation preprocessing (tinyrpo.dino.dino_preprocess) of rendered pictures."""
+    return dino_preprocess([Image.fromarray(render(p)) for p in pictures], SIZE)
+
+
+def train_dino(cfg: PretrainConfig, dino, log) -> dict:
+    opt = torch.optim.AdamW(dino.parameters(), lr=cfg.dino_lr, weight_decay=0.05)
+    world = rules()
+    dino.train()
+    bar = tqdm(range(cfg.dino_steps), desc="DINO", unit="step")
+    for step in bar:
+        a, b = instance_pairs(cfg.seed * 100 + 7, cfg.dino_batch, world, start=step * cfg.dino_batch)
+        za, zb = (F.normalize(dino(v), dim=-1) for v in (dino_views(a), dino_views(b)))
+        logits = za @ zb.T / cfg.dino_temperature  # [instances, instances]: the diagonal are the same object
+        target = torch.arange(len(a))
+        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg.dino_steps, cfg.dino_lr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 20 == 0 or step == cfg.dino_steps - 1:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    dino.eval()
+    check = dino_check(dino, cfg.seed * 100 + 8, world, cfg.check_pictures // 4)
+    log(f"DINO: final loss {loss.item():.3f}; {check}")
+    return {"check": check}
+
+
+def instance_pairs(seed: int, n: int, world: WorldRules, start: int = 0) -> tuple[list, list]:
+    """n object instances, each seen twice: at two places and sizes, on two backgrounds."""
+    a, b = [], []
+    for i in range(start, start + n):
+        p, _ = sample(seed, i, world)
+        rng = np.random.default_rng([seed, i, 1])
+        a.append(moved(p, rng))
+        b.append(moved(p, rng))
+    return a, b
+
+
+@torch.no_grad()
+def dino_check(dino, seed: int, world: WorldRules, n: int = 256) -> dict:
+    """Top-1 retrieval of an instance's other view among n instances, and the mean cosine of same-instance
+    pairs vs. different-instance pairs of the same class and colour (the hard negatives)."""
+    a, b = instance_pairs(seed, n, world)
+    za, zb = (F.normalize(dino(dino_views(v)), dim=-1) for v in (a, b))
+    sims = za @ zb.T
+    same_kind = torch.tensor([[p.thing.cls == q.thing.cls and p.thing.colour == q.thing.colour
+                               and p.thing != q.thing for q in b] for p in a])
+    return {"top1": float((sims.argmax(1) == torch.arange(n)).float().mean()),
+            "cos_same": float(sims.diag().mean()), "cos_same_kind": float(sims[same_kind].mean())}
+
+
+# ----------------------------------------------------------------------------------------------- the run
+
+def stage_path(out: Path, name: str) -> Path:
+    return out / "stages" / f"{name}.pt"
+
+
+def pretrain(cfg: PretrainConfig, argv: list[str] | None = None) -> dict:
+    torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = Log(out / "pretrain.log")
+    log(f"command: python -m tinyrpo.toy pretrain {' '.join(argv or [])}".rstrip())
+    log(f"config: {json.dumps(asdict(cfg))}")
+    log(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
+        f"{' '.join(f'{x:.2f}' for x in _loadavg())}")
+    nets = models.new_models(cfg.seed)
+    for name, net in nets.items():
+        log(f"{name}: {models.n_params(net) / 1e6:.2f} M parameters")
+    report_path = out / "pretrain.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    report.setdefault("stages", {})
+
+    for name in STAGES:
+        path = stage_path(out, name)
+        if path.exists():
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            nets[name].load_state_dict(state["weights"])
+            if name == "vae":
+                nets["vae"].cfg.scaling_factor = state["scaling_factor"]
+            log(f"{name}: done before ({path}), loaded")
+            continue
+        torch.manual_seed(cfg.seed)
+        with Clock() as clock:
+            if name == "vae":
+                result = train_vae(cfg, nets["vae"], log)
+            elif name == "clip":
+                result = train_clip(cfg, nets["clip"], log)
+            elif name == "unet":
+                data = cache_unet_data(cfg, nets["vae"].requires_grad_(False),
+                                       models.text_encoder_of(nets["clip"]).requires_grad_(False), log)
+                nets["unet"] = train_unet(cfg, nets["unet"], data, nets["vae"].cfg.scaling_factor, log)
+                del data
+                result = {"check": unet_check(cfg, nets, log)}
+            else:
+                result = train_dino(cfg, nets["dino"], log)
+        result |= {"wall_s": round(clock.wall, 1), "cpu_s": round(clock.cpu, 1), "load_average": _loadavg()}
+        report["stages"][name] = result
+        log(f"{name}: {clock.wall / 60:.1f} min wall, {clock.cpu / 60:.1f} min CPU")
+        atomic_torch_save({"weights": nets[name].state_dict(),
+                           "scaling_factor": nets["vae"].cfg.scaling_factor}, path)
+        report_path.write_text(json.dumps(report, indent=2) + "\n")
+
+    export(out, nets)
+    total = {k: round(sum(s.get(k, 0) for s in report["stages"].values()), 1) for k in ("wall_s", "cpu_s")}
+    report["total"] = total
+    report["config"] = asdict(cfg)
+    report["files_mb"] = {str(p.relative_to(out)): round(p.stat().st_size / 2 ** 20, 2)
+                          for p in sorted(out.rglob("*.safetensors"))}
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
+    log(f"done: {total['wall_s'] / 60:.1f} min wall, {total['cpu_s'] / 60:.1f} min CPU in the stages; "
+        f"weights {sum(report['files_mb'].values()):.1f} MB in {out}/sd, {out}/clip, {out}/dino")
+    return report
+
+
+def export(out: Path, nets: dict) -> None:
+    """The public layouts: OUT/sd (diffusers), OUT/clip (HF CLIP), OUT/dino (HF ViT)."""
+    models.save_sd(out / "sd", nets["unet"], nets["vae"], models.text_encoder_of(nets["clip"]))
+    models.save_clip(out / "clip", nets["clip"])
+    models.save_dino(out / "dino", nets["dino"])
+
+
+@torch.no_grad()
+def unet_check(cfg: PretrainConfig, nets: dict, log) -> dict:
+    """A quick quality reading: the first cfg.check_prompts quality prompts, through the real pipeline."""
+    from tinyrpo.toy.quality import quality_prompts, run_quality
+    from tinyrpo.weights import StableDiffusion
+    from tinyrpo.schedulers import DDIMScheduler
+    sd = StableDiffusion(nets["unet"], nets["vae"], models.text_encoder_of(nets["clip"]),
+                         CLIPTokenizer.from_bpe_gz(), DDIMScheduler(models.SCHEDULER), models.SCHEDULER, "", "")
+    result = run_quality(sd, quality_prompts()[:cfg.check_prompts], guidance=cfg.guidance, progress=False)
+    log(f"U-Net quick check ({cfg.check_prompts} held-out prompts, guidance {cfg.guidance}): "
+        f"{ {k: round(v, 3) for k, v in result.items() if k != 'per_image'} }")
+    return {k: v for k, v in result.items() if k != "per_image"}
+
+
+def _loadavg() -> list[float]:
+    try:
+        return [round(x, 2) for x in __import__("os").getloadavg()]
+    except OSError:
+        return []
+
+
+if __name__ == "__main__":
+    sys.exit("run: python -m tinyrpo.toy pretrain")

@@ -1,0 +1,109 @@
+"""The toy subjects: one patterned object each, photographed 5 times on one shared background.
+
+    toy   a yellow teddy with black cells top right, middle left and bottom middle, on a sofa
+    ball  a purple ball with yellow cells top left, middle right and bottom middle, on a wooden floor
+
+Their patterns never appear in the pretraining data (`HELD_OUT_PATTERNS`), on any object in any colours:
+the base model can draw "a toy" but not this one. Every reference picture shares the subject's background,
+as every photo of a DreamBench subject shares its sofa: a model that overfits the references paints that
+background into every prompt, which the exact metrics measure as `leak`.
+
+`write_subject(folder, name)` writes the reference PNGs and `subject.json`, which tinyrpo.data.load_subject
+reads (class noun, prompt sets) and tinyrpo.evaluate uses (evaluation prompts, the toy weights, the truth
+the exact metrics need). `python -m tinyrpo.toy subjects` regenerates the shipped folders refs/toy and
+refs/ball.
+"""
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from tinyrpo.toy.metrics import SubjectTruth
+from tinyrpo.toy.world import (COLOURS, MARGIN, SCENES, SIZE, SIZES, STYLE, Picture, Thing, allowed,
+                               render)
+
+WORLD = "tinyrpo-toy-1"  # the world's version: pictures, grammar and rules
+
+SUBJECTS = {
+    "toy": SubjectTruth(Thing("toy", "yellow", (2, 3, 7), "black"), "sofa"),
+    "ball": SubjectTruth(Thing("ball", "purple", (0, 5, 7), "yellow"), "floor"),
+}
+HELD_OUT_PATTERNS = tuple(s.thing.pattern for s in SUBJECTS.values())
+N_REFERENCES = 5
+
+# RPO's eight training prompts, in the toy world: like the authors' object set (a style, a property, six
+# places), `{0}` the token and `{1}` the class noun as in tinyrpo.dreambench.
+TRAIN_PROMPTS = [
+    "a {0} {1} " + STYLE,
+    "a {0} {1} on the moon",
+    "a green {0} {1}",
+    "a {0} {1} on a blue background",
+    "a {0} {1} on the beach",
+    "a {0} {1} on a red background",
+    "a {0} {1} in the snow",
+    "a {0} {1} on a white background",
+]
+WEIGHTS = {"sd": "weights/toy/sd", "clip": "weights/toy/clip", "dino": "weights/toy/dino"}
+RESOLUTION = SIZE
+
+
+def eval_prompts(subject: SubjectTruth) -> list[str]:
+    """The evaluation prompts, as DreamBench's: every other background (not the references' one), every
+    property colour, the style, and four property-and-place pairs; none of the world's rules broken."""
+    t = subject.thing
+    colours = [c for c in COLOURS if c not in (t.colour, t.pattern_colour)]
+    places = [f"on a {c} background" for c in colours] + [s.phrase for s in SCENES if s.name != subject.background]
+    prompts = [f"a {{0}} {{1}} {p}" for p in places]
+    prompts += [f"a {c} {{0}} {{1}}" for c in colours]
+    prompts.append("a {0} {1} " + STYLE)
+    prompts += [f"a {c} {{0}} {{1}} {s.phrase}" for c in colours[:2] for s in SCENES[:2]]
+    return prompts
+
+
+@dataclass
+class Reference:
+    file: str
+    picture: Picture
+
+
+def references(name: str, seed: int = 0) -> list[Reference]:
+    """The subject's reference pictures: sizes spread over the world's range, places spread over the frame."""
+    subject = SUBJECTS[name]
+    rng = np.random.default_rng([seed, sorted(SUBJECTS).index(name)])
+    sizes = np.linspace(SIZES[0], SIZES[1], N_REFERENCES).round().astype(int)
+    out, centres = [], []
+    for k, size in enumerate(rng.permutation(sizes)):
+        while True:
+            x, y = (int(rng.integers(MARGIN, SIZE - MARGIN - size + 1)) for _ in range(2))
+            c = np.array([x + size / 2, y + size / 2])
+            p = Picture(subject.thing, x, y, int(size), subject.background)
+            if allowed(p) and all(np.abs(c - o).max() >= 3 for o in centres):  # no two at the same place
+                break
+        centres.append(c)
+        out.append(Reference(f"{k:02d}.png", p))
+    return out
+
+
+def subject_json(name: str, refs: list[Reference]) -> dict:
+    subject = SUBJECTS[name]
+    return {
+        "world": WORLD, "class_noun": subject.thing.cls, "live": False,
+        "train_prompts": TRAIN_PROMPTS, "eval_prompts": eval_prompts(subject),
+        "resolution": RESOLUTION, "weights": WEIGHTS,
+        "toy": {**subject.to_json(),
+                "references": [{"file": r.file, "x": r.picture.x, "y": r.picture.y, "size": r.picture.size}
+                               for r in refs]},
+    }
+
+
+def write_subject(folder, name: str) -> Path:
+    """The reference PNGs and subject.json of subject `name` in `folder` (created; same bytes every time)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    refs = references(name)
+    for r in refs:
+        Image.fromarray(render(r.picture)).save(folder / r.file)
+    (folder / "subject.json").write_text(json.dumps(subject_json(name, refs), indent=2) + "\n")
+    return folder
