@@ -4,27 +4,32 @@
     make_tiny_clip(dest, projection_dim=32, seed=0)                         -> folder (model.safetensors, config.json)
     make_tiny_dino(dest, layout="hf" | "original", seed=0)                  -> folder, or the .pth file
 
-Weights are tests.util.randomize_ values (std 0.05), written with safetensors, with the config.json files
-diffusers / transformers write, so `from_pretrained` of the reference libraries reads the same files.
-The sizes also obey the rules a config-less single file is read by (norm groups 32, 8 U-Net heads, text
-heads = width / 64), so the "single" layout loads to the very same model as the "diffusers" one.
-The tokenizer is the real CLIP vocabulary (tinyrpo's vendored copy), so real prompts work.
+Weights are random (std 0.05), written with safetensors, with the config.json files diffusers /
+transformers write, so `from_pretrained` of the reference libraries reads the same files.
+
+No layout is produced by running tinyrpo's own rename tables backwards (a wrong table would then be mirrored
+in its fixture and pass): the SD single file is generated directly in the CompVis names by tests/compvis.py,
+and the diffusers folder is what diffusers' own single-file converter makes of it; the DINO layouts are
+written by transformers (HF) and by a hand-written HF -> DINO name map. The sizes obey the rules a
+config-less single file is read by (norm groups 32, 8 U-Net heads, text heads = width / 64), so both SD
+layouts hold the same model. The tokenizer is the real CLIP vocabulary (tinyrpo's vendored copy).
 """
 import json
+import shutil
 from functools import lru_cache
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
+from tests.compvis import LDMConfig, random_single_file
 from tests.util import randomize_
 from tinyrpo.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
-from tinyrpo.dino import DINO, DINOConfig
+from tinyrpo.dino import DINOConfig
 from tinyrpo.schedulers import SchedulerConfig, make_betas
 from tinyrpo.tokenizer import CLIPTokenizer
 from tinyrpo.unet import UNet, UNetConfig
 from tinyrpo.vae import AutoencoderKL, VAEConfig
-from tinyrpo.layouts import DINO_HF, DINO_ORIGINAL, Renames, compvis_single_file, expand
 
 # Two levels each; the U-Net attends on level 0 only (as SD v1 attends on all levels but the last). The
 # sample sizes keep SD v1.5's values (informational here), which is also what a config-less single file reads as.
@@ -36,6 +41,10 @@ TINY_CLIP_TEXT = CLIPTextConfig(hidden_size=64, intermediate_size=128, num_layer
 TINY_CLIP_VISION = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, image_size=32,
                                     patch_size=8)
 TINY_DINO = DINOConfig(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=256, patch_size=8, image_size=32)
+# The same tiny SD as the original code's constructor arguments (tests/compvis.py)
+TINY_LDM = LDMConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=2, attention_resolutions=(1,),
+                     context_dim=128, vae_ch=32, vae_ch_mult=(1, 2), vae_num_res_blocks=1, text_width=128,
+                     text_layers=2, text_mlp=256)
 
 
 def _json(path: Path, obj: dict) -> None:
@@ -101,10 +110,41 @@ MODEL_INDEX_JSON = {"_class_name": "StableDiffusionPipeline", "_diffusers_versio
 
 
 @lru_cache(maxsize=4)
+def tiny_sd_single_file(seed: int = 0) -> dict:
+    """The tiny SD as a CompVis single-file state dict (cached per seed: treat it as read-only)."""
+    return {**random_single_file(TINY_LDM, seed=seed), **schedule_buffers()}
+
+
+@lru_cache(maxsize=4)
+def tiny_sd_diffusers(seed: int = 0) -> dict:
+    """{"unet" | "vae" | "text_encoder": state dict in diffusers / HF names}: diffusers' own single-file
+    converter run on tiny_sd_single_file (cached: read-only)."""
+    conv = _single_file_utils()
+    state = tiny_sd_single_file(seed)
+    out = {"unet": conv.convert_ldm_unet_checkpoint(state, unet_config_json(TINY_UNET)),
+           "vae": conv.convert_ldm_vae_checkpoint(state, vae_config_json(TINY_VAE)),
+           "text_encoder": conv.convert_ldm_clip_checkpoint(state)}
+    return {part: {k: t.contiguous() for k, t in tensors.items() if not k.endswith("position_ids")}
+            for part, tensors in out.items()}
+
+
+def _single_file_utils():
+    try:
+        from diffusers.loaders import single_file_utils
+    except ImportError:  # the test extra; tests that need a tiny SD need diffusers as its converter
+        import pytest
+        pytest.skip("diffusers (the test extra) converts the tiny SD checkpoint")
+    return single_file_utils
+
+
+@lru_cache(maxsize=4)
 def tiny_sd_models(seed: int = 0) -> tuple[UNet, AutoencoderKL, CLIPTextModel]:
-    """The tiny networks (cached per seed: treat them as read-only)."""
-    return (randomize_(UNet(TINY_UNET), seed=seed), randomize_(AutoencoderKL(TINY_VAE), seed=seed + 1),
-            randomize_(CLIPTextModel(TINY_TEXT), seed=seed + 2))
+    """The tiny networks, loaded from the diffusers-layout tensors (cached per seed: treat them as read-only)."""
+    parts = tiny_sd_diffusers(seed)
+    models = UNet(TINY_UNET), AutoencoderKL(TINY_VAE), CLIPTextModel(TINY_TEXT)
+    for model, part in zip(models, ("unet", "vae", "text_encoder")):
+        model.load_state_dict(parts[part])
+    return models
 
 
 @lru_cache(maxsize=1)
@@ -112,11 +152,18 @@ def _tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer.from_bpe_gz()
 
 
-def to_compvis(unet: UNet, vae: AutoencoderKL, text: CLIPTextModel) -> dict:
-    """The three networks as one CompVis-layout state dict, by running the loader's tables backwards
-    (tests/test_weights.py checks the result against diffusers' own converter)."""
-    return compvis_single_file(unet.state_dict(), unet.cfg, vae.state_dict(), vae.cfg, text.state_dict(),
-                               make_betas(SchedulerConfig()))
+def schedule_buffers(n: int = 1000) -> dict:
+    """The noise-schedule buffers LatentDiffusion saves into every single file (loaders ignore them)."""
+    betas = make_betas(SchedulerConfig(num_train_timesteps=n))
+    a = torch.cumprod(1 - betas, 0)
+    a_prev = torch.cat([torch.ones(1), a[:-1]])
+    var = betas * (1 - a_prev) / (1 - a)
+    return {"betas": betas, "alphas_cumprod": a, "alphas_cumprod_prev": a_prev, "sqrt_alphas_cumprod": a.sqrt(),
+            "sqrt_one_minus_alphas_cumprod": (1 - a).sqrt(), "log_one_minus_alphas_cumprod": (1 - a).log(),
+            "sqrt_recip_alphas_cumprod": (1 / a).sqrt(), "sqrt_recipm1_alphas_cumprod": (1 / a - 1).sqrt(),
+            "posterior_variance": var, "posterior_log_variance_clipped": var.clamp_min(1e-20).log(),
+            "posterior_mean_coef1": betas * a_prev.sqrt() / (1 - a),
+            "posterior_mean_coef2": (1 - a_prev) * (1 - betas).sqrt() / (1 - a)}
 
 
 def make_tiny_sd(dest, layout: str = "diffusers", fp16: bool = False, seed: int = 0,
@@ -126,25 +173,30 @@ def make_tiny_sd(dest, layout: str = "diffusers", fp16: bool = False, seed: int 
     folder then holds only diffusers' `.fp16.` variant files). legacy_vae_attention: the VAE's attention
     named query/key/value/proj_attn, as diffusers saved it before 0.14."""
     dest = Path(dest)
-    unet, vae, text = tiny_sd_models(seed)
-    dtype = torch.float16 if fp16 else None
     if layout == "single":
         path = dest / "tiny-sd-v1.safetensors"
-        _save(to_compvis(unet, vae, text), path, dtype)
+        _save(tiny_sd_single_file(seed), path, torch.float16 if fp16 else None)
         return path
     assert layout == "diffusers", f"unknown layout {layout!r}"
-    return write_sd_folder(dest, unet, vae, text, fp16, legacy_vae_attention)
+    parts = tiny_sd_diffusers(seed)
+    return _write_sd_folder(dest, parts["unet"], parts["vae"], parts["text_encoder"], TINY_UNET, TINY_VAE, TINY_TEXT,
+                            fp16, legacy_vae_attention)
 
 
 def write_sd_folder(dest, unet: UNet, vae: AutoencoderKL, text: CLIPTextModel, fp16: bool = False,
                     legacy_vae_attention: bool = False) -> Path:
     """Any SD v1 networks as a diffusers folder (see make_tiny_sd; bench/gpu.py writes SD v1.5-size ones)."""
+    return _write_sd_folder(dest, unet.state_dict(), vae.state_dict(), text.state_dict(), unet.cfg, vae.cfg,
+                            text.config, fp16, legacy_vae_attention)
+
+
+def _write_sd_folder(dest, unet_state, vae_state, text_state, unet_cfg, vae_cfg, text_cfg, fp16, legacy_vae_attention):
     dest = Path(dest)
     dtype = torch.float16 if fp16 else None
     v = ".fp16" if fp16 else ""
-    _save(unet.state_dict(), dest / "unet" / f"diffusion_pytorch_model{v}.safetensors", dtype)
-    _json(dest / "unet" / "config.json", unet_config_json(unet.cfg))
-    vae_state = vae.state_dict()
+    _save(unet_state, dest / "unet" / f"diffusion_pytorch_model{v}.safetensors", dtype)
+    _json(dest / "unet" / "config.json", unet_config_json(unet_cfg))
+    vae_state = dict(vae_state)
     if legacy_vae_attention:
         new = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
         for k in list(vae_state):
@@ -152,9 +204,9 @@ def write_sd_folder(dest, unet: UNet, vae: AutoencoderKL, text: CLIPTextModel, f
                 if f"attentions.0.{a}." in k:
                     vae_state[k.replace(f"attentions.0.{a}.", f"attentions.0.{b}.")] = vae_state.pop(k)
     _save(vae_state, dest / "vae" / f"diffusion_pytorch_model{v}.safetensors", dtype)
-    _json(dest / "vae" / "config.json", vae_config_json(vae.cfg))
-    _save(text.state_dict(), dest / "text_encoder" / f"model{v}.safetensors", dtype)
-    _json(dest / "text_encoder" / "config.json", clip_text_config_json(text.config))
+    _json(dest / "vae" / "config.json", vae_config_json(vae_cfg))
+    _save(text_state, dest / "text_encoder" / f"model{v}.safetensors", dtype)
+    _json(dest / "text_encoder" / "config.json", clip_text_config_json(text_cfg))
     _tokenizer().save_vocab(dest / "tokenizer")
     _json(dest / "scheduler" / "scheduler_config.json", SCHEDULER_JSON)
     _json(dest / "model_index.json", MODEL_INDEX_JSON)
@@ -190,34 +242,3 @@ def write_clip_folder(dest, model: CLIPModel, fp16: bool = False) -> Path:
     return dest
 
 
-def dino_to_original(state: dict) -> dict:
-    """tinyrpo/HF-named DINO tensors -> DINO's own names, q/k/v fused back into attn.qkv."""
-    layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.layers."))
-    names = Renames(expand(DINO_ORIGINAL, layers))
-    out = {names.file_name(k): t for k, t in state.items()}
-    for i in range(layers):
-        for p in ("weight", "bias"):
-            out[f"blocks.{i}.attn.qkv.{p}"] = torch.cat([out.pop(f"blocks.{i}.attn.{x}.{p}") for x in "qkv"])
-    return out
-
-
-def make_tiny_dino(dest, layout: str = "hf", seed: int = 0) -> Path:
-    """A tiny DINO ViT: layout "hf" = an HF ViTModel folder (model.safetensors, config.json), returned;
-    "original" = DINO's own names in dest/dino_tiny.pth (torch.save), returned."""
-    dest = Path(dest)
-    model = randomize_(DINO(TINY_DINO), seed=seed)
-    if layout == "original":
-        dest.mkdir(parents=True, exist_ok=True)
-        torch.save(dino_to_original(model.state_dict()), dest / "dino_tiny.pth")
-        return dest / "dino_tiny.pth"
-    assert layout == "hf", f"unknown layout {layout!r}"
-    names = Renames(expand(DINO_HF, TINY_DINO.num_layers))
-    _save({names.file_name(k): t for k, t in model.state_dict().items()}, dest / "model.safetensors")
-    c = TINY_DINO
-    _json(dest / "config.json", {
-        "architectures": ["ViTModel"], "model_type": "vit", "hidden_size": c.hidden_size,
-        "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads, "intermediate_size": c.intermediate_size,
-        "hidden_act": c.hidden_act, "image_size": c.image_size, "patch_size": c.patch_size,
-        "num_channels": c.num_channels, "qkv_bias": True, "layer_norm_eps": 1e-12,  # as facebook/dino-vits16's
-        "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "torch_dtype": "float32"})
-    return dest

@@ -1,36 +1,46 @@
 """tinyrpo.dino against transformers' ViTModel reading the same facebook/dino-vits16-layout file."""
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
-from tests.util import max_rel_err, randomize_
+from tests.util import max_rel_err, scaled_init_
 from tinyrpo.dino import IMAGENET_MEAN, IMAGENET_STD, DINOConfig, dino_preprocess
 from tinyrpo.weights import load_dino
 
 TINY = DINOConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, patch_size=8, image_size=32)
+# float64, scaled_init_ weights: max error relative to the output's scale measured on this CPU 5e-16 (both
+# layers' eps). A planted bug: LayerNorm eps 1e-6 vs 1e-12 moves the output by ~1e-6, quick-GELU for GELU, the
+# attention scale or a residual by 1e-2 and more.
+TOL64 = 1e-12
 
 
-def test_dino_matches_transformers_vit(tmp_path):
+@pytest.mark.parametrize("eps", [1e-12, 1e-6], ids=["hf-eps", "dino-eps"])
+def test_dino_matches_transformers_vit(tmp_path, eps):
     from transformers import ViTConfig, ViTModel
 
     config = ViTConfig(
         hidden_size=TINY.hidden_size, num_hidden_layers=TINY.num_layers, num_attention_heads=TINY.num_heads,
         intermediate_size=TINY.intermediate_size, patch_size=TINY.patch_size, image_size=TINY.image_size,
-        layer_norm_eps=TINY.layer_norm_eps, hidden_act="gelu", attn_implementation="eager",
+        layer_norm_eps=eps, hidden_act="gelu", attn_implementation="sdpa",  # (eager: a float32 softmax)
     )
-    hf = randomize_(ViTModel(config, add_pooling_layer=False)).eval()
+    hf = scaled_init_(ViTModel(config, add_pooling_layer=False)).eval()
     hf.save_pretrained(tmp_path)  # the public facebook/dino-vits16 layout
 
-    ours = load_dino(tmp_path).eval()  # through the loader's HF-name rules
+    ours = load_dino(tmp_path).eval().double()  # through the loader's HF-name rules, eps from config.json
     assert ours.config.hidden_size == TINY.hidden_size and ours.config.num_heads == TINY.num_heads
+    assert ours.config.layer_norm_eps == eps
 
-    pixels = torch.randn(3, 3, TINY.image_size, TINY.image_size, generator=torch.Generator().manual_seed(1))
+    pixels = torch.randn(3, 3, TINY.image_size, TINY.image_size, generator=torch.Generator().manual_seed(1),
+                         dtype=torch.float64)
     with torch.no_grad():
-        ref = hf(pixel_values=pixels).last_hidden_state[:, 0]
+        ref = hf.double()(pixel_values=pixels).last_hidden_state[:, 0]
         out = ours(pixels)
     assert out.shape == (3, TINY.hidden_size)
-    assert max_rel_err(out, ref) <= 1e-4
+    err = max_rel_err(out, ref)
+    print(f"eps {eps}: max_rel_err {err:.1e}")
+    assert err <= TOL64
 
 
 # The real-size layout (HF and DINO-original names) is covered in tests/test_weights.py.

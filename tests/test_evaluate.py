@@ -72,10 +72,11 @@ def test_scoring_prompt_removes_only_the_token():
 def test_harmonic_is_the_training_reward():
     g = torch.Generator().manual_seed(0)
     gen, refs, txt = (F.normalize(torch.randn(n, 8, generator=g), dim=-1) for n in (5, 3, 5))
-    h = harmonic_scores(pair_cosine(gen, refs), text_cosine(gen, txt), 0.5)
+    h = harmonic_scores(pair_cosine(gen, refs), text_cosine(gen, txt), 0.3)  # λ = 0.3: not symmetric in λ, 1 − λ
     assert torch.allclose(h["align_i"], align_i(gen, refs), atol=1e-6)
     assert torch.allclose(h["align_t"], align_t(gen, txt), atol=1e-6)
-    assert torch.allclose(h["harmonic"], harmonic_reward(align_i(gen, refs), align_t(gen, txt), 0.5), atol=1e-6)
+    assert torch.allclose(h["harmonic"], harmonic_reward(align_i(gen, refs), align_t(gen, txt), 0.3), atol=1e-6)
+    assert not torch.allclose(h["harmonic"], harmonic_reward(align_i(gen, refs), align_t(gen, txt), 0.7), atol=1e-4)
 
 
 def test_aggregate_means_over_subjects():
@@ -262,13 +263,28 @@ def test_evaluate_checkpoint_base_and_real(models, tmp_path, monkeypatch, capsys
     assert base["notes"] == [] and base["token"] == "sks" and base["models"]["ckpt"] is None
     assert base["overall"]["clip_i"] != pytest.approx(r["overall"]["clip_i"], abs=1e-6)
 
-    # --real: the photos against each other, self-pairs excluded; same numbers as the reference row
+    # --real: the photos against each other, self-pairs excluded, at an asymmetric λ (0.3 and 0.7 differ)
     assert main(["--real", "--subject", str(subject), "--class-noun", "toy", "--resolution", str(RES),
-                 *common(models)]) == 0
+                 "--lambda-val", "0.3", *common(models)]) == 0
     real = json.loads((tmp_path / "runs" / "real-mytoy" / "eval" / "eval.json").read_text())
-    assert real["overall"]["dino"] == pytest.approx(r["reference"]["dino"])
-    assert real["overall"]["clip_i"] == pytest.approx(r["reference"]["clip_i"])
     assert real["prompts"] == [] and not (tmp_path / "runs" / "real-mytoy" / "eval" / "grids").exists()
+    # The oracle: embeddings of the photos, every ordered pair i != j averaged by hand with numpy.
+    emb = Embedder(load_clip(models["clip"]), load_dino(models["dino"]))
+    photos = load_subject(subject, "sks", "toy", resolution=RES).images
+    e = emb.images(photos, progress=False)
+    d, c = (np.asarray(F.normalize(x.double(), dim=-1)) for x in (e.dino, e.clip))
+    t = np.asarray(F.normalize(emb.texts(["a photo of a toy"]).double(), dim=-1))[0]
+    n = len(photos)
+    pairs = [(i, j) for i in range(n) for j in range(n) if i != j]
+    clip_i = [np.mean([c[i] @ c[j] for j in range(n) if j != i]) for i in range(n)]  # per photo
+    clip_t = [c[i] @ t for i in range(n)]
+    h = [1 / (0.3 / ((ci + 1) / 2) + 0.7 / ((ct + 1) / 2)) for ci, ct in zip(clip_i, clip_t)]  # eq. 5, λ = 0.3
+    want = {"dino": np.mean([d[i] @ d[j] for i, j in pairs]), "clip_i": np.mean([c[i] @ c[j] for i, j in pairs]),
+            "clip_t": np.mean(clip_t), "harmonic": np.mean(h)}
+    for k, v in want.items():
+        assert real["overall"][k] == pytest.approx(v, abs=1e-6), k
+    assert real["overall"]["harmonic"] != pytest.approx(
+        np.mean([1 / (0.7 / ((ci + 1) / 2) + 0.3 / ((ct + 1) / 2)) for ci, ct in zip(clip_i, clip_t)]), abs=1e-4)
 
 
 @pytest.mark.parametrize("case", ["no_eval_clip", "no_dino", "no_sd", "no_subject", "lambda", "images0",

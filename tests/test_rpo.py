@@ -26,6 +26,14 @@ def test_harmonic_reward_limits():
     assert harmonic_reward(a_i, a_t, 1.0).item() == pytest.approx(0.8)  # image only
 
 
+def test_harmonic_reward_asymmetric_lambda():
+    """λ = 0.3 (the validation default) weighs ALIGN-I by 0.3 and ALIGN-T by 0.7; λ = 0.5 (the paper's example)
+    cannot tell λ from 1 − λ, nor ALIGN-I from ALIGN-T."""
+    h = harmonic_reward(torch.tensor([0.8]), torch.tensor([0.3]), 0.3).item()
+    assert h == pytest.approx(1 / (0.3 / 0.8 + 0.7 / 0.3))  # 0.3692
+    assert h != pytest.approx(1 / (0.7 / 0.8 + 0.3 / 0.3), abs=1e-3)  # 0.5333: λ and 1 − λ swapped
+
+
 def test_alignments_map_cosine_to_unit_interval():
     e = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), dim=-1)
     refs = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
@@ -62,20 +70,38 @@ def test_l_pref_and_gradient_hand_computed():
 
 
 def test_rpo_loss_by_hand():
-    # one pair, 1 element per image: e = (pred - noise)^2
-    noise = torch.tensor([[0.0], [0.0]]).view(2, 1, 1, 1)
-    model = torch.tensor([0.5, 1.0]).view(2, 1, 1, 1).requires_grad_()
-    ref = torch.tensor([1.0, 0.5]).view(2, 1, 1, 1)
-    out = rpo_loss(model, ref, noise, torch.tensor([1.0]), beta=1.0)
-    # e_θ(w)=0.25, e_θ(l)=1, e_ref(w)=1, e_ref(l)=0.25 -> Δ = (1-0.25) - (0.25-1) = 1.5
-    assert out.delta.tolist() == pytest.approx([1.5])
-    assert out.l_sim.item() == pytest.approx(0.25)
-    assert out.l_pref.item() == pytest.approx(-math.log(1 / (1 + math.exp(-1.5))))
-    assert out.loss.item() == pytest.approx(out.l_sim.item() + out.l_pref.item())
+    """Two pairs with different labels, β = 0.5, a non-zero ε, two elements per image: every term of eqs. 7-9
+    and its gradient computed by hand. Each image's two elements are equal, so e = (pred - ε)^2 (a sum instead of
+    the mean would double it)."""
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    beta = 0.5
+    # rows: w1, w2 (reference images), l1, l2 (generated images); pair k = (w_k, l_k) shares ε_k
+    eps = [0.2, -0.1, 0.2, -0.1]
+    pred = [0.7, 0.1, -0.6, 0.5]
+    ref = [1.2, 0.3, 0.0, -0.2]
+    y = torch.tensor([0.0, 1.0])
+
+    def images(values):
+        return torch.tensor(values, dtype=torch.float64).view(4, 1, 1, 1).expand(4, 1, 1, 2).contiguous()
+
+    model = images(pred).requires_grad_()
+    out = rpo_loss(model, images(ref), images(eps), y, beta=beta)
+    e_theta = [(p - n) ** 2 for p, n in zip(pred, eps)]  # 0.25, 0.04, 0.64, 0.36
+    e_ref = [(r - n) ** 2 for r, n in zip(ref, eps)]  # 1.0, 0.16, 0.04, 0.01
+    d = [(e_ref[k] - e_theta[k]) - (e_ref[k + 2] - e_theta[k + 2]) for k in range(2)]  # Δ, eq. 8: 1.35, 0.47
+    assert out.delta.tolist() == pytest.approx(d)
+    assert out.l_sim.item() == pytest.approx((e_theta[0] + e_theta[1]) / 2)  # eq. 7, on the winners only
+    pref = [-math.log(sig(-beta * d[0])), -math.log(sig(beta * d[1]))]  # y = 0 and y = 1
+    assert out.l_pref.item() == pytest.approx(sum(pref) / 2)
+    assert out.loss.item() == pytest.approx(out.l_sim.item() + out.l_pref.item())  # eq. 9
     out.loss.backward()
-    s = 1 / (1 + math.exp(-1.5))
-    # dL/de_θ(w) = 1 + (σ(Δ) − 1)·(−1); dL/de_θ(l) = (σ(Δ) − 1)·(+1); de/dpred = 2·pred
-    assert model.grad.flatten().tolist() == pytest.approx([(1 - (s - 1)) * 2 * 0.5, (s - 1) * 2 * 1.0])
+    # dL/dΔ_k = β (σ(βΔ_k) − y_k) / 2; dΔ/de_θ(w) = −1, dΔ/de_θ(l) = +1; dL_sim/de_θ(w_k) = 1/2;
+    # de/dpred per element = 2 (pred − ε) / 2 (mean over the two elements).
+    g_delta = [beta * (sig(beta * d[k]) - y[k].item()) / 2 for k in range(2)]
+    want = [(0.5 - g_delta[0]) * (pred[0] - eps[0]), (0.5 - g_delta[1]) * (pred[1] - eps[1]),
+            g_delta[0] * (pred[2] - eps[2]), g_delta[1] * (pred[3] - eps[3])]
+    assert model.grad[:, 0, 0, 0].tolist() == pytest.approx(want)
+    assert torch.equal(model.grad[..., 0], model.grad[..., 1])
 
 
 def test_delta_sign_convention():
