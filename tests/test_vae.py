@@ -12,8 +12,8 @@ from tinyrpo.vae import AutoencoderKL, VAEConfig
 MANIFEST = Path(__file__).parent / "manifests" / "sd15_diffusers_vae.json"
 TINY = VAEConfig(block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=32)
 # Max error relative to the output's scale, with scaled_init_ weights, measured on this CPU: float64 8e-16
-# (encoder mean / log-variance) and 1.4e-15 (decoder), float32 5e-7 / 1e-6. A planted bug in float64: GroupNorm
-# eps 1e-5 vs 1e-6 moves the outputs by ~1e-6, the mid attention's scale or a residual by 1e-2 and more.
+# (encoder mean / log-variance) and 1.4e-15 (decoder), float32 5e-7 / 1e-6. A planted bug in float64 (measured): GroupNorm
+# eps 1e-5 for 1e-6 moves the outputs by 6e-6 .. 7e-6, the mid attention's scale or a residual by far more.
 TOL64, TOL32 = 1e-12, 1e-5
 
 
