@@ -242,3 +242,57 @@ def write_clip_folder(dest, model: CLIPModel, fp16: bool = False) -> Path:
     return dest
 
 
+
+
+# HF ViTModel names -> DINO's own (facebookresearch/dino vision_transformer.py), written out by hand rather than
+# taken from tinyrpo's table: per layer, (HF, DINO) module paths; q/k/v are fused into attn.qkv below.
+_DINO_NAMES = [("embeddings.cls_token", "cls_token"), ("embeddings.position_embeddings", "pos_embed"),
+               ("embeddings.patch_embeddings.projection", "patch_embed.proj"), ("layernorm", "norm")]
+_DINO_LAYER = [("layernorm_before", "norm1"), ("attention.output.dense", "attn.proj"), ("layernorm_after", "norm2"),
+               ("intermediate.dense", "mlp.fc1"), ("output.dense", "mlp.fc2")]
+
+
+def dino_to_original(hf_state: dict) -> dict:
+    """A DINO ViT in HF ViTModel names (as transformers saves it) -> DINO's own names, q/k/v fused back into
+    attn.qkv ([q; k; v] by output rows, as vision_transformer.py's Attention reads it)."""
+    state = {k.removeprefix("vit."): t for k, t in hf_state.items() if not k.startswith(("pooler.", "vit.pooler."))}
+    layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.layer."))
+    out = {}
+    for k, t in state.items():
+        for hf, ours in _DINO_NAMES:
+            if k.startswith(hf + ".") or k == hf:
+                out[ours + k[len(hf):]] = t
+    for i in range(layers):
+        p = f"encoder.layer.{i}"
+        for hf, ours in _DINO_LAYER:
+            for w in ("weight", "bias"):
+                out[f"blocks.{i}.{ours}.{w}"] = state[f"{p}.{hf}.{w}"]
+        for w in ("weight", "bias"):
+            out[f"blocks.{i}.attn.qkv.{w}"] = torch.cat([state[f"{p}.attention.attention.{x}.{w}"]
+                                                        for x in ("query", "key", "value")])
+    assert len(out) == len(state) - 2 * 3 * layers + 2 * layers, "a tensor left unmapped"
+    return out
+
+
+def _hf_vit(cfg: DINOConfig, eps: float, seed: int):
+    from transformers import ViTConfig, ViTModel
+    config = ViTConfig(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+                       num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
+                       hidden_act=cfg.hidden_act, image_size=cfg.image_size, patch_size=cfg.patch_size,
+                       num_channels=cfg.num_channels, qkv_bias=True, layer_norm_eps=eps)
+    return randomize_(ViTModel(config, add_pooling_layer=False), seed=seed).eval()
+
+
+def make_tiny_dino(dest, layout: str = "hf", seed: int = 0) -> Path:
+    """A tiny DINO ViT: layout "hf" = an HF ViTModel folder written by transformers (model.safetensors,
+    config.json with facebook/dino-vits16's eps 1e-12), returned; "original" = the same weights in DINO's own
+    names in dest/dino_tiny.pth (torch.save), returned (DINO itself uses eps 1e-6)."""
+    dest = Path(dest)
+    assert layout in ("hf", "original"), f"unknown layout {layout!r}"
+    hf = dest if layout == "hf" else dest / "hf"
+    _hf_vit(TINY_DINO, 1e-12, seed).save_pretrained(hf)  # (transformers renames its modules on saving)
+    if layout == "hf":
+        return dest
+    torch.save(dino_to_original(load_file(hf / "model.safetensors")), dest / "dino_tiny.pth")
+    shutil.rmtree(hf)
+    return dest / "dino_tiny.pth"
