@@ -242,8 +242,6 @@ def write_clip_folder(dest, model: CLIPModel, fp16: bool = False) -> Path:
     return dest
 
 
-
-
 # HF ViTModel names -> DINO's own (facebookresearch/dino vision_transformer.py), written out by hand rather than
 # taken from tinyrpo's table: per layer, (HF, DINO) module paths; q/k/v are fused into attn.qkv below.
 _DINO_NAMES = [("embeddings.cls_token", "cls_token"), ("embeddings.position_embeddings", "pos_embed"),
