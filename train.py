@@ -1,9 +1,11 @@
-"""Personalize Stable Diffusion v1 to one subject with Reward Preference Optimization (RPO).
+"""Personalize Stable Diffusion v1 to one subject with Reward Preference Optimization (RPO), or a baseline.
 
 examples:
   python train.py --subject refs/dog                          # DreamBench subject: class looked up
   python train.py --subject photos/my_mug --class-noun mug    # your own subject
   python train.py --subject refs/dog --method dreambooth      # a baseline: DreamBooth, prior preservation
+  python train.py --subject refs/dog --method dpg             # look forward (Wei et al.): DPG with a critic
+  python train.py --subject refs/dog --no-pref                # an RPO ablation: pure L_sim
   python train.py --out runs/dog --resume                     # continue an interrupted run
   python sample.py --ckpt runs/dog/best.safetensors --prompt "a sks dog on the beach"
 
@@ -19,6 +21,7 @@ import sys
 
 from tinyrpo.download import DEFAULT_REWARD_CLIP, DEFAULT_SD
 from tinyrpo.errors import run_cli
+from tinyrpo.methods import NAMES
 
 
 def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
@@ -49,14 +52,20 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     a("--prompts", default=None, help="file of training prompts, one per line: '[V]' = token, '{cls}' = class")
 
     a = group("training (defaults that depend on --method are the method's)")
-    a("--method", default="rpo", choices=["rpo"], help="training method (default: rpo)")
-    a("--lr", type=float, default=None, help="AdamW learning rate, constant (default: RPO 5e-6)")
-    a("--steps", type=int, default=None, help="training steps (default: RPO 400)")
-    a("--batch-size", type=int, default=1, help="pairs (RPO) per step (default: 1)")
+    a("--method", default="rpo", choices=NAMES,
+      help="rpo (Miao et al.), dreambooth (prior preservation, Ruiz et al.) or dpg (look forward, Wei et al.) "
+           "(default: rpo)")
+    a("--lr", type=float, default=None,
+      help="AdamW learning rate, constant (default: rpo 5e-6, dreambooth 5e-6, dpg 1e-6)")
+    a("--steps", type=int, default=None, help="training steps (default: rpo 400, dreambooth 800, dpg 1000)")
+    a("--batch-size", type=int, default=1,
+      help="pairs (rpo), or instance images, each with a class image (dreambooth, dpg), per step (default: 1)")
     a("--grad-clip", type=float, default=1.0, help="gradient-norm clip (default: 1.0)")
     a("--resolution", type=int, default=512, help="training and generation resolution in pixels (default: 512)")
     a("--train-text-encoder", action="store_true", default=None,
-      help="fine-tune the text encoder too (default: off for RPO)")
+      help="fine-tune the text encoder too (default: on for dpg, off for rpo and dreambooth)")
+    a("--no-train-text-encoder", dest="train_text_encoder", action="store_false",
+      help="keep the text encoder frozen")
     a("--lora", type=int, default=None, metavar="RANK",
       help="train LoRA adapters of this rank on the U-Net instead of every weight (default lr then 1e-4)")
     a("--lora-alpha", type=float, default=None, help="LoRA α; the update is scaled by α/rank (default: rank)")
@@ -71,7 +80,8 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     a("--mean", default="harmonic", choices=["harmonic", "arithmetic"],
       help="how the reward combines ALIGN-I and ALIGN-T (default: harmonic, eq. 5; arithmetic: Table 6)")
     a("--select", default=None, choices=["best", "last"],
-      help="the checkpoint kept is the validation-reward argmax (best) or the final step (last) (default: RPO best)")
+      help="the checkpoint kept is the validation-reward argmax (best) or the final step (last) "
+           "(default: rpo best, dreambooth last, dpg last)")
     a("--no-early-stop", dest="select", action="store_const", const="last", help="the same as --select last")
     a("--select-best", dest="select", action="store_const", const="best", help="the same as --select best")
     a("--patience", type=int, default=None, help="stop after N validations without improvement (default: never)")
@@ -88,6 +98,22 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
       help="score h(w) against the reference prompt, or the paired training prompt (default: reference)")
     a("--noise", default=None, choices=["shared", "independent"],
       help="one ε and t per pair, or one per image (default: shared)")
+
+    a = group("DreamBooth (--method dreambooth, dpg)")
+    a("--num-class-images", type=int, default=None,
+      help="images of 'a photo of a <class>' the base model makes for the prior term (default: dreambooth 200, "
+           "dpg 8)")
+    a("--prior-weight", type=float, default=None, help="λ of the prior-preservation term (default: 1.0)")
+
+    a = group("look forward (--method dpg)")
+    a("--dpg-reward", default=None, choices=["lookforward", "dino"],
+      help="what the critic Q_φ regresses: the look-forward MSE ‖x̂_0 − x_0‖², or the DINO cost of the decoded "
+           "x̂_0 (default: lookforward)")
+    a("--gamma", type=float, default=None, help="discount γ: the critic's score at timestep t weighs γ^t "
+                                                "(default: 0.9986)")
+    a("--dpg-weight", type=float, default=None, help="λ, the weight of γ^t·Q_φ in the U-Net's loss (default: 1.0)")
+    a("--critic-lr", type=float, default=None, help="SGD learning rate of the critic (default: 0.01)")
+    a("--dino", default=None, help="DINO ViT-S/16 for --dpg-reward dino (default: weights/dino-vits16)")
 
     a = group("machine and run")
     a("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")

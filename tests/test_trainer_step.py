@@ -42,7 +42,6 @@ def make_trainer(models, subject, out, *extra) -> Trainer:
     tr.check_run_folder()
     tr.load()
     tr.start_run_folder()
-    tr.method = tr.method_cls(tr, tr.options)
     tr.ref_embs = tr.scorer.embed_images(tr.subject.images)
     tr.method.prepare()
     return tr

@@ -3,7 +3,10 @@
 Format (version 2): one `.safetensors` file (no pickle: safe to share), train.py's `best.safetensors`:
 
     tensors   the whole fine-tuned U-Net in float32, diffusers names ("content": "unet"), or only the LoRA
-              adapters, `<module path>.lora_A.weight` / `.lora_B.weight` in float32 ("content": "lora")
+              adapters, `<module path>.lora_A.weight` / `.lora_B.weight` in float32 ("content": "lora");
+              with a fine-tuned text encoder (DreamBooth's --train-text-encoder, look forward), also the
+              whole text encoder in float32 under "text_encoder." + its tinyrpo names, and "text_encoder":
+              "true" in the header
     header    {"format": "pt", "tinyrpo.format": "tinyrpo-ckpt", "tinyrpo.version": "2",
                "tinyrpo.content": "unet" | "lora", "tinyrpo.json": '["step", ...]',
                "base": ..., "base_fingerprint": ..., "token": ..., "class_noun": ..., "step": ..., "reward": ...,
@@ -21,7 +24,8 @@ the fine-tuning away. A LoRA stores its update as the two small factors instead 
 base model is identified (`base_fingerprint`), because the U-Net or the LoRA is only meaningful next to
 the base it was trained from.
 
-Version 1 (`best.pt`, a torch.save'd dict {"format", "version", "unet", "meta"}) still loads, with
+Version 1 (`best.pt`, a torch.save'd dict {"format", "version", "unet", "meta"}, and "text_encoder" with a
+fine-tuned one, meta["text_encoder"] True) still loads, with
 `torch.load(weights_only=True)` (no pickle code runs) and mmap. train.py's `last.pt` is not a checkpoint of
 this kind: it is the resumable training state (weights, optimizer, RNG) for `train.py --resume`.
 
@@ -48,6 +52,7 @@ VERSION = 2
 BEST = "best.safetensors"  # the validation-reward argmax that train.py keeps: what sample.py --ckpt takes
 LEGACY_BEST = "best.pt"  # version 1, written by train.py before BEST
 LAST = "last.pt"  # train.py's resumable state (--resume), not a checkpoint to sample from
+TEXT_ENCODER = "text_encoder."  # the prefix of a fine-tuned text encoder's tensors in the file
 CONTENTS = ("unet", "lora")
 
 
@@ -127,29 +132,41 @@ def decode_metadata(header: dict[str, str]) -> dict:
 # Writing and reading
 
 
-def save_checkpoint(path, state: dict, meta: dict, lora: dict | None = None) -> Path:
+def save_checkpoint(path, state: dict, meta: dict, lora: dict | None = None,
+                    text_encoder: dict | None = None) -> Path:
     """Write a checkpoint to `path`, atomically; returns the path.
 
     state: the fine-tuned U-Net's state dict (any dtype/device; stored as float32 on the CPU), or with `lora`
            given, the adapters' tensors (tinyrpo.lora.lora_state_dict).
     meta:  JSON-like facts about the run (base, base_fingerprint, token, class_noun, step, reward, config...).
     lora:  tinyrpo.lora.lora_config(unet) for a LoRA checkpoint, None for a full U-Net.
+    text_encoder: the fine-tuned text encoder's state dict, when it was trained (meta["text_encoder"] says so).
 
     A path ending in .pt gets the version-1 torch format, which is what train.py wrote before it wrote
     BEST (`best.pt`); every other path gets the safetensors format above.
     """
-    state = {k: (v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()).contiguous()
-             for k, v in state.items()}
+    state = _cpu_fp32(state)
     meta = json.loads(json.dumps(meta, default=str))  # Paths as strings, tuples as lists: what loading gives back
     if lora is not None:
         meta["lora"] = json.loads(json.dumps(lora))
+    meta["text_encoder"] = text_encoder is not None
     if Path(path).suffix == ".pt":
         if lora is not None:
             raise ValueError("a LoRA checkpoint is written as .safetensors (checkpoint.BEST)")
-        return atomic_torch_save({"format": FORMAT, "version": 1, "unet": state, "meta": meta}, path)
+        obj = {"format": FORMAT, "version": 1, "unet": state, "meta": meta}
+        if text_encoder is not None:
+            obj["text_encoder"] = _cpu_fp32(text_encoder)
+        return atomic_torch_save(obj, path)
+    if text_encoder is not None:
+        state |= {TEXT_ENCODER + k: v for k, v in _cpu_fp32(text_encoder).items()}
     header = {"format": "pt", "tinyrpo.format": FORMAT, "tinyrpo.version": str(VERSION),
               "tinyrpo.content": "lora" if lora is not None else "unet", **encode_metadata(meta)}
     return atomic_save_safetensors(state, path, header)
+
+
+def _cpu_fp32(state: dict) -> dict:
+    return {k: (v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()).contiguous()
+            for k, v in state.items()}
 
 
 def best_checkpoint(run) -> Path | None:
@@ -192,7 +209,8 @@ def _load_torch(path: Path) -> tuple[dict, dict]:
                         "tinyrpo cannot read; update tinyrpo")
     if not isinstance(obj.get("unet"), dict) or not isinstance(obj.get("meta"), dict):
         raise UserError(f"checkpoint {path} is incomplete (no 'unet' or 'meta' entry); re-run train.py")
-    return obj["unet"], {**obj["meta"], "content": "unet"}
+    text_encoder = obj.get("text_encoder") if isinstance(obj.get("text_encoder"), dict) else {}
+    return obj["unet"] | {TEXT_ENCODER + k: v for k, v in text_encoder.items()}, {**obj["meta"], "content": "unet"}
 
 
 def read_header(path) -> dict[str, str] | None:
@@ -206,10 +224,17 @@ def read_header(path) -> dict[str, str] | None:
 
 def load_checkpoint(path) -> tuple[dict, dict]:
     """-> (tensors as float32 CPU tensors, meta). meta["content"] is "unet" (a whole U-Net state dict) or
-    "lora" (adapter tensors; meta["lora"] = {"rank", "alpha", "targets"}).
+    "lora" (adapter tensors; meta["lora"] = {"rank", "alpha", "targets"}); meta["text_encoder"] is True when
+    the file also holds a fine-tuned text encoder (apply_checkpoint loads it; it is not in the tensors returned).
 
     Raises UserError for a missing, corrupt or foreign file, and for train.py's last.pt.
     """
+    state, meta = _read(path)
+    return {k: v for k, v in state.items() if not k.startswith(TEXT_ENCODER)}, meta
+
+
+def _read(path) -> tuple[dict, dict]:
+    """Every tensor of the file (a text encoder's under TEXT_ENCODER) and its meta, checked."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"checkpoint {path} not found; train.py writes {BEST} into its run folder (runs/<subject>/)")
@@ -222,7 +247,7 @@ def load_checkpoint(path) -> tuple[dict, dict]:
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"PK\x03\x04":  # a zip: torch.save's format, version 1
-        return _load_torch(path)
+        return _checked(path, *_load_torch(path))
     header = read_header(path)
     if header is None:
         raise _corrupt(path, ValueError("not a safetensors file"))
@@ -245,19 +270,50 @@ def load_checkpoint(path) -> tuple[dict, dict]:
         raise _corrupt(path, e) from None
     if content == "lora" and not isinstance(meta.get("lora"), dict):
         raise UserError(f"checkpoint {path} is a LoRA without its rank/alpha/targets entry; re-run train.py")
-    return state, {**meta, "content": content}
+    return _checked(path, state, {**meta, "content": content})
+
+
+def _checked(path, state: dict, meta: dict) -> tuple[dict, dict]:
+    has_text_encoder = any(k.startswith(TEXT_ENCODER) for k in state)
+    if bool(meta.get("text_encoder")) != has_text_encoder:
+        raise UserError(f"checkpoint {path} is incomplete (its header and its text-encoder tensors disagree); "
+                        "re-run train.py")
+    return state, {**meta, "text_encoder": has_text_encoder}
 
 
 def apply_checkpoint(sd, path, lora_scale: float = 1.0) -> dict:
-    """Put checkpoint `path` into `sd.unet` (in sd.unet's dtype); return its meta.
+    """Put checkpoint `path` into `sd.unet` (in sd.unet's dtype), and its fine-tuned text encoder, if it has
+    one, into `sd.text_encoder`; return its meta.
 
     A full U-Net replaces the weights; a LoRA is added and merged into them, its update scaled by lora_scale.
-    The base model must be the one the checkpoint was trained from: same fingerprint and same U-Net shapes.
+    The base model must be the one the checkpoint was trained from: same fingerprint and same shapes.
     """
-    state, meta = load_checkpoint(path)
+    state, meta = _read(path)
     base = meta.get("base", "<unknown>")
     if meta.get("base_fingerprint") != getattr(sd, "fingerprint", None):
         raise UserError(f"checkpoint {path} was trained from {base}, not from {sd.source}; pass --weights {base}")
+    text_encoder = {k[len(TEXT_ENCODER):]: state.pop(k) for k in [k for k in state if k.startswith(TEXT_ENCODER)]}
+    if text_encoder:  # checked before the U-Net changes, so a misfit leaves the model as it was
+        _check_fits(sd.text_encoder.state_dict(), text_encoder, f"the text encoder of {sd.source}", path, base)
+    meta = _apply_unet(sd, path, state, meta, base, lora_scale)
+    if text_encoder:
+        sd.text_encoder.load_state_dict(text_encoder)
+    return meta
+
+
+def _check_fits(own: dict, state: dict, what: str, path, base) -> None:
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mis_shaped = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+                  if k in state and state[k].shape != v.shape]
+    if missing or unexpected or mis_shaped:
+        detail = "; ".join(f"{kind}: {', '.join(keys[:3])}" for kind, keys in
+                           (("missing", missing), ("unexpected", unexpected), ("shape", mis_shaped)) if keys)
+        raise UserError(f"checkpoint {path} does not fit {what} ({detail}); it was trained from "
+                        f"{base}: pass --weights {base}")
+
+
+def _apply_unet(sd, path, state: dict, meta: dict, base: str, lora_scale: float) -> dict:
     if meta["content"] == "lora":
         cfg = meta["lora"]
         add_lora(sd.unet, cfg["rank"], cfg["alpha"], cfg["targets"])
@@ -268,15 +324,6 @@ def apply_checkpoint(sd, path, lora_scale: float = 1.0) -> dict:
         return meta
     if lora_scale != 1.0:
         raise UserError(f"--lora-scale scales a LoRA, and {path} holds a whole fine-tuned U-Net; drop --lora-scale")
-    own = sd.unet.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mis_shaped = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-                  if k in state and state[k].shape != v.shape]
-    if missing or unexpected or mis_shaped:
-        detail = "; ".join(f"{what}: {', '.join(keys[:3])}" for what, keys in
-                           (("missing", missing), ("unexpected", unexpected), ("shape", mis_shaped)) if keys)
-        raise UserError(f"checkpoint {path} does not fit the U-Net of {sd.source} ({detail}); it was trained from "
-                        f"{base}: pass --weights {base}")
+    _check_fits(sd.unet.state_dict(), state, f"the U-Net of {sd.source}", path, base)
     sd.unet.load_state_dict(state)  # copies into the existing parameters, casting to their dtype/device
     return meta

@@ -2,6 +2,8 @@
 
 A method decides three things, and nothing else:
 
+    load()           (optional) networks it needs beyond the shared ones (the DINO reward of tinyrpo/dpg.py),
+                     loaded with the shared models, before anything is written to the run folder
     prepare()        the data it needs, made once and cached in the run folder (RPO: the negative set and
                      its rewards; DreamBooth: the class images), reused on --resume
     draw(gen)        what one step samples (image indices, timesteps, noise, labels), drawn on the CPU from
@@ -50,10 +52,15 @@ class Method:
     # lr, steps, select ("best": the validation-reward argmax, "last": the final step), train_text_encoder.
     defaults: dict = {}
     uses_reference = False  # True when the loss needs the frozen base U-Net's predictions (RPO)
+    diverged_hint = "lower --lr or use --precision fp32"  # what to try when the loss is no longer finite
 
     def __init__(self, trainer, options):
         self.trainer = trainer
         self.opt = options
+
+    def load(self) -> None:
+        """Load what the method needs beyond the SD model and the reward CLIP; raise UserError if it is missing.
+        Runs before the run folder is written, so a missing file changes nothing."""
 
     def prepare(self) -> None:
         pass

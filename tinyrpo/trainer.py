@@ -1,13 +1,15 @@
 """The training run shared by every method: models, run folder, the step loop, validation, checkpoints, resume.
 
     load      subject photos, base SD model, reward CLIP (nothing is written before they all load)
-    prepare   the method's data, cached in the run folder (RPO: negative set + rewards; DreamBooth: class images)
+    prepare   the method's data, cached in the run folder (RPO: negative set + rewards; DreamBooth and look
+              forward: class images)
     step      batch = method.draw(gen); loss = method.loss(batch); backward, clip, AdamW; method.after_step
     validate  every --val-every steps: generate the training prompts with fixed seeds, score the
               λ_val-Harmonic reward (eq. 5 of RPO) in fp32; --select best keeps its argmax as the checkpoint
     save      last.pt every --save-every steps, at the end and on Ctrl-C/SIGTERM, for an exact --resume
 
-What a method is: tinyrpo/method.py. RPO's equations and method: tinyrpo/rpo.py. This file is the loop that
+What a method is: tinyrpo/method.py; the methods: tinyrpo/rpo.py, tinyrpo/dreambooth.py, tinyrpo/dpg.py
+(registered in tinyrpo/methods.py). This file is the loop that
 calls them, plus what a user needs from it: a run folder nobody can corrupt (tinyrpo/runfolder.py), a log,
 atomic checkpoints and an exact resume.
 """
@@ -305,6 +307,8 @@ class Trainer:
                 self.ref_unet.requires_grad_(False).eval()
                 self.ref_fwd = torch.compile(self.ref_unet) if cfg.compile else self.ref_unet
         self._text_cache = {}
+        self.method = self.method_cls(self, self.options)
+        self.method.load()  # what the method needs beyond these models (look forward's DINO), still unwritten
 
     def text_states(self, prompts: list[str]) -> torch.Tensor:
         """Text-encoder conditioning [N, 77, D]: computed once per prompt list while the text encoder is
@@ -362,7 +366,9 @@ class Trainer:
 
     def save_best(self, step: int, reward: float | None):
         lora = lora_config(self.policy) if self.cfg.lora else None
-        save_checkpoint(self.out / BEST, self.trained_unet_state(), self.meta(step, reward), lora=lora)
+        text_encoder = self.sd.text_encoder.state_dict() if self.train_text_encoder else None
+        save_checkpoint(self.out / BEST, self.trained_unet_state(), self.meta(step, reward), lora=lora,
+                        text_encoder=text_encoder)
 
     def save_last(self, step: int):
         state = {"unet": self.trained_unet_state(), "optimizer": self.opt.state_dict(),
@@ -424,7 +430,6 @@ class Trainer:
         self.check_run_folder()
         self.load()
         self.start_run_folder()
-        self.method = self.method_cls(self, self.options)
         try:
             return self._run(t_start)
         except KeyboardInterrupt as e:
@@ -481,7 +486,7 @@ class Trainer:
                                     **{k: v.detach() for k, v in out.terms.items()}})
                 validating = step % cfg.val_every == 0 or step == cfg.steps
                 if step % cfg.log_every == 0 or validating or self.stop_signal is not None:
-                    records = flush(pending)
+                    records = flush(pending, self.method.diverged_hint)
                     log.write(records)
                     bar.set_postfix(loss=f"{records[-1]['loss']:.4f}")
                 stop = False
@@ -552,14 +557,15 @@ def _need(ok, msg):
         raise UserError(msg)
 
 
-def flush(pending: list) -> list[dict]:
-    """Move the buffered per-step values to the host in one go and turn them into log records."""
+def flush(pending: list, hint: str = "lower --lr or use --precision fp32") -> list[dict]:
+    """Move the buffered per-step values to the host in one go and turn them into log records; a loss that
+    is not finite ends the run, with `hint` (the method's advice)."""
     records = [{k: (v if isinstance(v, int) else (v.item() if v.numel() == 1 and v.ndim == 0 else v.float().tolist()))
                 for k, v in r.items()} for r in pending]
     pending.clear()
     for r in records:
         if not math.isfinite(r["loss"]):
-            raise UserError(f"the loss became {r['loss']} at step {r['step']}; lower --lr or use --precision fp32")
+            raise UserError(f"the loss became {r['loss']} at step {r['step']}; {hint}")
     return records
 
 

@@ -1,0 +1,138 @@
+"""train.py end to end with every method and the RPO ablations, and resume equal to the uninterrupted run."""
+import json
+
+import pytest
+import torch
+
+import train
+from tests.test_methods import ONE_PROMPT, method_args
+from tests.test_train import make_subject, models  # noqa: F401  (models is a fixture)
+from tinyrpo.checkpoint import apply_checkpoint, read_checkpoint
+from tinyrpo.errors import UserError
+from tinyrpo.methods import METHODS, NAMES
+from tinyrpo.weights import load_sd
+
+# DINO weights for --dpg-reward dino; the tiny critic needs a small step on random networks (their
+# look-forward residuals are in the hundreds at large t, where the authors' lr 0.01 diverges)
+CRITIC = ["--critic-lr", "1e-7"]
+CASES = {
+    "dreambooth": ["--method", "dreambooth", "--num-class-images", "2", "--train-text-encoder"],
+    "dpg": ["--method", "dpg", "--num-class-images", "2", *CRITIC],
+    "dpg-dino": ["--method", "dpg", "--num-class-images", "2", "--dpg-reward", "dino", *CRITIC],
+}
+
+
+@pytest.fixture(scope="module")
+def setup(models, tmp_path_factory):
+    from tests.fixtures import make_tiny_dino
+    d = tmp_path_factory.mktemp("methods")
+    prompts = d / "prompts.txt"
+    prompts.write_text(ONE_PROMPT)  # one training prompt: validation makes one image
+    return make_subject(d / "subject"), prompts, make_tiny_dino(d / "dino")
+
+
+def args_for(models, setup, out, case, *extra):
+    subject, prompts, dino = setup
+    flags = list(CASES[case]) + (["--dino", str(dino)] if case == "dpg-dino" else [])
+    method = flags[1]
+    return method_args(models, subject, out, method, *flags[2:], "--val-every", "2", *extra, prompts=prompts)
+
+
+def records(out):
+    return [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_method_end_to_end_and_exact_resume(models, setup, tmp_path, case):
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert train.main(args_for(models, setup, full, case, "--steps", "4")) == 0
+    # what the run folder holds
+    cfg = json.loads((full / "config.json").read_text())
+    method = cfg["method"]
+    assert cfg["select"] == "last" and cfg["train_text_encoder"] is True
+    assert cfg["lr"] == 1e-3  # given: the method's default is only a default
+    assert len(list((full / "class_images").glob("*.png"))) == 2
+    steps = [r for r in records(full) if not r.get("val")]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    terms = {"l_instance", "l_prior"} | ({"q", "lookforward_mse", "critic_loss", "cost"} if method == "dpg" else set())
+    assert all(terms <= r.keys() for r in steps), steps[0].keys()
+    # best.pt is the last step, with the trained text encoder, and loads into a fresh model (sample.py and the
+    # evaluation go through apply_checkpoint)
+    last = torch.load(full / "last.pt", weights_only=True)
+    ckpt = read_checkpoint(full / "best.pt")
+    assert ckpt["meta"]["step"] == 4 and ckpt["meta"]["method"] == method and ckpt["meta"]["text_encoder"] is True
+    sd = load_sd(models[0])
+    base_te = {k: v.clone() for k, v in sd.text_encoder.state_dict().items()}
+    apply_checkpoint(sd, full / "best.pt")
+    for module, key in ((sd.unet, "unet"), (sd.text_encoder, "text_encoder")):
+        assert all(torch.equal(v, last[key][k]) for k, v in module.state_dict().items()), key
+    assert any(not torch.equal(v, base_te[k]) for k, v in sd.text_encoder.state_dict().items())
+    if method == "dpg":
+        assert set(last["method"]) == {"critic", "critic_optimizer"}
+
+    # interrupted after step 2, resumed to 4: the same weights, text encoder, critic and log, bit for bit
+    assert train.main(args_for(models, setup, part, case, "--steps", "2")) == 0
+    assert train.main(args_for(models, setup, part, case, "--steps", "4", "--resume")) == 0
+    resumed = torch.load(part / "last.pt", weights_only=True)
+    for key in ("unet", "text_encoder"):
+        assert all(torch.equal(last[key][k], resumed[key][k]) for k in last[key]), key
+    if method == "dpg":
+        for k, v in last["method"]["critic"].items():
+            assert torch.equal(v, resumed["method"]["critic"][k]), k
+    assert records(full) == records(part)
+
+
+def test_rpo_ablations_end_to_end(models, setup, tmp_path):
+    subject, prompts, _ = setup
+    common = ["--steps", "2", "--val-every", "2"]
+    # pure L_sim, the arithmetic mean (Table 6), λ_train 0.5, best.pt = the last step
+    a = tmp_path / "a"
+    assert train.main(method_args(models, subject, a, "rpo", *common, "--no-pref", "--mean", "arithmetic",
+                                  "--lambda-train", "0.5", "--no-early-stop", prompts=prompts)) == 0
+    steps = [r for r in records(a) if not r.get("val")]
+    assert all(r["loss"] == pytest.approx(r["l_sim"], rel=1e-6) and r["l_pref"] > 0 for r in steps)
+    for v in (r for r in records(a) if r.get("val")):  # the mean of an arithmetic reward is its arithmetic mean
+        assert v["reward"] == pytest.approx(0.3 * v["align_i"] + 0.7 * v["align_t"], rel=1e-5)
+    assert json.loads((a / "rewards.json").read_text())["lambda_train"] == 0.5
+    assert read_checkpoint(a / "best.pt")["meta"]["step"] == 2
+    # DPO alone, the winner scored against the loser's prompt, independent noise, best.pt = the argmax
+    b = tmp_path / "b"
+    assert train.main(method_args(models, subject, b, "rpo", *common, "--no-sim", "--winner-prompt", "pair",
+                                  "--noise", "independent", "--select-best", prompts=prompts)) == 0
+    steps = [r for r in records(b) if not r.get("val")]
+    assert all(r["loss"] == pytest.approx(r["l_pref"], rel=1e-6) and r["l_sim"] > 0 for r in steps)
+    assert json.loads((b / "rewards.json").read_text())["winner_prompt"] == "pair"
+    vals = [r for r in records(b) if r.get("val")]
+    assert read_checkpoint(b / "best.pt")["meta"]["step"] == max(vals, key=lambda v: v["reward"])["step"]
+    cfg = json.loads((b / "config.json").read_text())
+    assert (cfg["sim"], cfg["noise"], cfg["select"]) == (False, "independent", "best")
+
+
+def test_help_shows_each_methods_defaults():
+    text = " ".join(train.build_parser().format_help().split())
+    assert "{" + ",".join(NAMES) + "}" in text
+    defaults = {n: METHODS[n].defaults for n in NAMES}
+    for key, flag in (("lr", "--lr"), ("steps", "--steps"), ("select", "--select")):
+        shown = ", ".join(f"{n} " + f"{defaults[n][key]:g}".replace("e-0", "e-") if key == "lr" else f"{n} {defaults[n][key]}" for n in NAMES)
+        assert shown in text, (flag, shown)
+    assert "on for dpg, off for rpo and dreambooth" in text
+    assert [n for n in NAMES if defaults[n]["train_text_encoder"]] == ["dpg"]
+    options = {n: METHODS[n].Options() for n in NAMES}
+    assert f"dreambooth {options['dreambooth'].num_class_images}, dpg {options['dpg'].num_class_images})" in text
+    o = options["dpg"]
+    for value in (o.gamma, o.critic_lr, o.dpg_weight, o.prior_weight, o.dpg_reward, o.dino):
+        assert f"(default: {value})" in text, value
+
+
+@pytest.mark.parametrize("case", ["foreign_option", "no_dino"])
+def test_method_user_errors_write_nothing(models, setup, tmp_path, case):
+    subject, prompts, _ = setup
+    out = tmp_path / "run"
+    if case == "foreign_option":
+        args, match = method_args(models, subject, out, "dreambooth", "--beta", "2"), "--beta is not a setting"
+    else:
+        args = method_args(models, subject, out, "dpg", "--dpg-reward", "dino", "--dino", str(tmp_path / "none"))
+        match = "tinyrpo.download dino"
+    with pytest.raises(UserError, match=match):
+        train.main(args)
+    assert not out.exists()
