@@ -17,9 +17,8 @@ from tinyrpo.checkpoint import save_checkpoint
 from tinyrpo.data import load_subject
 from tinyrpo.dino import IMAGENET_MEAN, IMAGENET_STD
 from tinyrpo.errors import UserError
-from tinyrpo.evaluate import (PAPER_ROWS, REWARD_MODEL_NOTE, Embedder, aggregate, aggregate_markdown,
-                              harmonic_scores, image_scores, main, pair_cosine, scoring_prompt, text_cosine,
-                              train_args_for)
+from tinyrpo.evaluate import (REWARD_MODEL_NOTE, Embedder, harmonic_scores, image_scores, main, pair_cosine,
+                              scoring_prompt, text_cosine)
 from tinyrpo.reward import CLIPScorer, score
 from tinyrpo.rpo import align_i, align_t, harmonic_reward
 from tinyrpo.weights import load_clip, load_dino, load_sd
@@ -77,35 +76,6 @@ def test_harmonic_is_the_training_reward():
     assert torch.allclose(h["align_t"], align_t(gen, txt), atol=1e-6)
     assert torch.allclose(h["harmonic"], harmonic_reward(align_i(gen, refs), align_t(gen, txt), 0.3), atol=1e-6)
     assert not torch.allclose(h["harmonic"], harmonic_reward(align_i(gen, refs), align_t(gen, txt), 0.7), atol=1e-4)
-
-
-def test_aggregate_means_over_subjects():
-    def result(name, d, i, t, note=()):
-        o = {"dino": d, "clip_i": i, "clip_t": t, "align_i": 0.9, "align_t": 0.6, "harmonic": 0.7}
-        return {"subject": name, "overall": o, "reference": {**o, "dino": 0.8, "clip_t": None}, "notes": list(note)}
-    agg = aggregate([result("dog", 0.6, 0.8, 0.30), result("can", 0.7, 0.9, 0.32, ["n"])], 0.5)
-    assert agg["mean"]["dino"] == pytest.approx(0.65) and agg["mean"]["clip_t"] == pytest.approx(0.31)
-    assert agg["real_images"]["dino"] == pytest.approx(0.8) and agg["real_images"]["clip_t"] is None
-    assert agg["notes"] == ["n"]
-    table = aggregate_markdown(agg)
-    for line in ("| Real images (paper) | 0.774 | 0.885 | – |",
-                 "| DreamBooth (SD) (paper) | 0.668 | 0.803 | 0.305 |",
-                 "| RPO (λ_val=0.5, paper) | – | 0.833 | 0.314 |",
-                 "| **this run (2 subjects)** | **0.650** | **0.850** | **0.310** |"):
-        assert line in table, table
-    assert [name for name, _ in PAPER_ROWS] == ["Real images (paper)", "DreamBooth (SD) (paper)",
-                                                "RPO (λ_val=0.5, paper)"]
-
-
-def test_train_args_for(tmp_path):
-    subject, run = tmp_path / "refs" / "dog", tmp_path / "runs" / "dog"
-    args = train_args_for(subject, run, ["--steps", "4", "--token=zwx"], {"--token": "abc", "--weights": "w",
-                                                                          "--device": None})
-    assert args == ["--subject", str(subject), "--out", str(run), "--class-noun", "dog", "--weights", "w",
-                    "--steps", "4", "--token=zwx"]  # --token after `--` wins over the forwarded one
-    run.mkdir(parents=True)
-    (run / "last.pt").write_bytes(b"")  # an interrupted run: train.py continues it
-    assert train_args_for(subject, run, [], {})[-1] == "--resume"
 
 
 # ------------------------------------------------------------------------------------------ tiny models
@@ -349,55 +319,3 @@ def test_cli_reports_user_errors_without_traceback(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error:") and "clip-b32" in r.stderr
-
-
-def test_dreambench_trains_evaluates_resumes_and_aggregates(models, tmp_path, monkeypatch, capsys):
-    # Two prompts per set instead of 25 (and two training prompts): the loop is what is tested here.
-    monkeypatch.setattr(dreambench, "LIVE_PROMPTS", dreambench.LIVE_PROMPTS[:2])
-    monkeypatch.setattr(dreambench, "OBJECT_PROMPTS", dreambench.OBJECT_PROMPTS[-2:])
-    root, out = tmp_path / "dataset", tmp_path / "runs"
-    make_subject(root / "dog", seed=0)
-    make_subject(root / "backpack", seed=5)
-    (root / "not_a_subject").mkdir()
-    (root / "prompts_and_classes.txt").write_text("(unused: tinyrpo.dreambench has the tables)\n")
-    (tmp_path / "prompts.txt").write_text("a [V] {cls} on the Moon\na green [V] {cls}\n")
-    train_args = ["--reward-model", str(models["clip"]), "--prompts", str(tmp_path / "prompts.txt"),
-                  "--resolution", str(RES), "--images-per-prompt", "1", "--sample-steps", "1",
-                  "--val-images-per-prompt", "1", "--steps", "2", "--val-every", "2"]
-    # --weights and --device are given once, here, and passed on to train.py
-    args = ["--dreambench", str(root), "--out", str(out), "--weights", str(models["sd"]), *common(models),
-            "--", *train_args]
-
-    assert main([*args[:2], "--subjects", "dog", *args[2:]]) == 0
-    printed = capsys.readouterr().out
-    assert "[ 1/1] dog: DINO" in printed and "ETA" in printed
-    first = json.loads((out / "dog" / "eval" / "eval.json").read_text())
-    assert first["live"] and first["class_noun"] == "dog" and len(first["prompts"]) == 2
-    assert first["models"]["ckpt"] == str(out / "dog" / "best.safetensors")
-    assert json.loads((out / "dog" / "config.json").read_text())["device"] == "cpu"  # forwarded
-
-    # Make dog's training look interrupted (last.pt, no summary.json, no evaluation): it must be resumed.
-    (out / "dog" / "summary.json").unlink()
-    for f in (out / "dog" / "eval").rglob("*"):
-        f.unlink() if f.is_file() else None
-    assert main(args) == 0  # backpack: trained and evaluated; dog: training resumed, then evaluated
-    printed = capsys.readouterr().out
-    assert "[ 1/2] backpack: DINO" in printed and "[ 2/2] dog: DINO" in printed
-    assert f"resuming {out / 'dog'} at step 2" in printed
-    assert (out / "dog" / "summary.json").exists() and (out / "backpack" / "summary.json").exists()
-    evals = [out / s / "eval" / "eval.json" for s in ("backpack", "dog")]
-    stamps = [e.stat().st_mtime_ns for e in evals]
-
-    assert main(args) == 0  # everything done: both skipped, the aggregate rewritten
-    printed = capsys.readouterr().out
-    assert "[ 1/2] backpack: done before, skipped" in printed and "[ 2/2] dog: done before, skipped" in printed
-    assert [e.stat().st_mtime_ns for e in evals] == stamps
-
-    agg = json.loads((out / "dreambench.json").read_text())
-    assert agg["subjects"] == ["backpack", "dog"]
-    per = [json.loads(e.read_text())["overall"] for e in evals]
-    for k in ("dino", "clip_i", "clip_t", "harmonic"):
-        assert agg["mean"][k] == pytest.approx((per[0][k] + per[1][k]) / 2)
-    table = (out / "dreambench.md").read_text()
-    assert table in printed and "| DreamBooth (SD) (paper) | 0.668 | 0.803 | 0.305 |" in table
-    assert "| **this run (2 subjects)** |" in table

@@ -7,7 +7,7 @@ import torch
 import train
 from tests.test_methods import ONE_PROMPT, method_args
 from tests.test_train import make_subject, models  # noqa: F401  (models is a fixture)
-from tinyrpo.checkpoint import apply_checkpoint, read_checkpoint
+from tinyrpo.checkpoint import apply_checkpoint, load_checkpoint, save_checkpoint
 from tinyrpo.errors import UserError
 from tinyrpo.methods import METHODS, NAMES
 from tinyrpo.weights import load_sd
@@ -59,8 +59,8 @@ def test_method_end_to_end_and_exact_resume(models, setup, tmp_path, case):
     # best.pt is the last step, with the trained text encoder, and loads into a fresh model (sample.py and the
     # evaluation go through apply_checkpoint)
     last = torch.load(full / "last.pt", weights_only=True)
-    ckpt = read_checkpoint(full / "best.pt")
-    assert ckpt["meta"]["step"] == 4 and ckpt["meta"]["method"] == method and ckpt["meta"]["text_encoder"] is True
+    _, meta = load_checkpoint(full / "best.pt")
+    assert meta["step"] == 4 and meta["method"] == method and meta["text_encoder"] is True
     sd = load_sd(models[0])
     base_te = {k: v.clone() for k, v in sd.text_encoder.state_dict().items()}
     apply_checkpoint(sd, full / "best.pt")
@@ -94,7 +94,7 @@ def test_rpo_ablations_end_to_end(models, setup, tmp_path):
     for v in (r for r in records(a) if r.get("val")):  # the mean of an arithmetic reward is its arithmetic mean
         assert v["reward"] == pytest.approx(0.3 * v["align_i"] + 0.7 * v["align_t"], rel=1e-5)
     assert json.loads((a / "rewards.json").read_text())["lambda_train"] == 0.5
-    assert read_checkpoint(a / "best.pt")["meta"]["step"] == 2
+    assert load_checkpoint(a / "best.pt")[1]["step"] == 2
     # DPO alone, the winner scored against the loser's prompt, independent noise, best.pt = the argmax
     b = tmp_path / "b"
     assert train.main(method_args(models, subject, b, "rpo", *common, "--no-sim", "--winner-prompt", "pair",
@@ -103,7 +103,7 @@ def test_rpo_ablations_end_to_end(models, setup, tmp_path):
     assert all(r["loss"] == pytest.approx(r["l_pref"], rel=1e-6) and r["l_sim"] > 0 for r in steps)
     assert json.loads((b / "rewards.json").read_text())["winner_prompt"] == "pair"
     vals = [r for r in records(b) if r.get("val")]
-    assert read_checkpoint(b / "best.pt")["meta"]["step"] == max(vals, key=lambda v: v["reward"])["step"]
+    assert load_checkpoint(b / "best.pt")[1]["step"] == max(vals, key=lambda v: v["reward"])["step"]
     cfg = json.loads((b / "config.json").read_text())
     assert (cfg["sim"], cfg["noise"], cfg["select"]) == (False, "independent", "best")
 
@@ -136,3 +136,42 @@ def test_method_user_errors_write_nothing(models, setup, tmp_path, case):
     with pytest.raises(UserError, match=match):
         train.main(args)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["best.safetensors", "best.pt"])
+def test_checkpoint_with_text_encoder(models, tmp_path, name):
+    """Both formats carry a fine-tuned text encoder; apply_checkpoint loads it (sample.py, evaluate), the export
+    writes it, and the base-model check still holds."""
+    from tinyrpo.export import export
+    sd = load_sd(models[0])
+    g = torch.Generator().manual_seed(0)
+    nudge = lambda state: {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in state.items()}  # noqa: E731
+    unet, te = nudge(sd.unet.state_dict()), nudge(sd.text_encoder.state_dict())
+    meta = {"base": str(models[0]), "base_fingerprint": sd.fingerprint, "token": "sks", "class_noun": "toy"}
+    path = save_checkpoint(tmp_path / name, unet, meta, text_encoder=te)
+    state, got = load_checkpoint(path)
+    assert got["text_encoder"] is True and state.keys() == unet.keys()  # the U-Net's tensors only
+    fresh = load_sd(models[0])
+    apply_checkpoint(fresh, path)
+    assert all(torch.equal(v, te[k]) for k, v in fresh.text_encoder.state_dict().items())
+    assert all(torch.equal(v, unet[k]) for k, v in fresh.unet.state_dict().items())
+    out = export(path, "single-file", out=tmp_path / "export.safetensors")
+    exported = load_sd(out)
+    assert all(torch.equal(v, te[k]) for k, v in exported.text_encoder.state_dict().items())
+    other = load_sd(models[0])  # another base: refused, nothing changed
+    other.fingerprint = "another"
+    with pytest.raises(UserError, match="was trained from"):
+        apply_checkpoint(other, path)
+    # a file whose header promises a text encoder it does not hold
+    bad = tmp_path / ("bad" + name[4:])
+    if name.endswith(".pt"):
+        obj = torch.load(path, weights_only=True)
+        del obj["text_encoder"]
+        torch.save(obj, bad)
+    else:
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+        with safe_open(str(path), "pt") as f:
+            save_file({k: f.get_tensor(k) for k in f.keys() if not k.startswith("text_encoder.")}, bad, f.metadata())
+    with pytest.raises(UserError, match="incomplete"):
+        load_checkpoint(bad)

@@ -4,7 +4,8 @@
     python -m tinyrpo.evaluate --subject refs/dog                             # the base model
     python -m tinyrpo.evaluate --real --subject refs/dog                      # the reference photos themselves
     python -m tinyrpo.evaluate --dreambench refs --out runs/dreambench -- --steps 400 --lr 5e-6
-                                     # train (train.py gets everything after --) and evaluate every subject
+                                     # train (train.py gets everything after --) and evaluate every subject:
+                                     # python -m tinyrpo.compare with one method and one seed
 
 For each of the 25 official prompts of the subject's set (live for dogs and cats, object otherwise) the model
 draws --images-per-prompt images (DDIM, seed + p for prompt p, as sample.py), and each image is scored:
@@ -25,11 +26,9 @@ Writes into --out (default <ckpt folder>/eval, or runs/base-<subject>/eval, runs
 eval.json (per prompt and overall, with the settings and the model paths; written last, so it marks a
 finished evaluation), eval.md (the table printed at the end) and grids/pNN-<prompt>.png.
 
---dreambench ROOT runs every subject folder of ROOT found in DreamBench's table (or --subjects a,b): train.py
-with --subject ROOT/<name> --out OUT/<name> --class-noun <class> and every argument after `--`, then the
-evaluation of OUT/<name>/best.safetensors (best.pt of older runs). It resumes: a subject with a finished
-eval.json is skipped, a training run with last.pt but no summary.json continues with --resume. --weights,
---token and --device, when given here, are passed on to train.py too (unless set after `--`). Aggregates go to OUT/dreambench.{json,md}.
+--dreambench ROOT is `python -m tinyrpo.compare --dreambench ROOT --methods M --seeds S` with M and S the
+--method and --seed given after `--` (rpo and 0 by default): the comparison runner trains and evaluates every
+subject into OUT/<method>/<subject>/seed<S>/ (resumably) and writes the table with the published rows.
 """
 import argparse
 import gc
@@ -47,7 +46,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from tinyrpo import dreambench
-from tinyrpo.checkpoint import apply_checkpoint, best_checkpoint, load_checkpoint
+from tinyrpo.checkpoint import apply_checkpoint, load_checkpoint
 from tinyrpo.data import load_subject, read_subject_file, resolve_class
 from tinyrpo.download import DEFAULT_DINO, DEFAULT_EVAL_CLIP, DEFAULT_SD, missing_weights_message
 from tinyrpo.dino import DINO, dino_preprocess
@@ -63,13 +62,6 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 METRICS = ("dino", "clip_i", "clip_t", "align_i", "align_t", "harmonic")
 REFERENCE_TEXT = "a photo of a {}"  # CLIP-T of the real images (CLIP's own zero-shot template)
 
-# DreamBench results as published (mean over the 30 subjects, 25 prompts each). The real-image and
-# DreamBooth rows are DreamBooth's Table 1; RPO's is Miao et al. 2024, Table 1 (they report no DINO).
-PAPER_ROWS = [
-    ("Real images (paper)", {"dino": 0.774, "clip_i": 0.885, "clip_t": None}),
-    ("DreamBooth (SD) (paper)", {"dino": 0.668, "clip_i": 0.803, "clip_t": 0.305}),
-    ("RPO (λ_val=0.5, paper)", {"dino": None, "clip_i": 0.833, "clip_t": 0.314}),
-]
 REWARD_MODEL_NOTE = ("note: evaluated with the training reward model; CLIP-I/CLIP-T are then not independent "
                      "of what was optimized")
 
@@ -173,6 +165,13 @@ def check_eval_weights(eval_clip, dino) -> None:
             raise UserError(missing_weights_message(kind, path, flag))
 
 
+def eval_models(subject_dir, eval_clip=None, dino=None) -> tuple[str, str]:
+    """The evaluation CLIP and DINO of a subject: given, else those its subject.json names, else the defaults."""
+    file = read_subject_file(subject_dir)
+    named = file.get("weights", {}) if isinstance(file.get("weights"), dict) else {}
+    return eval_clip or named.get("clip") or DEFAULT_EVAL_CLIP, dino or named.get("dino") or DEFAULT_DINO
+
+
 def load_embedder(eval_clip, dino, device: torch.device) -> Embedder:
     check_eval_weights(eval_clip, dino)
     return Embedder(load_clip(eval_clip, device=device, dtype=torch.float32),
@@ -256,7 +255,7 @@ def evaluate_subject(subject_dir, out=None, ckpt=None, weights=None, eval_clip=N
         _, meta = load_checkpoint(ckpt)  # fails early on a bad file; memory-mapped, so cheap
     file = read_subject_file(subject_dir)
     named = file.get("weights", {}) if isinstance(file.get("weights"), dict) else {}
-    eval_clip, dino = eval_clip or named.get("clip") or DEFAULT_EVAL_CLIP, dino or named.get("dino") or DEFAULT_DINO
+    eval_clip, dino = eval_models(subject_dir, eval_clip, dino)
     weights = None if real else (weights or meta.get("base") or named.get("sd") or DEFAULT_SD)
     if weights is not None and not Path(weights).exists():
         raise UserError(missing_weights_message("sd15", weights, "--weights"))
@@ -379,143 +378,37 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def aggregate(results: list[dict], lam: float) -> dict:
-    """Mean over subjects (each subject weighted equally, as DreamBooth's table)."""
-    def mean(rows, k):
-        vals = [row[k] for row in rows if row is not None and row.get(k) is not None]
-        return sum(vals) / len(vals) if vals else None
-
-    overall = [r["overall"] for r in results]
-    refs = [r["reference"] for r in results]
-    return {"subjects": [r["subject"] for r in results], "lambda_val": lam,
-            "mean": {k: mean(overall, k) for k in METRICS}, "real_images": {k: mean(refs, k) for k in METRICS},
-            "per_subject": {r["subject"]: r["overall"] for r in results},
-            "notes": sorted({n for r in results for n in r["notes"]}), "paper": dict(PAPER_ROWS)}
-
-
-def aggregate_markdown(agg: dict) -> str:
-    n = len(agg["subjects"])
-    lines = [f"# DreamBench: {n} subjects", "", *agg["notes"], "",
-             "| method | DINO | CLIP-I | CLIP-T |", "|---|---|---|---|"]
-    for name, row in PAPER_ROWS:
-        lines.append(f"| {name} | {fmt(row['dino'])} | {fmt(row['clip_i'])} | {fmt(row['clip_t'])} |")
-    ref, m = agg["real_images"], agg["mean"]
-    lines.append(f"| Real images (measured) | {fmt(ref['dino'])} | {fmt(ref['clip_i'])} | {fmt(ref['clip_t'])} |")
-    lines.append(f"| **this run ({n} subjects)** | **{fmt(m['dino'])}** | **{fmt(m['clip_i'])}** | "
-                 f"**{fmt(m['clip_t'])}** |")
-    lines += ["", f"λ-Harmonic (λ_val = {agg['lambda_val']}): {fmt(m['harmonic'])}", "",
-              "| subject | DINO | CLIP-I | CLIP-T | h_λ |", "|---|---|---|---|---|"]
-    for name, o in agg["per_subject"].items():
-        lines.append(f"| {name} | " + " | ".join(fmt(o[k]) for k in ("dino", "clip_i", "clip_t", "harmonic")) + " |")
-    return "\n".join(lines) + "\n"
-
-
-# ------------------------------------------------------------------------------------------------- DreamBench
-
-def find_subjects(root, wanted: str | None) -> list[Path]:
-    root = Path(root)
-    if not root.is_dir():
-        raise UserError(missing_weights_message("dreambench", root, "--dreambench"))
-    found = sorted(d for d in root.iterdir() if d.is_dir() and d.name in dreambench.SUBJECT_CLASSES)
-    if not found:
-        raise UserError(f"no DreamBench subject folders (dog, cat2, backpack, ...) in {root}; "
-                        + missing_weights_message("dreambench", root, "--dreambench"))
-    if wanted:
-        names = [w.strip() for w in wanted.split(",") if w.strip()]
-        by_name = {d.name: d for d in found}
-        unknown = [w for w in names if w not in by_name]
-        if unknown:
-            raise UserError(f"--subjects: {', '.join(unknown)} not found in {root}; "
-                            f"available: {', '.join(by_name)}")
-        found = [by_name[w] for w in dict.fromkeys(names)]
-    return found
-
-
-def read_finished(path: Path) -> dict | None:
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return result if isinstance(result, dict) and result.get("overall") else None
-
-
-def train_args_for(subject: Path, run: Path, train_args: list[str], forward: dict) -> list[str]:
-    """train.py's argv for one subject; `forward` holds this command's options train.py also takes."""
-    args = ["--subject", str(subject), "--out", str(run), "--class-noun", dreambench.SUBJECT_CLASSES[subject.name]]
-    given = {a.split("=")[0] for a in train_args if a.startswith("--")}
-    for flag, value in forward.items():
-        if value is not None and flag not in given:
-            args += [flag, str(value)]
-    args += train_args
-    if ((run / "config.json").exists() or (run / "last.pt").exists()) and "--resume" not in args:
-        args.append("--resume")
-    return args
-
-
-def duration(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
-def run_dreambench(root, out, train_args: list[str], subjects: str | None, args, settings: EvalSettings) -> dict:
-    if any(a in ("--subject", "--out") or a.startswith(("--subject=", "--out=")) for a in train_args):
-        raise UserError("--subject and --out for train.py are set per subject by --dreambench; "
-                        "remove them after `--` (use --out before `--` for the whole benchmark)")
-    settings.validate()
-    args.eval_clip, args.dino = args.eval_clip or DEFAULT_EVAL_CLIP, args.dino or DEFAULT_DINO
-    folders = find_subjects(root, subjects)
-    check_eval_weights(args.eval_clip, args.dino)  # before hours of training, not after
-    out = Path(out or "runs/dreambench")
-    forward = {"--weights": args.weights, "--token": args.token, "--device": args.device_given}
-    try:
-        import train  # the repository's train.py, importable when run from the repository root
-    except ModuleNotFoundError:
-        raise UserError("--dreambench calls train.py: run this command from the tinyrpo repository root") from None
-
-    embedder = None
-    results, spent, done_here = [], 0.0, 0
-    print(f"DreamBench: {len(folders)} subjects from {root} into {out}; train.py args: "
-          f"{shlex.join(train_args) or '(defaults)'}")
-    for i, folder in enumerate(folders):
-        run = out / folder.name
-        finished = read_finished(run / "eval" / "eval.json")
-        if finished is not None:
-            results.append(finished)
-            print(f"[{i + 1:2d}/{len(folders)}] {folder.name}: done before, skipped")
-            continue
-        t0 = time.perf_counter()
-        if not ((run / "summary.json").exists() and best_checkpoint(run) is not None):
-            try:
-                train.main(train_args_for(folder, run, train_args, forward))
-            except UserError as e:
-                raise UserError(f"training {folder.name}: {e}") from None
-            free_memory(resolve_device(settings.device))
-        if embedder is None:
-            embedder = load_embedder(args.eval_clip, args.dino, resolve_device(settings.device))
-        result = evaluate_subject(folder, out=run / "eval", ckpt=best_checkpoint(run), weights=args.weights,
-                                  eval_clip=args.eval_clip, dino=args.dino, token=args.token,
-                                  settings=settings, embedder=embedder)
-        results.append(result)
-        spent += time.perf_counter() - t0
-        done_here += 1
-        left = sum(1 for f in folders[i + 1:] if read_finished(out / f.name / "eval" / "eval.json") is None)
-        o = result["overall"]
-        print(f"[{i + 1:2d}/{len(folders)}] {folder.name}: DINO {o['dino']:.3f} CLIP-I {o['clip_i']:.3f} "
-              f"CLIP-T {o['clip_t']:.3f} in {duration(time.perf_counter() - t0)}; {left} to go, "
-              f"ETA {duration(spent / done_here * left)}", flush=True)
-
-    agg = aggregate(results, settings.lambda_val)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "dreambench.json").write_text(json.dumps(agg, indent=2) + "\n")
-    table = aggregate_markdown(agg)
-    (out / "dreambench.md").write_text(table)
-    print("\n" + table)
-    print(f"wrote {out / 'dreambench.json'} and {out / 'dreambench.md'}")
-    return agg
-
-
 # ------------------------------------------------------------------------------------------------- command
+
+def add_eval_arguments(p: argparse.ArgumentParser, seed_help: str | None = None) -> None:
+    """The evaluation's options, shared with tinyrpo.compare."""
+    a = p.add_argument
+    a("--weights", default=None, help=f"base SD v1 weights (default: the checkpoint's base, else {DEFAULT_SD})")
+    a("--eval-clip", default=None, help="CLIP model (HF layout) for CLIP-I, CLIP-T and h_λ (default: the one the "
+                                        f"subject's subject.json names, else {DEFAULT_EVAL_CLIP})")
+    a("--dino", default=None, help="DINO ViT-S/16, HF or original layout (default: the one the subject's "
+                                   f"subject.json names, else {DEFAULT_DINO})")
+    a("--token", default=None, help="the subject's identifier (default: the checkpoint's, else sks)")
+    a("--images-per-prompt", type=int, default=4, help="images generated per prompt (default: %(default)s)")
+    a("--seed", type=int, default=0, help=seed_help or "prompt p uses seed + p (default: %(default)s)")
+    a("--steps", type=int, default=50, help="DDIM steps (default: %(default)s)")
+    a("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: %(default)s)")
+    a("--resolution", type=int, default=None, help="image size in pixels (default: the checkpoint's, else 512)")
+    a("--lambda-val", type=float, default=0.5, help="λ of the λ-Harmonic score (default: %(default)s)")
+    a("--batch-size", type=int, default=None, help="images per U-Net pass (default: at most 8)")
+    a("--device", default=None, help="auto, cpu, cuda or cuda:N (default: auto)")
+    a("--dtype", default="auto", choices=["auto", *DTYPES],
+      help="SD's dtype; auto is fp16 on CUDA, else fp32 (CLIP and DINO always run in fp32)")
+    a("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
+
+
+def settings_from(args) -> EvalSettings:
+    """EvalSettings from parsed add_eval_arguments options; args.device_given keeps whether --device was given."""
+    args.device_given, args.device = args.device, args.device or "auto"
+    return EvalSettings(images_per_prompt=args.images_per_prompt, seed=args.seed, steps=args.steps,
+                        guidance=args.guidance, resolution=args.resolution, lambda_val=args.lambda_val,
+                        batch_size=args.batch_size, device=args.device, dtype=args.dtype, progress=args.progress)
+
 
 def parse_args(argv):
     examples = __doc__.split("\n\n")[1]
@@ -530,52 +423,54 @@ def parse_args(argv):
     a("--subject", default=None, help="folder of the subject's reference photos, e.g. refs/dog")
     a("--real", action="store_true", help="score the reference photos against each other (no model)")
     a("--dreambench", default=None, metavar="ROOT",
-      help="train and evaluate every DreamBench subject folder in ROOT (train.py gets the args after --)")
+      help="train and evaluate every DreamBench subject folder in ROOT (train.py gets the args after --): "
+           "python -m tinyrpo.compare with one method and one seed")
     a("--subjects", default=None, help="with --dreambench: only these subjects, comma-separated (e.g. dog,cat2)")
     a("--out", default=None, help="output folder (default: <ckpt folder>/eval, runs/base-<subject>/eval or "
                                   "runs/real-<subject>/eval; runs/dreambench with --dreambench)")
-    a("--weights", default=None, help=f"base SD v1 weights (default: the checkpoint's base, else {DEFAULT_SD})")
-    a("--eval-clip", default=None, help="CLIP model (HF layout) for CLIP-I, CLIP-T and h_λ (default: the one the "
-                                        f"subject's subject.json names, else {DEFAULT_EVAL_CLIP})")
-    a("--dino", default=None, help="DINO ViT-S/16, HF or original layout (default: the one the subject's "
-                                   f"subject.json names, else {DEFAULT_DINO})")
-    a("--token", default=None, help="the subject's identifier (default: the checkpoint's, else sks)")
     a("--class-noun", default=None, help="the subject's class (default: the checkpoint's, or DreamBench's table)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--live", dest="live", action="store_true", default=None,
                    help="use the 25 live-subject prompts (default for dogs and cats)")
     g.add_argument("--object", dest="live", action="store_false", help="use the 25 object prompts")
-    a("--images-per-prompt", type=int, default=4, help="images generated per prompt (default: %(default)s)")
-    a("--seed", type=int, default=0, help="prompt p uses seed + p (default: %(default)s)")
-    a("--steps", type=int, default=50, help="DDIM steps (default: %(default)s)")
-    a("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: %(default)s)")
-    a("--resolution", type=int, default=None, help="image size in pixels (default: the checkpoint's, else 512)")
-    a("--lambda-val", type=float, default=0.5, help="λ of the λ-Harmonic score (default: %(default)s)")
-    a("--batch-size", type=int, default=None, help="images per U-Net pass (default: at most 8)")
-    a("--device", default=None, help="auto, cpu, cuda or cuda:N (default: auto)")
-    a("--dtype", default="auto", choices=["auto", *DTYPES],
-      help="SD's dtype; auto is fp16 on CUDA, else fp32 (CLIP and DINO always run in fp32)")
-    a("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
+    add_eval_arguments(p)
     return p.parse_args(argv)
+
+
+def dreambench_command(own: list[str], train_args: list[str]) -> list[str]:
+    """`evaluate --dreambench ROOT [options] -- [train.py args]` as tinyrpo.compare's arguments: the --method
+    and --seed given to train.py become the comparison's one method and one seed (rpo and 0 by default)."""
+    picked, rest, i = {"--method": "rpo", "--seed": "0"}, [], 0
+    while i < len(train_args):
+        a = train_args[i]
+        name = a.split("=")[0]
+        if name in picked:
+            picked[name] = a.split("=", 1)[1] if "=" in a else (train_args[i + 1] if i + 1 < len(train_args) else "")
+            i += 1 if "=" in a else 2
+            continue
+        rest.append(a)
+        i += 1
+    out = [] if any(a == "--out" or a.startswith("--out=") for a in own) else ["--out", "runs/dreambench"]
+    return [*own, *out, "--methods", picked["--method"], "--seeds", picked["--seed"], "--", *rest]
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     # Everything after the first `--` belongs to train.py (with --dreambench).
     train_args = argv[argv.index("--") + 1:] if "--" in argv else []
-    args = parse_args(argv[:argv.index("--")] if "--" in argv else argv)
-    args.device_given, args.device = args.device, args.device or "auto"
-    settings = EvalSettings(images_per_prompt=args.images_per_prompt, seed=args.seed, steps=args.steps,
-                            guidance=args.guidance, resolution=args.resolution, lambda_val=args.lambda_val,
-                            batch_size=args.batch_size, device=args.device, dtype=args.dtype, progress=args.progress)
+    own = argv[:argv.index("--")] if "--" in argv else argv
+    args = parse_args(own)
+    settings = settings_from(args)
     if args.dreambench:
         for flag, value in (("--subject", args.subject), ("--ckpt", args.ckpt), ("--class-noun", args.class_noun),
                             ("--real", args.real or None), ("--live/--object", args.live)):
             if value is not None:
                 raise UserError(f"{flag} evaluates one subject; --dreambench takes each subject of ROOT "
                                 f"(choose them with --subjects)")
-        run_dreambench(args.dreambench, args.out, train_args, args.subjects, args, settings)
-        return 0
+        from tinyrpo import compare
+        command = dreambench_command(own, train_args)
+        print(f"evaluate --dreambench runs: python -m tinyrpo.compare {shlex.join(command)}", flush=True)
+        return compare.main(command)
     if train_args:
         raise UserError(f"arguments after `--` ({shlex.join(train_args)}) are for train.py and only "
                         f"used with --dreambench")

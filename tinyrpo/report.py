@@ -43,7 +43,9 @@ from tinyrpo.tracking import numbers
 THUMB = 128          # px of an embedded grid cell (the full-size PNG is one click away)
 VAL_KEYS = ("reward", "align_i", "align_t")
 LABELS = {"reward": "λ_val-Harmonic reward", "align_i": "ALIGN-I", "align_t": "ALIGN-T",
-          "loss": "loss", "l_sim": "L_sim", "l_pref": "L_pref", "grad_norm": "grad norm (before clipping)"}
+          "loss": "loss", "l_sim": "L_sim", "l_pref": "L_pref", "grad_norm": "grad norm (before clipping)",
+          "l_instance": "instance loss", "l_prior": "prior-preservation loss", "q": "critic Q_φ",
+          "lookforward_mse": "look-forward MSE ‖x̂_0 − x_0‖²", "critic_loss": "critic loss", "cost": "critic target"}
 NOT_A_RUN = "give a run folder (train.py --out) or a comparison folder (holding compare.json)"
 
 CSS = """
