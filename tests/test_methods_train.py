@@ -56,14 +56,14 @@ def test_method_end_to_end_and_exact_resume(models, setup, tmp_path, case):
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     terms = {"l_instance", "l_prior"} | ({"q", "lookforward_mse", "critic_loss", "cost"} if method == "dpg" else set())
     assert all(terms <= r.keys() for r in steps), steps[0].keys()
-    # best.pt is the last step, with the trained text encoder, and loads into a fresh model (sample.py and the
+    # the checkpoint is the last step, with the trained text encoder, and loads into a fresh model (sample.py and the
     # evaluation go through apply_checkpoint)
     last = torch.load(full / "last.pt", weights_only=True)
-    _, meta = load_checkpoint(full / "best.pt")
+    _, meta = load_checkpoint(full / "best.safetensors")
     assert meta["step"] == 4 and meta["method"] == method and meta["text_encoder"] is True
     sd = load_sd(models[0])
     base_te = {k: v.clone() for k, v in sd.text_encoder.state_dict().items()}
-    apply_checkpoint(sd, full / "best.pt")
+    apply_checkpoint(sd, full / "best.safetensors")
     for module, key in ((sd.unet, "unet"), (sd.text_encoder, "text_encoder")):
         assert all(torch.equal(v, last[key][k]) for k, v in module.state_dict().items()), key
     assert any(not torch.equal(v, base_te[k]) for k, v in sd.text_encoder.state_dict().items())
@@ -85,7 +85,7 @@ def test_method_end_to_end_and_exact_resume(models, setup, tmp_path, case):
 def test_rpo_ablations_end_to_end(models, setup, tmp_path):
     subject, prompts, _ = setup
     common = ["--steps", "2", "--val-every", "2"]
-    # pure L_sim, the arithmetic mean (Table 6), λ_train 0.5, best.pt = the last step
+    # pure L_sim, the arithmetic mean (Table 6), λ_train 0.5, the checkpoint = the last step
     a = tmp_path / "a"
     assert train.main(method_args(models, subject, a, "rpo", *common, "--no-pref", "--mean", "arithmetic",
                                   "--lambda-train", "0.5", "--no-early-stop", prompts=prompts)) == 0
@@ -94,8 +94,8 @@ def test_rpo_ablations_end_to_end(models, setup, tmp_path):
     for v in (r for r in records(a) if r.get("val")):  # the mean of an arithmetic reward is its arithmetic mean
         assert v["reward"] == pytest.approx(0.3 * v["align_i"] + 0.7 * v["align_t"], rel=1e-5)
     assert json.loads((a / "rewards.json").read_text())["lambda_train"] == 0.5
-    assert load_checkpoint(a / "best.pt")[1]["step"] == 2
-    # DPO alone, the winner scored against the loser's prompt, independent noise, best.pt = the argmax
+    assert load_checkpoint(a / "best.safetensors")[1]["step"] == 2
+    # DPO alone, the winner scored against the loser's prompt, independent noise, the checkpoint = the argmax
     b = tmp_path / "b"
     assert train.main(method_args(models, subject, b, "rpo", *common, "--no-sim", "--winner-prompt", "pair",
                                   "--noise", "independent", "--select-best", prompts=prompts)) == 0
@@ -103,7 +103,7 @@ def test_rpo_ablations_end_to_end(models, setup, tmp_path):
     assert all(r["loss"] == pytest.approx(r["l_pref"], rel=1e-6) and r["l_sim"] > 0 for r in steps)
     assert json.loads((b / "rewards.json").read_text())["winner_prompt"] == "pair"
     vals = [r for r in records(b) if r.get("val")]
-    assert load_checkpoint(b / "best.pt")[1]["step"] == max(vals, key=lambda v: v["reward"])["step"]
+    assert load_checkpoint(b / "best.safetensors")[1]["step"] == max(vals, key=lambda v: v["reward"])["step"]
     cfg = json.loads((b / "config.json").read_text())
     assert (cfg["sim"], cfg["noise"], cfg["select"]) == (False, "independent", "best")
 
@@ -175,3 +175,17 @@ def test_checkpoint_with_text_encoder(models, tmp_path, name):
             save_file({k: f.get_tensor(k) for k in f.keys() if not k.startswith("text_encoder.")}, bad, f.metadata())
     with pytest.raises(UserError, match="incomplete"):
         load_checkpoint(bad)
+
+
+@pytest.mark.parametrize("case", ["dreambooth", "dpg"])
+def test_lora_with_each_method(models, setup, tmp_path, case):
+    """--lora RANK trains adapters for DreamBooth and look forward too: the checkpoint holds the LoRA only
+    (the text encoder stays frozen, look forward's default included) and the critic still trains."""
+    out = tmp_path / "run"
+    args = [a for a in args_for(models, setup, out, case, "--steps", "2", "--lora", "2") if a != "--train-text-encoder"]
+    assert train.main(args) == 0
+    state, meta = load_checkpoint(out / "best.safetensors")
+    assert meta["content"] == "lora" and meta["text_encoder"] is False
+    assert state and all(".lora_" in k for k in state)
+    steps = [r for r in records(out) if not r.get("val")]
+    assert all("l_prior" in r for r in steps) and (case == "dreambooth" or "critic_loss" in steps[-1])

@@ -11,7 +11,7 @@ the paper's x̂_0 error (the two differ by a per-timestep weight w_t that ε-pre
 diffusers' DreamBooth guide for SD v1.5 (examples/dreambooth/README.md, "with prior-preservation loss"):
 lr 5e-6 constant, 800 steps, 200 class images, λ = 1, batch 1 instance + 1 class image, the U-Net only
 (`--train-text-encoder` adds the text encoder, as the RPO paper's DreamBooth row does; the guide then uses lr
-2e-6). The published baselines run a fixed number of steps, so best.pt is the last step (`--select best`
+2e-6). The published baselines run a fixed number of steps, so the checkpoint is the last step (`--select best`
 keeps the validation-reward argmax instead, as RPO does).
 
 Choices where the guide's script differs:
