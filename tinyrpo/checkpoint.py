@@ -33,6 +33,7 @@ Writing is atomic: a temporary file in the same folder, fsync, then `os.replace`
 the previous checkpoint intact and never a truncated one under the real name.
 """
 import json
+import shlex
 import os
 import pickle
 import tempfile
@@ -291,7 +292,7 @@ def apply_checkpoint(sd, path, lora_scale: float = 1.0) -> dict:
     state, meta = _read(path)
     base = meta.get("base", "<unknown>")
     if meta.get("base_fingerprint") != getattr(sd, "fingerprint", None):
-        raise UserError(f"checkpoint {path} was trained from {base}, not from {sd.source}; pass --weights {base}")
+        raise UserError(f"checkpoint {path} was trained from {base}, not from {sd.source}; pass --weights {shlex.quote(str(base))}")
     text_encoder = {k[len(TEXT_ENCODER):]: state.pop(k) for k in [k for k in state if k.startswith(TEXT_ENCODER)]}
     if text_encoder:  # checked before the U-Net changes, so a misfit leaves the model as it was
         _check_fits(sd.text_encoder.state_dict(), text_encoder, f"the text encoder of {sd.source}", path, base)
@@ -310,7 +311,7 @@ def _check_fits(own: dict, state: dict, what: str, path, base) -> None:
         detail = "; ".join(f"{kind}: {', '.join(keys[:3])}" for kind, keys in
                            (("missing", missing), ("unexpected", unexpected), ("shape", mis_shaped)) if keys)
         raise UserError(f"checkpoint {path} does not fit {what} ({detail}); it was trained from "
-                        f"{base}: pass --weights {base}")
+                        f"{base}: pass --weights {shlex.quote(str(base))}")
 
 
 def _apply_unet(sd, path, state: dict, meta: dict, base: str, lora_scale: float) -> dict:
