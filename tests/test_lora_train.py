@@ -36,7 +36,7 @@ def test_lora_rpo_end_to_end(models, tmp_path):
 def test_lora_reference_is_the_base_model(models, tmp_path):
     subject = make_subject(tmp_path / "subject")
     tr = make_trainer(models, subject, tmp_path / "run", "--lora", "4")
-    assert not hasattr(tr, "ref_unet")  # no second copy of the U-Net
+    assert not isinstance(tr.ref_fwd, torch.nn.Module)  # no second copy of the U-Net: a function of the policy
     assert all(p.requires_grad for p in tr.params) and len(tr.params) < len(list(tr.policy.parameters())) / 2
     tr.opt = torch.optim.AdamW(tr.params, lr=1e-2)
     g = torch.Generator().manual_seed(0)

@@ -134,7 +134,7 @@ def test_validation_scores_the_policy(models, tmp_path):
     v0 = tr.validate(0)
     grid0 = np.asarray(Image.open(tr.out / "val" / "step_00000.png"))
     with torch.no_grad():  # perturb the frozen reference: validation must not change
-        for p in tr.ref_unet.parameters():
+        for p in tr.ref_fwd.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     assert np.array_equal(np.asarray(tr.validate(1) and Image.open(tr.out / "val" / "step_00001.png")), grid0)
     with torch.no_grad():  # perturb the policy: validation must change

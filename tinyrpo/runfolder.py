@@ -20,6 +20,7 @@ Rules (each one a bug that was seen):
 """
 import json
 import os
+import shlex
 import tempfile
 from pathlib import Path
 
@@ -143,3 +144,60 @@ class JsonlLog:
 
     def reset(self) -> None:
         atomic_write_bytes(self.path, b"")
+
+
+class RunFolder:
+    """One run's folder, with the rules of the module docstring."""
+
+    def __init__(self, path, resume: bool):
+        self.path, self.resume = Path(path), resume
+        self.lock = RunLock(self.path)
+
+    def holds_run(self) -> bool:
+        return (self.path / "config.json").exists() or (self.path / "last.pt").exists()
+
+    def check(self, settings: dict) -> None:
+        """Refuse, writing nothing, a folder this run cannot use; `settings` are those known before loading."""
+        out = self.path
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {out} is a file; choose a folder")
+        if self.holds_run() and not self.resume:
+            raise UserError(f"{out} already holds a run; pass --resume to continue it, or --out DIR to start a new one")
+        if self.resume and not self.holds_run():
+            raise UserError(f"--resume: {out} holds no run (no config.json); start it without --resume")
+        if self.resume:  # refuse early what can be told before loading anything (resolved values: in start)
+            self.refuse_changes(settings)
+        holder = self.lock.held_by_other()
+        if holder:
+            raise UserError(f"{out} is in use by {holder}; wait for it to finish or train into another --out")
+        probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+        if not os.access(probe, os.W_OK) or not probe.is_dir():
+            raise UserError(f"cannot write to --out {out}; choose a folder you can write to")
+
+    def start(self, settings: dict) -> dict:
+        """Lock the folder; for --resume, refuse settings that would invalidate the run; write config.json."""
+        self.lock.acquire()
+        if self.resume:
+            allowed = self.refuse_changes(settings)
+            if allowed:
+                print("resuming with changed settings: " + "; ".join(allowed))
+        atomic_write_json(self.path / "config.json", settings)
+        return settings
+
+    def refuse_changes(self, new: dict) -> list[str]:
+        """Raise if `new` changes a setting of the run that --resume may not change; -> the allowed changes."""
+        old = read_json(self.path / "config.json") if (self.path / "config.json").exists() else {}
+        old.pop("out", None)  # a run folder may be moved or copied
+        refused, allowed = config_differences({k: v for k, v in old.items() if k in new},
+                                              {k: v for k, v in new.items() if k in old})
+        if refused:
+            raise UserError(f"--resume with settings that differ from the run's ({'; '.join(refused)}); "
+                            f"only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} may "
+                            f"change on resume: start a new run with --out DIR instead")
+        return allowed
+
+    def resume_command(self) -> str:
+        return shlex.join(["python", "train.py", "--out", str(self.path), "--resume"])
+
+    def release(self) -> None:
+        self.lock.release()

@@ -15,7 +15,6 @@ atomic checkpoints and an exact resume.
 """
 import copy
 import math
-import os
 import shlex
 import signal
 import time
@@ -38,7 +37,7 @@ from tinyrpo.report import write_report
 from tinyrpo.reward import CLIPScorer, Scores, score
 from tinyrpo.rpo import REWARDS
 from tinyrpo.tracking import LOG_WITH, Tracker, make_tracker
-from tinyrpo.runfolder import RESUMABLE, JsonlLog, RunLock, atomic_write_json, config_differences, read_json
+from tinyrpo.runfolder import JsonlLog, RunFolder, atomic_write_json, read_json
 from tinyrpo.weights import load_clip, load_sd
 
 # With --lora and no --lr: diffusers' LoRA DreamBooth example (train_dreambooth_lora.py's README) trains at
@@ -189,7 +188,7 @@ class Trainer:
         self.precision = cfg.precision if cfg.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[self.precision]
         self.out = Path(cfg.out or Path("runs") / Path(cfg.subject).name)
-        self.lock = RunLock(self.out)
+        self.folder = RunFolder(self.out, cfg.resume)
         self.stop_signal, self.saved_step = None, None
         self.tracker = Tracker()  # --log-with's, once the run starts
 
@@ -209,25 +208,11 @@ class Trainer:
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    # ---------------------------------------------------------------- run folder (writes nothing)
+    # ---------------------------------------------------------------- run folder
     def check_run_folder(self):
-        cfg, out = self.cfg, self.out
-        if out.exists() and not out.is_dir():
-            raise UserError(f"--out {out} is a file; choose a folder")
-        holds_run = (out / "config.json").exists() or (out / LAST).exists()
-        if holds_run and not cfg.resume:
-            raise UserError(f"{out} already holds a run; pass --resume to continue it, or --out DIR to start a new one")
-        if cfg.resume and not holds_run:
-            raise UserError(f"--resume: {out} holds no run (no config.json); start it without --resume")
-        if cfg.resume:  # refuse early what can be told before loading anything (resolved values: later)
-            raw = asdict(cfg) | asdict(self.options)
-            self.refuse_changes({k: v for k, v in raw.items() if v not in (None, "auto")})
-        holder = self.lock.held_by_other()
-        if holder:
-            raise UserError(f"{out} is in use by {holder}; wait for it to finish or train into another --out")
-        probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
-        if not os.access(probe, os.W_OK) or not probe.is_dir():
-            raise UserError(f"cannot write to --out {out}; choose a folder you can write to")
+        """Refuse a folder that cannot take this run, before anything is loaded or written."""
+        raw = asdict(self.cfg) | asdict(self.options)
+        self.folder.check({k: v for k, v in raw.items() if v not in (None, "auto")})
 
     def settings(self) -> dict:
         """config.json: every setting, resolved, flat (the method's options beside the shared ones)."""
@@ -240,27 +225,7 @@ class Trainer:
             "reference_prompt": self.subject.reference_prompt}
 
     def start_run_folder(self):
-        """Lock the folder; for --resume, refuse settings that would invalidate the run; write config.json."""
-        self.lock.acquire()
-        new = self.settings()
-        if self.cfg.resume:
-            allowed = self.refuse_changes(new)
-            if allowed:
-                print("resuming with changed settings: " + "; ".join(allowed))
-        atomic_write_json(self.out / "config.json", new)
-        self.resolved = new
-
-    def refuse_changes(self, new: dict) -> list[str]:
-        """Raise if `new` changes a setting of the run that --resume may not change; -> the allowed changes."""
-        old = read_json(self.out / "config.json") if (self.out / "config.json").exists() else {}
-        old.pop("out", None)  # a run folder may be moved or copied
-        refused, allowed = config_differences({k: v for k, v in old.items() if k in new},
-                                              {k: v for k, v in new.items() if k in old})
-        if refused:
-            raise UserError(f"--resume with settings that differ from the run's ({'; '.join(refused)}); "
-                            f"only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} may "
-                            f"change on resume: start a new run with --out DIR instead")
-        return allowed
+        self.resolved = self.folder.start(self.settings())
 
     # ---------------------------------------------------------------- models (writes nothing)
     def load(self):
@@ -284,28 +249,10 @@ class Trainer:
             self.policy.gradient_checkpointing = cfg.gradient_checkpointing
             self.train_text_encoder = bool(cfg.train_text_encoder)
             self.sd.text_encoder.requires_grad_(self.train_text_encoder).train(self.train_text_encoder)
-            self.params = list(self.policy.parameters())
-            if cfg.lora:
-                # The base stays frozen in the autocast dtype (no fp32 master copy needed); the adapters
-                # are fp32 master weights. With adapters off it is the base model: RPO's reference.
-                self.policy.to(self.amp_dtype or torch.float32)
-                targets = cfg.lora_targets.split(",") if cfg.lora_targets else DEFAULT_TARGETS
-                with torch.random.fork_rng(devices=[]):  # A's random init from --seed: reproducible runs
-                    torch.manual_seed(cfg.seed)
-                    self.params = add_lora(self.policy, cfg.lora, cfg.lora_alpha, targets)
+            self.params, self.policy_fwd, self.ref_fwd = build_policy(
+                self.policy, cfg, self.amp_dtype, self.method_cls.uses_reference)
             if self.train_text_encoder:
                 self.params += list(self.sd.text_encoder.parameters())
-            self.policy_fwd, self.ref_fwd = self.policy, None
-            if cfg.compile:
-                self.policy_fwd = torch.compile(self.policy)
-            if self.method_cls.uses_reference and cfg.lora:
-                self.ref_fwd = adapters_off(self.policy, self.policy_fwd)
-            elif self.method_cls.uses_reference:
-                # The frozen reference U-Net: a copy of the base, stored in the autocast dtype (it only ever
-                # runs forwards, so it needs no fp32 master copy; fp32 when training in fp32).
-                self.ref_unet = copy.deepcopy(self.policy).to(self.amp_dtype or torch.float32)
-                self.ref_unet.requires_grad_(False).eval()
-                self.ref_fwd = torch.compile(self.ref_unet) if cfg.compile else self.ref_unet
         self._text_cache = {}
         self.method = self.method_cls(self, self.options)
         self.method.load()  # what the method needs beyond these models (look forward's DINO), still unwritten
@@ -421,9 +368,6 @@ class Trainer:
         self.stop_signal = signum
         tqdm.write("stopping after this step: saving last.pt (Ctrl-C again to stop at once)")
 
-    def resume_command(self) -> str:
-        return shlex.join(["python", "train.py", "--out", str(self.out), "--resume"])
-
     # ---------------------------------------------------------------- the run
     def run(self) -> dict:
         t_start = time.perf_counter()
@@ -437,10 +381,10 @@ class Trainer:
                 raise
             kept = (f"last.pt holds step {self.saved_step}" if self.saved_step is not None
                     else "the images generated so far are kept")
-            raise TrainingInterrupted(f"interrupted; {kept}. Continue with: {self.resume_command()}") from None
+            raise TrainingInterrupted(f"interrupted; {kept}. Continue with: {self.folder.resume_command()}") from None
         finally:
             self.tracker.close()
-            self.lock.release()
+            self.folder.release()
 
     def _run(self, t_start) -> dict:
         cfg = self.cfg
@@ -501,7 +445,7 @@ class Trainer:
                     self.save_last(step)
                 if self.stop_signal is not None:
                     raise TrainingInterrupted(f"interrupted at step {step}; saved {self.out / LAST}. "
-                                              f"Continue with: {self.resume_command()}")
+                                              f"Continue with: {self.folder.resume_command()}")
                 if stop:
                     stopped_early = True
                     tqdm.write(f"stopping early: {cfg.patience} validations without improvement")
@@ -531,6 +475,33 @@ class Trainer:
             write_report(self.out)
         except Exception as e:  # noqa: BLE001 (the report is a view of the run, never the run)
             tqdm.write(f"warning: could not write {self.out / 'report.html'} ({type(e).__name__}: {e})")
+
+
+def build_policy(policy, cfg: TrainConfig, amp_dtype, uses_reference: bool):
+    """What trains and how the U-Nets are called: -> (parameters to optimize, policy forward, reference forward).
+
+    Full fine-tune: every U-Net weight trains in fp32 and the frozen reference (methods that use one: RPO) is
+    a copy of the base. --lora: only the adapters train and the reference is the same U-Net with its
+    adapters switched off. --compile compiles the forwards.
+    """
+    params = list(policy.parameters())
+    if cfg.lora:
+        # The base stays frozen in the autocast dtype (no fp32 master copy needed); the adapters are fp32
+        # master weights.
+        policy.to(amp_dtype or torch.float32)
+        targets = cfg.lora_targets.split(",") if cfg.lora_targets else DEFAULT_TARGETS
+        with torch.random.fork_rng(devices=[]):  # A's random init from --seed: reproducible runs
+            torch.manual_seed(cfg.seed)
+            params = add_lora(policy, cfg.lora, cfg.lora_alpha, targets)
+    policy_fwd, ref_fwd = (torch.compile(policy) if cfg.compile else policy), None
+    if uses_reference and cfg.lora:
+        ref_fwd = adapters_off(policy, policy_fwd)
+    elif uses_reference:
+        # A copy of the base stored in the autocast dtype: it only ever runs forwards, so it needs no fp32
+        # master copy (fp32 when training in fp32).
+        ref_unet = copy.deepcopy(policy).to(amp_dtype or torch.float32).requires_grad_(False).eval()
+        ref_fwd = torch.compile(ref_unet) if cfg.compile else ref_unet
+    return params, policy_fwd, ref_fwd
 
 
 def adapters_off(model, fwd):
