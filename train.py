@@ -1,6 +1,7 @@
 """Personalize Stable Diffusion v1 to one subject with Reward Preference Optimization (RPO), or a baseline.
 
 examples:
+  python train.py                                             # the toy world: tiny models, minutes on a CPU
   python train.py --subject refs/dog                          # DreamBench subject: class looked up
   python train.py --subject photos/my_mug --class-noun mug    # your own subject
   python train.py --subject refs/dog --method dreambooth      # a baseline: DreamBooth, prior preservation
@@ -13,14 +14,18 @@ The run folder (--out, default runs/<subject>) gets config.json, the method's ca
 grid per validation (val/step_*.png), best.safetensors (the chosen checkpoint), last.pt, summary.json and
 report.html (curves and grids; open it in a browser, rebuilt after every validation).
 --resume takes every setting from the run's config.json; of the flags given with it, only --steps,
---patience, --log-every, --save-every, --gen-batch-size, --compile, --device and --log-with may differ
-from the run's.
+--patience, --log-every, --save-every, --gen-batch-size, --compile, --device, --threads and --log-with
+may differ from the run's.
 """
 import argparse
 import sys
 
 from tinyrpo.download import DEFAULT_REWARD_CLIP, DEFAULT_SD
 from tinyrpo.errors import run_cli
+
+# What `python train.py` trains with no --subject: the toy world's subject, whose subject.json names the toy
+# models (weights/toy) and a CPU-sized preset (see tinyrpo/toy and README's quick start).
+TOY_SUBJECT = "refs/toy"
 from tinyrpo.methods import NAMES
 
 
@@ -38,7 +43,7 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
         return a
 
     a = group("subject and models")
-    a("--subject", help="folder with 3-6 photos of the subject (jpg/png/webp)")
+    a("--subject", help="folder with 3-6 photos of the subject (jpg/png/webp) (default: refs/toy, the toy world)")
     a("--out", default=None, help="run folder (default: runs/<subject folder name>)")
     a("--weights", default=DEFAULT_SD,
       help=f"base SD v1 model: a diffusers folder or a single .safetensors file (default: {DEFAULT_SD})")
@@ -117,6 +122,8 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
 
     a = group("machine and run")
     a("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    a("--threads", type=int, default=None,
+      help="CPU threads for torch (default: torch's; the toy world's preset uses 1, fastest for tiny models)")
     a("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
       help="autocast precision, master weights stay fp32 (default: auto = bf16 on a GPU, fp32 on the CPU)")
     a("--compile", action="store_true", default=False, help="torch.compile the U-Nets (GPU; slow first step)")
@@ -142,6 +149,11 @@ def main(argv=None):
     from tinyrpo.trainer import Trainer, TrainConfig, print_summary  # heavy imports after --help
 
     settings = vars(args)
+    if settings["subject"] is None and not (settings["resume"] and settings["out"]):
+        settings["subject"] = TOY_SUBJECT
+        print(f"no --subject: training on the toy world's subject ({TOY_SUBJECT}) with its tiny models, a few "
+              f"minutes on a CPU; for Stable Diffusion v1.5: python -m tinyrpo.download, then "
+              f"python train.py --subject refs/dog")
     # The method's own flags (all default None: the method's dataclass holds their defaults).
     options = {k: settings.pop(k) for k in list(settings) if k not in TrainConfig.__dataclass_fields__}
     options = {k: v for k, v in options.items() if v is not None}

@@ -181,3 +181,40 @@ def test_image_modes_and_exif(tmp_path):
     images = load_subject_images(d, 256)
     assert all(i.mode == "RGB" and i.size == (256, 256) for i in images)
     assert images[0].getpixel((10, 10)) == (255, 255, 255)
+
+
+def test_subject_file_names_models_prompts_and_defaults(models, tmp_path):
+    """A subject.json (the toy world's) names its models, resolution and preset; given flags still win."""
+    import shutil
+    subject = tmp_path / "toy"
+    shutil.copytree(ROOT / "refs" / "toy", subject)
+    meta = json.loads((subject / "subject.json").read_text())
+    meta["weights"] = {"sd": str(models[0]), "clip": str(models[1])}
+    meta["train_defaults"] = {"lr": 2e-3, "val_every": 2, "sample_steps": 2, "beta": 3.0}
+    (subject / "subject.json").write_text(json.dumps(meta))
+    out = tmp_path / "run"
+    assert train.main(["--subject", str(subject), "--out", str(out), "--steps", "2", "--images-per-prompt", "1",
+                       "--val-images-per-prompt", "1", "--device", "cpu", "--sample-steps", "1"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["weights"] == str(models[0]) and cfg["reward_model"] == str(models[1])
+    assert cfg["resolution"] == 32 and cfg["lr"] == 2e-3 and cfg["beta"] == 3.0 and cfg["val_every"] == 2
+    assert cfg["sample_steps"] == 1  # given on the command line: wins over the file
+    assert cfg["train_prompts"] == [t.format("sks", "toy") for t in meta["train_prompts"]]
+    vals = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r.get("val")]
+    assert [v["step"] for v in vals] == [0, 2]
+    assert all({"identity", "fidelity"} <= v["exact"].keys() for v in vals)
+    # the exact metrics are those of the validation images, each read against its own prompt
+    from tinyrpo.grids import grid_cells
+    from tinyrpo.toy.metrics import score_images, subject_truth
+    cells = grid_cells(Image.open(out / "val" / "step_00002.png").convert("RGB"), 8, 1, (32, 32))
+    exact = score_images(cells, cfg["train_prompts"], subject_truth(meta))
+    assert vals[-1]["exact"]["identity"] == pytest.approx(exact["identity"])
+    assert vals[-1]["exact"]["fidelity"] == pytest.approx(exact["fidelity"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["chosen_exact"] == next(v["exact"] for v in vals if v["step"] == summary["chosen_step"])
+
+
+def test_no_subject_means_the_toy_world(tmp_path):
+    r = run_cli(["--out", str(tmp_path / "run"), "--weights", str(tmp_path / "missing")])
+    assert "no --subject: training on the toy world's subject (refs/toy)" in r.stdout
+    assert r.returncode == 2 and "Traceback" not in r.stderr

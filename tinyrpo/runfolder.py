@@ -32,7 +32,8 @@ except ImportError:  # Windows: no flock; the lock then only guards against a li
     fcntl = None
 
 # Settings a resumed run may change: they decide how long it runs and how it reports, not what it learns.
-RESUMABLE = ("steps", "patience", "log_every", "save_every", "gen_batch_size", "compile", "device", "log_with")
+RESUMABLE = ("steps", "patience", "log_every", "save_every", "gen_batch_size", "compile", "device", "log_with",
+             "threads")
 
 
 def atomic_write_bytes(path, data: bytes) -> Path:

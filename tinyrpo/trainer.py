@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from tinyrpo import dreambench
 from tinyrpo.checkpoint import BEST, LAST, atomic_torch_save, save_checkpoint
-from tinyrpo.data import Subject, load_subject
+from tinyrpo.data import Subject, load_subject, read_subject_file
 from tinyrpo.download import DEFAULT_REWARD_CLIP, DEFAULT_SD
 from tinyrpo.errors import UserError
 from tinyrpo.methods import METHODS
@@ -36,6 +36,7 @@ from tinyrpo.pipeline import generate, resolve_device, to_pil
 from tinyrpo.report import write_report
 from tinyrpo.reward import CLIPScorer, Scores, score
 from tinyrpo.rpo import REWARDS
+from tinyrpo.toy.metrics import score_images, subject_truth
 from tinyrpo.tracking import LOG_WITH, Tracker, make_tracker
 from tinyrpo.runfolder import JsonlLog, RunFolder, atomic_write_json, read_json
 from tinyrpo.weights import load_clip, load_sd
@@ -77,6 +78,7 @@ class TrainConfig:
     lora_targets: str | None = None        # comma-separated module names; None: to_q,to_k,to_v,to_out.0
     seed: int = 0
     device: str = "auto"
+    threads: int | None = None             # CPU threads for torch; None: torch's default (tiny models: 1 is fastest)
     precision: str = "auto"                # bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False
     gradient_checkpointing: bool = False
@@ -117,6 +119,7 @@ class TrainConfig:
              "--lora-alpha and --lora-targets need --lora RANK")
         need(not (self.lora and self.train_text_encoder),
              "--train-text-encoder with --lora is not supported: LoRA adapts the U-Net only; drop one of them")
+        need(self.threads is None or self.threads >= 1, f"--threads must be at least 1 (got {self.threads})")
         need(self.gen_batch_size >= 1, f"--gen-batch-size must be at least 1 (got {self.gen_batch_size})")
 
 
@@ -141,6 +144,8 @@ def resolve_config(cfg: TrainConfig, given: set[str] | None = None) -> TrainConf
             opts |= {k: v for k, v in cfg.options.items() if given is None or k in given}
             cfg = TrainConfig(**(asdict(cfg) | keep | {"options": opts, "out": str(out), "resume": True}))
             cfg.validate()
+    elif given is not None:
+        cfg = subject_defaults(cfg, given)
     method = METHODS[cfg.method]
     if cfg.lora:  # adapters train at a LoRA learning rate, and on the U-Net alone
         cfg.lr = LORA_LR if cfg.lr is None else cfg.lr
@@ -152,6 +157,29 @@ def resolve_config(cfg: TrainConfig, given: set[str] | None = None) -> TrainConf
     if unknown:
         flags = ", ".join("--" + k.replace("_", "-") for k in sorted(unknown))
         raise UserError(f"{flags} {'is' if len(unknown) == 1 else 'are'} not a setting of --method {cfg.method}")
+    return cfg
+
+
+def subject_defaults(cfg: TrainConfig, given: set[str]) -> TrainConfig:
+    """A subject folder's subject.json may name the models it belongs with and the settings that suit them
+    (the toy world's subjects do: its tiny models, 32 px, a CPU-sized preset); flags given win.
+
+        "weights": {"sd": base model, "clip": reward model, "dino": look forward's DINO}
+        "resolution": pixels
+        "train_defaults": {any train.py setting: value}
+    """
+    meta = read_subject_file(cfg.subject) if Path(cfg.subject).is_dir() else {}
+    named = meta.get("weights") if isinstance(meta.get("weights"), dict) else {}
+    defaults = {"weights": named.get("sd"), "reward_model": named.get("clip"), "dino": named.get("dino"),
+                "resolution": meta.get("resolution")} | dict(meta.get("train_defaults") or {})
+    defaults = {k: v for k, v in defaults.items() if v is not None and k not in given}
+    shared = {f.name for f in fields(TrainConfig)} - {"options", "subject", "out", "resume"}
+    method = METHODS[defaults.get("method", cfg.method) if "method" not in given else cfg.method]
+    own = {f.name for f in fields(method.Options)}
+    values = asdict(cfg) | {k: v for k, v in defaults.items() if k in shared}
+    values["options"] = {k: v for k, v in defaults.items() if k in own} | cfg.options
+    cfg = TrainConfig(**values)
+    cfg.validate()
     return cfg
 
 
@@ -185,6 +213,8 @@ class Trainer:
         self.options.validate(_need)
         self.times = {}
         self.device = resolve_device(cfg.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         self.precision = cfg.precision if cfg.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[self.precision]
         self.out = Path(cfg.out or Path("runs") / Path(cfg.subject).name)
@@ -233,8 +263,11 @@ class Trainer:
         self.subject: Subject = load_subject(cfg.subject, cfg.token, cfg.class_noun, cfg.live, cfg.resolution)
         if cfg.prompts:
             templates = read_prompt_file(cfg.prompts)
+        elif self.subject.train_prompts:  # the subject's own set (subject.json), e.g. the toy world's
+            templates = self.subject.train_prompts
         else:
             templates = dreambench.LIVE_TRAIN_PROMPTS if self.subject.live else dreambench.OBJECT_TRAIN_PROMPTS
+        self.truth = subject_truth(self.subject.meta)  # a toy subject: its images can be scored exactly
         self.prompts = [self.subject.prompt(t) for t in templates]
         with self.phase("load"):
             # Master weights in fp32; autocast runs the forwards in bf16/fp16 on a GPU.
@@ -298,7 +331,11 @@ class Trainer:
         (self.out / "val").mkdir(exist_ok=True)
         grid.save(self.out / "val" / f"step_{step:05d}.png")
         self.tracker.log_images(step, {"val/grid": grid})
-        return {"step": step, "val": True, **s.mean()}
+        record = {"step": step, "val": True, **s.mean()}
+        if self.truth is not None:  # the toy world: identity and prompt fidelity, read off the pixels
+            exact = score_images(pils, prompts, self.truth, cfg.token)
+            record["exact"] = {k: v for k, v in exact.items() if k != "per_image" and v == v}
+        return record
 
     # ---------------------------------------------------------------- checkpoints
     def meta(self, step: int, reward: float | None) -> dict:
@@ -352,8 +389,9 @@ class Trainer:
     def after_validation(self, v: dict) -> bool:
         """Track the validation-reward argmax (saved as best.safetensors with --select best); True when
         patience runs out."""
+        self.last_val = v
         if self.best is None or v["reward"] > self.best["reward"]:
-            self.best = {"step": v["step"], "reward": v["reward"], "align_i": v["align_i"], "align_t": v["align_t"]}
+            self.best = {k: v[k] for k in ("step", "reward", "align_i", "align_t", "exact") if k in v}
             self.bad_vals = 0
             if self.cfg.select == "best":
                 self.save_best(v["step"], v["reward"])
@@ -458,13 +496,15 @@ class Trainer:
             self.save_best(step, None)
 
         self.times["total"] = time.perf_counter() - t_start
-        chosen = self.best["step"] if cfg.select == "best" else step
-        summary = {"method": cfg.method, "select": cfg.select, "chosen_step": chosen,
+        chosen = self.best if cfg.select == "best" else self.last_val
+        summary = {"method": cfg.method, "select": cfg.select, "chosen_step": chosen["step"],
                    "best_step": self.best["step"], "best_reward": self.best["reward"],
                    "best_align_i": self.best["align_i"], "best_align_t": self.best["align_t"],
                    "steps_run": step, "stopped_early": stopped_early,
                    "seconds": {k: round(v, 2) for k, v in self.times.items()},
-                   "best_ckpt": str(self.out / BEST)}
+                   "best_ckpt": str(self.out / BEST), "example_prompt": self.prompts[0]}
+        if "exact" in chosen:  # a toy subject: the exact metrics of the kept checkpoint's validation images
+            summary["chosen_exact"] = chosen["exact"]
         atomic_write_json(self.out / "summary.json", summary)
         self.write_report()
         return summary
@@ -559,6 +599,10 @@ def print_summary(summary: dict, out: Path):
           f"(ALIGN-I {summary['best_align_i']:.4f}, ALIGN-T {summary['best_align_t']:.4f})")
     if summary["select"] == "last":
         print(f"kept the last step ({summary['chosen_step']}), as --select last asks")
+    if "chosen_exact" in summary:
+        e = summary["chosen_exact"]
+        print("exact metrics of the kept checkpoint (validation images): "
+              + ", ".join(f"{k} {e[k]:.3f}" for k in ("identity", "fidelity", "leak") if k in e))
     print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in secs.items()))
     ckpt = shlex.quote(str(Path(summary["best_ckpt"])))
-    print(f"wrote {ckpt}; try: python sample.py --ckpt {ckpt} --prompt \"...\"")
+    print(f"wrote {ckpt}; try: python sample.py --ckpt {ckpt} --prompt {shlex.quote(summary['example_prompt'])}")
