@@ -4,6 +4,7 @@
     python -m tinyrpo.toy pretrain --out weights/toy   # pretrain the toy VAE, CLIP, U-Net and DINO (≤ 1 h on 2 cores)
     python -m tinyrpo.toy quality                      # how often the toy SD draws the asked background/colour/class
     python -m tinyrpo.toy show --n 64                  # a grid of pretraining pictures and their captions
+    python -m tinyrpo.toy experiment all               # the paper's claims, measured (tinyrpo/toy/experiments.py)
 """
 import argparse
 import dataclasses
@@ -85,6 +86,15 @@ def parse_args(argv):
     s.add_argument("--threads", type=int, default=2, help="torch threads")
     s.add_argument("--out", default=None, help="where to write the JSON (default: next to the weights)")
 
+    s = sub.add_parser("experiment", help="train RPO variants on both toy subjects and write the paper's tables",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("name", choices=["overfit", "table2", "lambda", "choices", "all"], help="which experiment")
+    s.add_argument("--out", default="runs/toy-experiments", help="parent folder of the runs and the tables")
+    s.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
+    s.add_argument("--subjects", default="refs/toy,refs/ball", help="comma-separated toy subject folders")
+    s.add_argument("--lambda-val", type=float, default=0.3, help="λ of the early-stopping reward")
+    s.add_argument("train_args", nargs="*", help="after --: more train.py arguments for every run")
+
     s = sub.add_parser("show", help="a grid of pretraining pictures, captions printed")
     s.add_argument("--n", type=int, default=64)
     s.add_argument("--seed", type=int, default=0)
@@ -103,6 +113,13 @@ def main(argv=None):
         if not Path(args.weights).exists():
             raise UserError(f"no toy weights at {args.weights}; run `python -m tinyrpo.toy pretrain` first")
         cmd_quality(args)
+    elif args.command == "experiment":
+        from tinyrpo.toy.experiments import run_experiment
+        try:
+            seeds = [int(x) for x in args.seeds.split(",")]
+        except ValueError:
+            raise UserError(f"--seeds must be comma-separated integers (got {args.seeds!r})") from None
+        run_experiment(args.name, args.out, seeds, args.subjects.split(","), args.lambda_val, args.train_args)
     else:
         cmd_show(args)
     return 0

@@ -1,0 +1,234 @@
+"""The RPO paper's claims, measured exactly in the toy world.
+
+    python -m tinyrpo.toy experiment overfit    # Fig. 4: pure L_sim overfits — identity up, prompt fidelity down
+    python -m tinyrpo.toy experiment table2     # Table 2: L_sim / L_pref without early stopping / early stopping
+                                                #          without L_pref / full RPO; and the early-stopping gap
+    python -m tinyrpo.toy experiment lambda     # Table 3: λ_val ∈ {0.3, 0.5, 0.7}
+    python -m tinyrpo.toy experiment choices    # tinyrpo's two departures from the paper, decided by measurement
+    python -m tinyrpo.toy experiment all        # every table from one set of runs
+
+Each experiment trains RPO variants (train.py's own code, the toy preset of the subject folders) on both toy
+subjects with --seeds (default 0,1,2), one run folder per (variant, subject, seed) under --out, and reads the
+tables off their validation records: every validation scores 8 training prompts × 4 images with the exact
+metrics (tinyrpo/toy/metrics.py: identity, fidelity, leak) beside the λ-Harmonic reward. A finished run is
+skipped and an interrupted one resumed, so the runs of one experiment serve the others.
+
+What is measured, and how:
+- A checkpoint's numbers are those of its validation images (the same 32 images, same noise, at every
+  step); mean ± std over the runs (subjects × seeds).
+- "Early stopping" keeps the validation step of the highest h_λval (λ_val from --lambda-val, default 0.3,
+  the paper's default); "no early stopping" keeps the last step. Both read from the same run, as the
+  paper's Table 2 rows do: the selection does not change the training.
+- λ_val changes only which step is kept, never the training, so Table 3 re-selects from the RPO runs'
+  records with each λ (ALIGN-I and ALIGN-T are logged per validation): the same numbers as training with
+  each --lambda-val.
+- The exact optimum of a run is its validation step with the highest exact score, the harmonic mean of
+  identity and fidelity; the early-stopping gap is the distance (in steps and in exact score) between the
+  step h_λval keeps and that optimum.
+- A choice is decided by the paired difference (same subject and seed) of the exact score; "within
+  noise" when |mean| < its standard error × 2.
+"""
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+from tinyrpo.errors import UserError
+from tinyrpo.rpo import harmonic_reward
+
+SUBJECTS = ("refs/toy", "refs/ball")
+# train.py arguments of each variant (on top of the subject folder's preset)
+VARIANTS = {
+    "rpo": [],                                          # L_sim + L_pref, tinyrpo's defaults
+    "lsim": ["--no-pref"],                              # pure L_sim
+    "pair": ["--winner-prompt", "pair"],                # h(w) against the pair's training prompt (authors' code)
+    "independent": ["--noise", "independent"],          # ε and t drawn for w and l separately (paper, eq. 4)
+}
+EXPERIMENTS = {"overfit": ["lsim", "rpo"], "table2": ["lsim", "rpo"], "lambda": ["rpo"],
+               "choices": ["rpo", "pair", "independent"]}
+EXPERIMENTS["all"] = sorted({v for vs in EXPERIMENTS.values() for v in vs}, key=list(VARIANTS).index)
+METRICS = ("identity", "fidelity", "leak")
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+def run_dir(out: Path, variant: str, subject: str, seed: int) -> Path:
+    return out / variant / Path(subject).name / f"seed{seed}"
+
+
+def train_cell(out: Path, variant: str, subject: str, seed: int, extra: list[str]) -> Path:
+    """Train one (variant, subject, seed) run with train.py's code; skip it if finished, resume it if not."""
+    import train  # the repository's train.py
+
+    run = run_dir(out, variant, subject, seed)
+    if (run / "summary.json").exists():
+        return run
+    args = ["--subject", subject, "--out", str(run), "--seed", str(seed), *VARIANTS[variant], *extra]
+    if (run / "config.json").exists():
+        args.append("--resume")
+    train.main(args)
+    return run
+
+
+def read_vals(run: Path) -> list[dict]:
+    """The validation records of a run (step, reward, align_i, align_t, exact), in step order."""
+    records = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if x.strip()]
+    vals = sorted((r for r in records if r.get("val")), key=lambda r: r["step"])
+    if not vals or "exact" not in vals[0]:
+        raise UserError(f"{run} has no exact metrics in its validations: is its subject a toy one?")
+    return vals
+
+
+# ---------------------------------------------------------------------------------------------- selection
+
+def exact_score(v: dict) -> float:
+    """One exact number per checkpoint: the harmonic mean of identity and fidelity (both must be high)."""
+    i, f = v["exact"].get("identity", 0.0), v["exact"].get("fidelity", 0.0)
+    return 2 * i * f / (i + f) if i + f > 0 else 0.0
+
+
+def h_val(v: dict, lam: float) -> float:
+    """h_λ (eq. 5) of a validation from its logged ALIGN-I and ALIGN-T."""
+    import torch
+    return harmonic_reward(torch.tensor(v["align_i"]), torch.tensor(v["align_t"]), lam).item()
+
+
+def early_stop(vals: list[dict], lam: float) -> dict:
+    return max(vals, key=lambda v: (h_val(v, lam), -v["step"]))  # ties: the earlier step, as the trainer
+
+
+def row_of(v: dict, lam: float) -> dict:
+    return {"step": v["step"], "h": h_val(v, lam), "score": exact_score(v), **{m: v["exact"].get(m) for m in METRICS}}
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    xs = [x for x in xs if x is not None and x == x]
+    if not xs:
+        return float("nan"), float("nan")
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def fmt(xs: list[float], digits: int = 3) -> str:
+    m, s = mean_std(xs)
+    return "—" if m != m else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def table(rows: list[tuple[str, list[dict]]], cols=("identity", "fidelity", "leak", "score", "h", "step")) -> str:
+    names = {"identity": "identity ↑", "fidelity": "fidelity ↑", "leak": "leak ↓", "score": "exact score ↑",
+             "h": "h_λval", "step": "step kept"}
+    lines = ["| | " + " | ".join(names[c] for c in cols) + " |", "| --- |" + " --- |" * len(cols)]
+    for name, cells in rows:
+        lines.append(f"| {name} | " + " | ".join(fmt([cell[col] for cell in cells], 0 if col == "step" else 3)
+                                                 for col in cols) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- the tables
+
+def overfit(runs: dict, lam: float) -> tuple[str, dict]:
+    """Fig. 4: the exact metrics at every validation step of pure L_sim (and of RPO beside it)."""
+    out, data = [], {}
+    for variant in ("lsim", "rpo"):
+        if variant not in runs:
+            continue
+        steps = sorted({v["step"] for vals in runs[variant].values() for v in vals})
+        rows = []
+        for s in steps:
+            at = [next(v for v in vals if v["step"] == s) for vals in runs[variant].values()
+                  if any(v["step"] == s for v in vals)]
+            rows.append((s, [row_of(v, lam) for v in at]))
+        data[variant] = {s: {m: mean_std([c[m] for c in cells]) for m in (*METRICS, "score", "h")}
+                         for s, cells in rows}
+        title = "pure L_sim (--no-pref)" if variant == "lsim" else "RPO (L_sim + L_pref)"
+        out.append(f"**{title}**, validation images, mean ± std over {len(runs[variant])} runs\n\n"
+                   + table([(f"step {s}", cells) for s, cells in rows], cols=("identity", "fidelity", "leak",
+                                                                               "score", "h")))
+    return "\n\n".join(out), data
+
+
+def table2(runs: dict, lam: float) -> tuple[str, dict]:
+    rows = [("pure L_sim (no L_pref, no early stopping)", [row_of(v[-1], lam) for v in runs["lsim"].values()]),
+            ("L_pref without early stopping", [row_of(v[-1], lam) for v in runs["rpo"].values()]),
+            ("early stopping without L_pref", [row_of(early_stop(v, lam), lam) for v in runs["lsim"].values()]),
+            ("RPO: L_sim + L_pref + early stopping", [row_of(early_stop(v, lam), lam) for v in runs["rpo"].values()])]
+    gaps = []
+    for variant in ("lsim", "rpo"):
+        for key, vals in runs[variant].items():
+            kept, best = early_stop(vals, lam), max(vals, key=lambda v: (exact_score(v), -v["step"]))
+            gaps.append({"variant": variant, "run": key, "kept_step": kept["step"], "best_exact_step": best["step"],
+                         "step_gap": abs(kept["step"] - best["step"]),
+                         "score_gap": exact_score(best) - exact_score(kept)})
+    text = table(rows) + "\n\n" + "\n".join(
+        f"- early stopping by h_{lam} vs the exact optimum, {name}: |step gap| {fmt([g['step_gap'] for g in gaps if g['variant'] == v], 0)}, "
+        f"exact score lost {fmt([g['score_gap'] for g in gaps if g['variant'] == v])}"
+        for v, name in (("rpo", "RPO"), ("lsim", "pure L_sim")))
+    return text, {"rows": {n: cells for n, cells in rows}, "gaps": gaps}
+
+
+def lambda_table(runs: dict, lams=(0.3, 0.5, 0.7)) -> tuple[str, dict]:
+    rows = [(f"λ_val = {lam}", [row_of(early_stop(v, lam), lam) for v in runs["rpo"].values()]) for lam in lams]
+    return table(rows), {n: cells for n, cells in rows}
+
+
+def paired(a: dict, b: dict, lam: float) -> str:
+    """The paired difference b − a of the kept checkpoints' exact score, with its verdict."""
+    diffs = [exact_score(early_stop(b[k], lam)) - exact_score(early_stop(a[k], lam)) for k in a if k in b]
+    if len(diffs) < 2:
+        return "too few runs to compare"
+    m, s = mean_std(diffs)
+    se = s / math.sqrt(len(diffs))
+    verdict = "within noise" if abs(m) < 2 * se else ("better" if m > 0 else "worse")
+    return f"{m:+.3f} ± {se:.3f} (paired, n = {len(diffs)}): {verdict}"
+
+
+def choices(runs: dict, lam: float) -> tuple[str, dict]:
+    rows = [("tinyrpo: h(w) vs the reference prompt, shared ε and t", [row_of(early_stop(v, lam), lam)
+                                                                      for v in runs["rpo"].values()]),
+            ("(a) h(w) vs the pair's training prompt (authors' code)",
+             [row_of(early_stop(v, lam), lam) for v in runs["pair"].values()]),
+            ("(b) independent ε and t for w and l (paper, eq. 4)",
+             [row_of(early_stop(v, lam), lam) for v in runs["independent"].values()])]
+    verdicts = {"pair": paired(runs["rpo"], runs["pair"], lam),
+                "independent": paired(runs["rpo"], runs["independent"], lam)}
+    text = table(rows) + "\n\n" + "\n".join(f"- exact score, {name} minus tinyrpo's: {verdicts[k]}"
+                                            for k, name in (("pair", "(a)"), ("independent", "(b)")))
+    return text, {"rows": {n: cells for n, cells in rows}, "verdicts": verdicts}
+
+
+TABLES = {"overfit": overfit, "table2": table2, "lambda": lambda runs, lam: lambda_table(runs), "choices": choices}
+
+
+def run_experiment(name: str, out="runs/toy-experiments", seeds=(0, 1, 2), subjects=SUBJECTS,
+                   lam: float = 0.3, extra: list[str] | None = None) -> dict:
+    if name not in EXPERIMENTS:
+        raise UserError(f"no experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
+    for s in subjects:
+        if not (Path(s) / "subject.json").exists():
+            raise UserError(f"{s} is not a toy subject folder (no subject.json); run from the repository root "
+                            f"or regenerate it with python -m tinyrpo.toy subjects")
+    out, extra = Path(out), list(extra or [])
+    t0 = time.perf_counter()
+    runs = {}
+    cells = [(v, s, k) for v in EXPERIMENTS[name] for s in subjects for k in seeds]
+    for i, (variant, subject, seed) in enumerate(cells):
+        print(f"[{i + 1}/{len(cells)}] {variant} {subject} seed {seed}", flush=True)
+        run = train_cell(out, variant, subject, seed, extra)
+        runs.setdefault(variant, {})[f"{Path(subject).name}/seed{seed}"] = read_vals(run)
+    names = [n for n in TABLES if n != "all"] if name == "all" else [name]
+    sections, data = [], {}
+    for n in names:
+        text, data[n] = TABLES[n](runs, lam)
+        sections.append(f"### {n}\n\n{text}")
+    minutes = (time.perf_counter() - t0) / 60
+    header = (f"Toy world, subjects {', '.join(Path(s).name for s in subjects)}, seeds {', '.join(map(str, seeds))}, "
+              f"λ_val {lam}; {len(cells)} runs; {minutes:.1f} min on this machine "
+              f"(`python -m tinyrpo.toy experiment {name}`)")
+    md = header + "\n\n" + "\n\n".join(sections) + "\n"
+    (out / f"{name}.md").write_text(md)
+    (out / f"{name}.json").write_text(json.dumps({"experiment": name, "seeds": list(seeds), "subjects": list(subjects),
+                                                  "lambda_val": lam, "minutes": minutes, "tables": data},
+                                                 indent=2, default=str) + "\n")
+    print("\n" + md)
+    print(f"wrote {out / (name + '.md')} and {out / (name + '.json')}")
+    return data
