@@ -168,8 +168,10 @@ def run_section(name: str, spec: dict, timeout: float, on_change) -> tuple[str, 
             os.setpgid(0, 0)  # its own group: a time-out also ends the compile workers it starts
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            # Where it was when the time limit came (a compile, a write), in the log before the kill.
-            faulthandler.dump_traceback_later(max(1.0, timeout - 1.0))
+            # Where it was when the time limit came (a compile, a write), in the log before the kill: the
+            # parent sends SIGUSR1 first. Not faulthandler.dump_traceback_later: its watchdog thread reads
+            # the main thread's frames without the GIL and crashed a section mid-import (exit -11 in CI).
+            faulthandler.register(signal.SIGUSR1, all_threads=True)
             code = gpu_sections.run(spec)
         except BaseException:  # noqa: BLE001 (report it, then leave without running the parent's cleanup)
             import traceback
@@ -194,7 +196,7 @@ def run_section(name: str, spec: dict, timeout: float, on_change) -> tuple[str, 
                 code = os.waitstatus_to_exitcode(status)
                 return ("ok" if code == 0 else f"failed (exit code {code})"), time.time() - t0
             if time.time() - t0 > timeout:
-                _kill(pid)
+                _kill(pid, dump_first=True)
                 return f"cut off at its time limit ({timeout:.0f} s)", time.time() - t0
             time.sleep(0.1)
     except Interrupted:
@@ -202,8 +204,11 @@ def run_section(name: str, spec: dict, timeout: float, on_change) -> tuple[str, 
         raise
 
 
-def _kill(pid: int):
+def _kill(pid: int, dump_first: bool = False):
     try:
+        if dump_first:  # the section's traceback into the log (faulthandler, registered in the child)
+            os.kill(pid, signal.SIGUSR1)
+            time.sleep(0.5)
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
