@@ -5,7 +5,8 @@ is constant along rows and objects keep away from the left and right edges, so
 
     background  the colour of each row, read at the four edge columns, is matched to every background's
                 rows (in colour, and in grey for black-and-white pictures): the nearest one
-    object      the pixels far from their row's background colour; the largest 4-connected blob; its box
+    object      the pixels far from their row's colour, both as read at the edges and as that background's;
+                the largest 4-connected blob after specks and seams are opened away; its box
     class       the class whose silhouette, drawn in that box, overlaps the blob best (IoU)
     colour      the named colour most of the blob's pixels are nearest to
     grey        black and white: under 2 % of the pixels have a colour (max - min channel >= 40)
@@ -83,17 +84,22 @@ def is_grey(img: np.ndarray) -> bool:
     return float(((x.max(-1) - x.min(-1)) >= GREY_CHROMA).mean()) < GREY_SHARE
 
 
-def read_background(img: np.ndarray) -> str:
-    """The background whose rows (in colour, or in grey) are nearest to the picture's edge rows."""
+def nearest_background(img: np.ndarray) -> tuple[str, np.ndarray]:
+    """(name, its rows) of the background whose rows, in colour or in grey, are nearest to the picture's
+    edge rows: float [SIZE, 3], the grey version when that is the nearer one."""
     rows = edge_rows(img)
-    best, name = np.inf, None
+    best, found = np.inf, None
     for b in BACKGROUNDS:
         ref = background_rows(b).astype(np.float64)
         for cand in (ref, np.repeat(luma(ref)[:, None], 3, axis=1)):
             d = np.linalg.norm(rows - cand, axis=1).mean()
             if d < best:
-                best, name = d, b
-    return name
+                best, found = d, (b, cand)
+    return found
+
+
+def read_background(img: np.ndarray) -> str:
+    return nearest_background(img)[0]
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
@@ -129,11 +135,36 @@ class Found:
     h: int
 
 
-def find_object(img: np.ndarray) -> Found | None:
-    """The object: the largest blob of pixels far from their row's background colour, or None."""
-    far = np.linalg.norm(img.astype(np.float64) - edge_rows(img)[:, None, :], axis=-1) > FOREGROUND
+def _neighbours(mask: np.ndarray) -> list[np.ndarray]:
+    p = np.pad(mask, 1)
+    return [p[1 + dy:1 + dy + SIZE, 1 + dx:1 + dx + SIZE] for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+
+
+def erode(mask: np.ndarray) -> np.ndarray:
+    return np.logical_and.reduce(_neighbours(mask))
+
+
+def dilate(mask: np.ndarray) -> np.ndarray:
+    return np.logical_or.reduce(_neighbours(mask))
+
+
+def find_object(img: np.ndarray, rows: np.ndarray | None = None) -> Found | None:
+    """The object: the largest blob of pixels far from their row's background colour, or None.
+
+    Far from both the colour read at the row's edges and the colour of the nearest background's row
+    (`nearest_background`): a generated picture's background can be off the ideal colour, and its edges can
+    be off the background's colour (a seam), but rarely both.
+    """
+    rows = nearest_background(img)[1] if rows is None else rows
+    x = img.astype(np.float64)
+    far = ((np.linalg.norm(x - rows[:, None, :], axis=-1) > FOREGROUND)
+           & (np.linalg.norm(x - edge_rows(img)[:, None, :], axis=-1) > FOREGROUND))
     far[:, EDGE_COLUMNS] = False  # the edge columns are the background by construction
-    blob = largest_component(far)
+    # The largest blob once strips and specks under 3 pixels wide are opened away (3×3 erosion, then
+    # dilation: a generated picture's noise, a bright seam along the border), grown back by 2 pixels
+    # into the far pixels, so thin parts of the object itself (the cone's bottom corners) are kept.
+    core = largest_component(dilate(erode(far)))
+    blob = largest_component(far & dilate(dilate(core)))
     if blob.sum() < MIN_OBJECT:
         return None
     ys, xs = np.nonzero(blob)
@@ -165,8 +196,9 @@ class Reading:
 
 
 def read_picture(img: np.ndarray) -> Reading:
-    found = find_object(img)
-    return Reading(read_background(img), is_grey(img), read_class(found) if found else None,
+    background, rows = nearest_background(img)
+    found = find_object(img, rows)
+    return Reading(background, is_grey(img), read_class(found) if found else None,
                    read_colour(img, found) if found else None, found)
 
 

@@ -29,9 +29,11 @@ TEXT = CLIPTextConfig(hidden_size=64, intermediate_size=256, num_layers=2, num_h
 VISION = CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_layers=4, num_heads=2, image_size=SIZE,
                           patch_size=4)
 CLIP = CLIPConfig(text=TEXT, vision=VISION, projection_dim=64)
-VAE = VAEConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32, sample_size=SIZE)  # 32 px -> 16×16×4
-UNET = UNetConfig(block_out_channels=(32, 64, 128), layers_per_block=1, attention_levels=(False, True, True),
-                  num_heads=4, cross_attention_dim=TEXT.hidden_size, norm_num_groups=32, sample_size=SIZE // 2)
+# 32 px -> 8×8×4 latents. (A 16×16 latent, factor 2, reconstructs better but its U-Net learned far slower in
+# the pilots: with the same steps, background right 48 % vs 71 %, and noisy pictures.)
+VAE = VAEConfig(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=32, sample_size=SIZE)
+UNET = UNetConfig(block_out_channels=(64, 128), layers_per_block=1, attention_levels=(True, True), num_heads=4,
+                  cross_attention_dim=TEXT.hidden_size, norm_num_groups=32, sample_size=SIZE // 4)
 DINO_CFG = DINOConfig(hidden_size=96, num_layers=4, num_heads=3, intermediate_size=384, patch_size=4, image_size=SIZE)
 SCHEDULER = SchedulerConfig()  # SD v1's schedule
 

@@ -21,7 +21,7 @@ def quality_prompts(per_triple: int = SEEDS_PER_TRIPLE) -> list[str]:
     return [f"a {colour} {cls} {BACKGROUNDS[bg].phrase}" for _ in range(per_triple) for cls, colour, bg in triples]
 
 
-def run_quality(sd, prompts: list[str], guidance: float = 7.5, steps: int = 25, seed: int = 0,
+def run_quality(sd, prompts: list[str], guidance: float = 5.0, steps: int = 25, seed: int = 0,
                 batch_size: int = 64, progress: bool = True) -> dict:
     """Generate one picture per prompt (prompt p with seed + p, as sample.py) and score them."""
     images, _ = generate(sd, prompts, n=1, steps=steps, guidance=guidance, seed=seed, height=SIZE, width=SIZE,
