@@ -56,7 +56,7 @@ class PretrainConfig:
     clip_batch: int = 256
     clip_lr: float = 2e-3
     unet_pictures: int = 40000     # the cached training set of the U-Net
-    unet_steps: int = 2400
+    unet_steps: int = 3000
     unet_batch: int = 128
     unet_lr: float = 1e-3
     caption_dropout: float = 0.1
