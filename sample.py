@@ -59,8 +59,10 @@ def parse_args(argv=None):
                                                          "ignored by ddpm")
     p.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt p uses seed + p")
     p.add_argument("--n", type=int, default=4, help="images per prompt")
-    p.add_argument("--height", type=int, default=512, help="image height in pixels (a multiple of 8 for SD v1)")
-    p.add_argument("--width", type=int, default=512, help="image width in pixels (a multiple of 8 for SD v1)")
+    p.add_argument("--height", type=int, default=None,
+                   help="image height in pixels (a multiple of 8 for SD v1; default: the model's own size, "
+                        "512 for SD v1.5, 32 for the toy world)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: as --height)")
     p.add_argument("--out", default="samples", help="output folder; each run gets a numbered subfolder")
     p.add_argument("--overwrite", action="store_true",
                    help="write straight into --out, replacing files of the same name, instead of a new subfolder")
@@ -122,7 +124,8 @@ def a1111_params(args, weights, ckpt_meta) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     # Everything but the VAE's downsampling factor can be checked before the (slow) weight loading.
-    check_args(args.n, args.steps, args.guidance, args.scheduler, args.eta, args.height, args.width, 1, args.batch_size)
+    check_args(args.n, args.steps, args.guidance, args.scheduler, args.eta, args.height or 512, args.width or 512, 1,
+               args.batch_size)
     check_seed(args.seed, len(args.prompt))
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.float16 if device.type == "cuda" else torch.float32)
@@ -140,6 +143,9 @@ def main(argv=None):
         weights = (tinyrpo_lora_meta(args.lora) or {}).get("base")  # a tinyrpo LoRA names its base
     weights = weights or DEFAULT_SD
     sd = load_sd(weights, device, dtype)
+    native = sd.unet.cfg.sample_size * sd.vae.downsample_factor  # the size the model was trained at
+    args.height = args.height or native
+    args.width = args.width or args.height
     if args.ckpt is not None:
         # --lora-scale goes to --lora when there is one, else to a LoRA checkpoint
         apply_checkpoint(sd, args.ckpt, args.lora_scale if ckpt_is_lora and args.lora is None else 1.0)

@@ -100,9 +100,10 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     a("--no-pref", dest="pref", action="store_false", default=None, help="ablation: pure L_sim, no L_pref")
     a("--no-sim", dest="sim", action="store_false", default=None, help="ablation: L_pref alone (DPO only)")
     a("--winner-prompt", default=None, choices=["reference", "pair"],
-      help="score h(w) against the reference prompt, or the paired training prompt (default: reference)")
+      help="score h(w) against the paired training prompt (the authors' code) or the reference prompt "
+           "(default: pair)")
     a("--noise", default=None, choices=["shared", "independent"],
-      help="one ε and t per pair, or one per image (default: shared)")
+      help="ε and t drawn per image (the paper's eq. 4) or one per pair (Diffusion-DPO) (default: independent)")
 
     a = group("DreamBooth (--method dreambooth, dpg)")
     a("--num-class-images", type=int, default=None,

@@ -203,3 +203,19 @@ def test_cli_prints_each_warning_as_one_line(tmp_path):
     assert any("moving.gif" in s and "first frame" in s for s in said)
     assert any("only 2 photos" in s for s in said)
     assert len(lines) == 2, r.stderr  # nothing else: each warning is one line
+
+
+def test_small_photos_warn_only_when_upsampled_a_lot(tmp_path):
+    """64-px photos for a 512-px model are guesswork and say so; 32-px pictures for the 32-px toy world are not."""
+    for i in range(3):
+        Image.fromarray(np.full((64, 64, 3), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_subject_images(tmp_path, 512)
+    assert [str(w.message) for w in caught] == [
+        f"{tmp_path / f'{i}.png'} is only 64x64 px; photos of at least 256 px on the short side give better results"
+        for i in range(3)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_subject_images(tmp_path, 64)
+    assert not caught

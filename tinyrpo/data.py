@@ -106,9 +106,9 @@ def load_subject_images(folder, resolution: int = 512) -> list[Image.Image]:
             continue
         if frames > 1:
             animated.append(p.name)
-        if min(im.size) < MIN_SIDE:
-            warnings.warn(f"{p} is only {im.size[0]}x{im.size[1]} px; photos of at least {MIN_SIDE} px "
-                          f"on the short side give better results")
+        if min(im.size) < min(MIN_SIDE, resolution):  # a 32-px picture for the 32-px toy world is no upsampling
+            warnings.warn(f"{p} is only {im.size[0]}x{im.size[1]} px; photos of at least "
+                          f"{min(MIN_SIDE, resolution)} px on the short side give better results")
         images.append(center_crop_resize(im, resolution))
     if not images:
         raise UserError(f"no readable image in {folder} (looked at {len(files)} files); "
