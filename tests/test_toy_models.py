@@ -72,10 +72,10 @@ def test_reference_libraries_read_the_same_files(sd):
 
 
 def test_toy_sd_draws_what_prompts_ask(sd):
-    """The quality check of `python -m tinyrpo.toy quality` on a small sample (held-out compositions), with
-    thresholds a little below the rates measured on the full 216 prompts (README, Toy world)."""
-    result = run_quality(sd, quality_prompts()[:32], guidance=7.5, steps=20, progress=False)
-    assert result["background"] >= 0.8 and result["colour"] >= 0.7 and result["class"] >= 0.7, result
+    """The quality check of `python -m tinyrpo.toy quality` on a small sample (held-out compositions) at its
+    settings, held to the issue's bars: on all 216 prompts the shipped weights read 100 % / 100 % / 99.5 %."""
+    result = run_quality(sd, quality_prompts()[:32], guidance=5.0, steps=25, progress=False)
+    assert result["background"] >= 0.9 and result["colour"] >= 0.8 and result["class"] >= 0.8, result
 
 
 def test_sample_through_the_pipeline(sd):
