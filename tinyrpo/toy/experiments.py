@@ -31,7 +31,6 @@ What is measured, and how:
 import json
 import math
 import statistics
-import time
 from pathlib import Path
 
 from tinyrpo.errors import UserError
@@ -210,7 +209,6 @@ def run_experiment(name: str, out="runs/toy-experiments", seeds=(0, 1, 2), subje
             raise UserError(f"{s} is not a toy subject folder (no subject.json); run from the repository root "
                             f"or regenerate it with python -m tinyrpo.toy subjects")
     out, extra = Path(out), list(extra or [])
-    t0 = time.perf_counter()
     runs = {}
     cells = [(v, s, k) for v in EXPERIMENTS[name] for s in subjects for k in seeds]
     for i, (variant, subject, seed) in enumerate(cells):
@@ -222,9 +220,12 @@ def run_experiment(name: str, out="runs/toy-experiments", seeds=(0, 1, 2), subje
     for n in names:
         text, data[n] = TABLES[n](runs, lam)
         sections.append(f"### {n}\n\n{text}")
-    minutes = (time.perf_counter() - t0) / 60
+    # The runs' own clocks (summary.json), not this call's: finished runs are skipped, not retrained.
+    per_run = [json.loads((run_dir(out, *c) / "summary.json").read_text())["seconds"]["total"] / 60 for c in cells]
+    minutes = sum(per_run)
     header = (f"Toy world, subjects {', '.join(Path(s).name for s in subjects)}, seeds {', '.join(map(str, seeds))}, "
-              f"λ_val {lam}; {len(cells)} runs; {minutes:.1f} min on this machine "
+              f"λ_val {lam}; {len(cells)} runs of {min(per_run):.1f}-{max(per_run):.1f} min, {minutes:.0f} min "
+              f"of training in all "
               f"(`python -m tinyrpo.toy experiment {name}`)")
     md = header + "\n\n" + "\n\n".join(sections) + "\n"
     (out / f"{name}.md").write_text(md)
