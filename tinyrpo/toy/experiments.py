@@ -45,8 +45,11 @@ VARIANTS = {
     "lsim": ["--no-pref", "--noise", "shared"],
     "reference": ["--winner-prompt", "reference"],      # h(w) against the reference prompt ("a photo of sks toy")
     "shared": ["--noise", "shared"],                    # one ε and t per pair (Diffusion-DPO)
+    "beta": ["--beta", "0.1"],                          # RPO at the toy preset's β
 }
-EXPERIMENTS = {"overfit": ["lsim", "rpo"], "table2": ["lsim", "rpo"], "lambda": ["rpo"],
+# Every variant runs at the paper's β = 1 (the toy preset's 0.1 would otherwise apply), but "beta".
+PAPER = ["--beta", "1.0"]
+EXPERIMENTS = {"overfit": ["lsim", "rpo"], "table2": ["lsim", "rpo", "beta"], "lambda": ["rpo"],
                "choices": ["rpo", "reference", "shared"]}
 EXPERIMENTS["all"] = sorted({v for vs in EXPERIMENTS.values() for v in vs}, key=list(VARIANTS).index)
 METRICS = ("identity", "fidelity", "leak")
@@ -65,7 +68,7 @@ def train_cell(out: Path, variant: str, subject: str, seed: int, extra: list[str
     run = run_dir(out, variant, subject, seed)
     if (run / "summary.json").exists():
         return run
-    args = ["--subject", subject, "--out", str(run), "--seed", str(seed), *VARIANTS[variant], *extra]
+    args = ["--subject", subject, "--out", str(run), "--seed", str(seed), *PAPER, *VARIANTS[variant], *extra]
     if (run / "config.json").exists():
         args.append("--resume")
     train.main(args)
@@ -153,6 +156,9 @@ def table2(runs: dict, lam: float) -> tuple[str, dict]:
             ("L_pref without early stopping", [row_of(v[-1], lam) for v in runs["rpo"].values()]),
             ("early stopping without L_pref", [row_of(early_stop(v, lam), lam) for v in runs["lsim"].values()]),
             ("RPO: L_sim + L_pref + early stopping", [row_of(early_stop(v, lam), lam) for v in runs["rpo"].values()])]
+    if "beta" in runs:
+        rows.append(("RPO with β = 0.1 (the toy preset) + early stopping",
+                     [row_of(early_stop(v, lam), lam) for v in runs["beta"].values()]))
     gaps = []
     for variant in ("lsim", "rpo"):
         for key, vals in runs[variant].items():
