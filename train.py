@@ -103,7 +103,7 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
       help="score h(w) against the paired training prompt (the authors' code) or the reference prompt "
            "(default: pair)")
     a("--noise", default=None, choices=["shared", "independent"],
-      help="ε and t drawn per image (the paper's eq. 4) or one per pair (Diffusion-DPO) (default: independent)")
+      help="one ε and t per pair (Diffusion-DPO) or drawn per image (the paper's eq. 4) (default: shared)")
 
     a = group("DreamBooth (--method dreambooth, dpg)")
     a("--num-class-images", type=int, default=None,

@@ -46,3 +46,18 @@ def test_paired_verdicts():
     noisy = {k: [val(0, 0.6, 0.7, 0.5 + (0.3 if i % 2 else -0.3), 0.5)] for i, k in enumerate("abcd")}
     assert ex.paired(runs, noisy, 0.3).endswith("within noise")
     assert math.isnan(ex.mean_std([])[0])
+
+
+def test_at_the_runs_own_lambda_the_kept_step_is_the_trainers(tmp_path):
+    """The trainer keeps the step of the highest logged reward (a mean of per-image h_λ), which need not be
+    the step of the highest h_λ of the mean ALIGN-I and ALIGN-T; at the run's own λ_val the tables agree
+    with the trainer, at another λ they recompute."""
+    import json
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [v | {"reward": r} for v, r in zip(RUN_A, (0.60, 0.62, 0.65))]  # the trainer kept step 40
+    (run / "log.jsonl").write_text("".join(json.dumps(v) + "\n" for v in records))
+    (run / "config.json").write_text(json.dumps({"lambda_val": 0.3}))
+    vals = ex.read_vals(run)
+    assert ex.early_stop(vals, 0.3)["step"] == 40 and ex.h_val(vals[2], 0.3) == 0.65
+    assert ex.early_stop(vals, 0.5)["step"] == ex.early_stop(RUN_A, 0.5)["step"]

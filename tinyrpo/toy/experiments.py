@@ -19,9 +19,11 @@ What is measured, and how:
 - "Early stopping" keeps the validation step of the highest h_λval (λ_val from --lambda-val, default 0.3,
   the paper's default); "no early stopping" keeps the last step. Both read from the same run, as the
   paper's Table 2 rows do: the selection does not change the training.
-- λ_val changes only which step is kept, never the training, so Table 3 re-selects from the RPO runs'
-  records with each λ (ALIGN-I and ALIGN-T are logged per validation): the same numbers as training with
-  each --lambda-val.
+- λ_val changes only which step is kept, never the training. At the runs' own λ_val the kept step is the
+  trainer's (its logged reward: the mean over the validation images of each image's h_λ). Table 3
+  re-selects the same runs with other λ from the logged means of ALIGN-I and ALIGN-T, h_λ(mean ALIGN-I,
+  mean ALIGN-T): close to, not the same as, training with that --lambda-val (the mean of per-image harmonic
+  means is not the harmonic mean of the means).
 - The exact optimum of a run is its validation step with the highest exact score, the harmonic mean of
   identity and fidelity; the early-stopping gap is the distance (in steps and in exact score) between the
   step h_λval keeps and that optimum.
@@ -39,18 +41,18 @@ from tinyrpo.rpo import harmonic_reward
 SUBJECTS = ("refs/toy", "refs/ball")
 # train.py arguments of each variant (on top of the subject folder's preset)
 VARIANTS = {
-    "rpo": [],                                          # L_sim + L_pref, tinyrpo's defaults (pair, independent)
+    "rpo": [],                                          # L_sim + L_pref, tinyrpo's defaults (pair, shared)
     # Pure L_sim. Without L_pref the loser is unused and --noise only moves the random stream; shared is the
     # stream README's runs were made with, so the command reproduces them.
     "lsim": ["--no-pref", "--noise", "shared"],
     "reference": ["--winner-prompt", "reference"],      # h(w) against the reference prompt ("a photo of sks toy")
-    "shared": ["--noise", "shared"],                    # one ε and t per pair (Diffusion-DPO)
+    "independent": ["--noise", "independent"],          # ε and t drawn for w and l separately (paper, eq. 4)
     "beta": ["--beta", "0.1"],                          # RPO at the toy preset's β
 }
 # Every variant runs at the paper's β = 1 (the toy preset's 0.1 would otherwise apply), but "beta".
 PAPER = ["--beta", "1.0"]
 EXPERIMENTS = {"overfit": ["lsim", "rpo"], "table2": ["lsim", "rpo", "beta"], "lambda": ["rpo"],
-               "choices": ["rpo", "reference", "shared"]}
+               "choices": ["rpo", "reference", "independent"]}
 EXPERIMENTS["all"] = sorted({v for vs in EXPERIMENTS.values() for v in vs}, key=list(VARIANTS).index)
 METRICS = ("identity", "fidelity", "leak")
 
@@ -81,7 +83,8 @@ def read_vals(run: Path) -> list[dict]:
     vals = sorted((r for r in records if r.get("val")), key=lambda r: r["step"])
     if not vals or "exact" not in vals[0]:
         raise UserError(f"{run} has no exact metrics in its validations: is its subject a toy one?")
-    return vals
+    lam = json.loads((run / "config.json").read_text())["lambda_val"]
+    return [v | {"lambda_val": lam} for v in vals]
 
 
 # ---------------------------------------------------------------------------------------------- selection
@@ -93,7 +96,10 @@ def exact_score(v: dict) -> float:
 
 
 def h_val(v: dict, lam: float) -> float:
-    """h_λ (eq. 5) of a validation from its logged ALIGN-I and ALIGN-T."""
+    """The validation reward h_λ (eq. 5) of a logged validation: the trainer's own at the run's λ_val, else
+    computed from the logged mean ALIGN-I and ALIGN-T (per-image values are not logged)."""
+    if abs(lam - v.get("lambda_val", float("nan"))) < 1e-12:
+        return v["reward"]
     import torch
     return harmonic_reward(torch.tensor(v["align_i"]), torch.tensor(v["align_t"]), lam).item()
 
@@ -190,16 +196,16 @@ def paired(a: dict, b: dict, lam: float) -> str:
 
 
 def choices(runs: dict, lam: float) -> tuple[str, dict]:
-    """tinyrpo's defaults (the paper's: h(w) vs the pair's prompt, independent ε and t) against each other
-    choice, the rest unchanged; the verdict is the paired difference other − default."""
+    """tinyrpo's defaults (h(w) vs the pair's prompt, one ε and t per pair) against each other choice, the
+    rest unchanged; the verdict is the paired difference other − default."""
     def kept(variant):
         return [row_of(early_stop(v, lam), lam) for v in runs[variant].values()]
-    rows = [("default: h(w) vs the pair's training prompt, independent ε and t (paper, authors' code)", kept("rpo")),
+    rows = [("default: h(w) vs the pair's training prompt (authors' code), one ε and t per pair", kept("rpo")),
             ("(a) h(w) vs the reference prompt (--winner-prompt reference)", kept("reference")),
-            ("(b) one ε and t per pair (--noise shared, Diffusion-DPO)", kept("shared"))]
-    verdicts = {k: paired(runs["rpo"], runs[k], lam) for k in ("reference", "shared")}
+            ("(b) ε and t drawn for w and l separately (--noise independent, paper eq. 4)", kept("independent"))]
+    verdicts = {k: paired(runs["rpo"], runs[k], lam) for k in ("reference", "independent")}
     text = table(rows) + "\n\n" + "\n".join(f"- exact score, {name} minus the default: {verdicts[k]}"
-                                            for k, name in (("reference", "(a)"), ("shared", "(b)")))
+                                            for k, name in (("reference", "(a)"), ("independent", "(b)")))
     return text, {"rows": {n: cells for n, cells in rows}, "verdicts": verdicts}
 
 
