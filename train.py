@@ -18,7 +18,9 @@ report.html (curves and grids; open it in a browser, rebuilt after every validat
 may differ from the run's.
 """
 import argparse
+import shlex
 import sys
+from pathlib import Path
 
 from tinyrpo.download import DEFAULT_REWARD_CLIP, DEFAULT_SD
 from tinyrpo.errors import run_cli
@@ -147,7 +149,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args, given = parse_args(argv)
-    from tinyrpo.trainer import Trainer, TrainConfig, print_summary  # heavy imports after --help
+    from tinyrpo.trainer import Trainer, TrainConfig  # heavy imports after --help
 
     settings = vars(args)
     if settings["subject"] is None and not (settings["resume"] and settings["out"]):
@@ -163,6 +165,20 @@ def main(argv=None):
     print_summary(summary, trainer.out)
     return 0
 
+
+def print_summary(summary: dict, out: Path):
+    secs = summary["seconds"]
+    print(f"\nbest validation reward {summary['best_reward']:.4f} at step {summary['best_step']} "
+          f"(ALIGN-I {summary['best_align_i']:.4f}, ALIGN-T {summary['best_align_t']:.4f})")
+    if summary["select"] == "last":
+        print(f"kept the last step ({summary['chosen_step']}), as --select last asks")
+    if "chosen_exact" in summary:
+        e = summary["chosen_exact"]
+        print("exact metrics of the kept checkpoint (validation images): "
+              + ", ".join(f"{k} {e[k]:.3f}" for k in ("identity", "fidelity", "leak") if k in e))
+    print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in secs.items()))
+    ckpt = shlex.quote(str(Path(summary["best_ckpt"])))
+    print(f"wrote {ckpt}; try: python sample.py --ckpt {ckpt} --prompt {shlex.quote(summary['example_prompt'])}")
 
 if __name__ == "__main__":
     run_cli(main)

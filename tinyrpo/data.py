@@ -189,3 +189,16 @@ def load_subject(folder, token: str = "sks", class_noun: str | None = None, live
     live = meta.get("live", dreambench.is_live(cls)) if live is None else live
     return Subject(Path(folder).name, token, cls, live, images, meta.get("train_prompts"), meta.get("eval_prompts"),
                    meta)
+
+
+def read_prompt_file(path) -> list[str]:
+    """One training prompt per line; `[V]` (or `{0}`) is the token, `{cls}` (or `{1}`) the class noun."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise UserError(f"cannot read --prompts {path}: {e.strerror}") from None
+    templates = [ln.strip().replace("[V]", "{0}").replace("{cls}", "{1}") for ln in lines]
+    templates = [t for t in templates if t and not t.startswith("#")]
+    if not templates:
+        raise UserError(f"--prompts {path} has no prompts (one per line, e.g. 'a [V] {{cls}} on the Moon')")
+    return templates

@@ -15,7 +15,6 @@ atomic checkpoints and an exact resume.
 """
 import copy
 import math
-import shlex
 import signal
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -26,7 +25,7 @@ from tqdm import tqdm
 
 from tinyrpo import dreambench
 from tinyrpo.checkpoint import BEST, LAST, atomic_torch_save, save_checkpoint
-from tinyrpo.data import Subject, load_subject, read_subject_file
+from tinyrpo.data import Subject, load_subject, read_prompt_file, read_subject_file
 from tinyrpo.download import DEFAULT_REWARD_CLIP, DEFAULT_SD
 from tinyrpo.errors import UserError
 from tinyrpo.methods import METHODS
@@ -578,31 +577,3 @@ def flush(pending: list, hint: str = "lower --lr or use --precision fp32") -> li
         if not math.isfinite(r["loss"]):
             raise UserError(f"the loss became {r['loss']} at step {r['step']}; {hint}")
     return records
-
-
-def read_prompt_file(path) -> list[str]:
-    """One training prompt per line; `[V]` (or `{0}`) is the token, `{cls}` (or `{1}`) the class noun."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as e:
-        raise UserError(f"cannot read --prompts {path}: {e.strerror}") from None
-    templates = [ln.strip().replace("[V]", "{0}").replace("{cls}", "{1}") for ln in lines]
-    templates = [t for t in templates if t and not t.startswith("#")]
-    if not templates:
-        raise UserError(f"--prompts {path} has no prompts (one per line, e.g. 'a [V] {{cls}} on the Moon')")
-    return templates
-
-
-def print_summary(summary: dict, out: Path):
-    secs = summary["seconds"]
-    print(f"\nbest validation reward {summary['best_reward']:.4f} at step {summary['best_step']} "
-          f"(ALIGN-I {summary['best_align_i']:.4f}, ALIGN-T {summary['best_align_t']:.4f})")
-    if summary["select"] == "last":
-        print(f"kept the last step ({summary['chosen_step']}), as --select last asks")
-    if "chosen_exact" in summary:
-        e = summary["chosen_exact"]
-        print("exact metrics of the kept checkpoint (validation images): "
-              + ", ".join(f"{k} {e[k]:.3f}" for k in ("identity", "fidelity", "leak") if k in e))
-    print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in secs.items()))
-    ckpt = shlex.quote(str(Path(summary["best_ckpt"])))
-    print(f"wrote {ckpt}; try: python sample.py --ckpt {ckpt} --prompt {shlex.quote(summary['example_prompt'])}")
