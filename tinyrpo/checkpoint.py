@@ -32,12 +32,14 @@ this kind: it is the resumable training state (weights, optimizer, RNG) for `tra
 Writing is atomic: a temporary file in the same folder, fsync, then `os.replace`, so a crash mid-write leaves
 the previous checkpoint intact and never a truncated one under the real name.
 """
+import hashlib
 import json
 import shlex
 import os
 import pickle
 import tempfile
 import zipfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -47,6 +49,7 @@ from safetensors.torch import save_file
 
 from tinyrpo.errors import UserError
 from tinyrpo.lora import add_lora, load_lora_state_dict, merge_lora, set_lora_scale
+from tinyrpo.unet import UNetConfig
 
 FORMAT = "tinyrpo-ckpt"
 VERSION = 2
@@ -328,3 +331,24 @@ def _apply_unet(sd, path, state: dict, meta: dict, base: str, lora_scale: float)
     _check_fits(sd.unet.state_dict(), state, f"the U-Net of {sd.source}", path, base)
     sd.unet.load_state_dict(state)  # copies into the existing parameters, casting to their dtype/device
     return meta
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The base model's identity: what a checkpoint records of the U-Net it was trained on (weights.load_sd
+# computes it on loading), so that applying it to another base can be refused.
+
+FINGERPRINT_TENSORS = ("conv_in.weight", "time_embedding.linear_1.weight",
+                       "mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight", "conv_out.weight")
+
+
+def unet_fingerprint(cfg: UNetConfig, state: dict) -> str:
+    """16 hex digits naming a base U-Net: sha256 of its config and of a few of its tensors.
+
+    The tensors are hashed rounded to fp16, so a file and its .fp16 variant, in either layout, loaded in
+    any dtype, give the same fingerprint; sample_size is left out, as a single file cannot tell it.
+    """
+    config = {k: v for k, v in asdict(cfg).items() if k != "sample_size"}
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for name in FINGERPRINT_TENSORS:
+        h.update(state[name].detach().to("cpu", torch.float16).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -28,12 +28,11 @@ Facts that trip loaders (the layout facts are in tinyrpo/layouts.py):
 - HF's ViTConfig defaults to layer_norm_eps 1e-12 and facebook/dino-vits16 keeps it; DINO trained with 1e-6.
 - Non-weights in single files: schedule buffers, position_ids (int64), model_ema.* (see below).
 """
-import hashlib
 import json
 import pickle
 import re
 import shlex
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -46,6 +45,7 @@ from tinyrpo import download
 from tinyrpo.identify import WANTED, Found, identify, kind_of_names, wrong_kind
 from tinyrpo.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
 from tinyrpo.dino import DINO, DINOConfig
+from tinyrpo.checkpoint import unet_fingerprint
 from tinyrpo.errors import UserError
 from tinyrpo.layouts import (DINO_HF, DINO_ORIGINAL, SCHEDULE_BUFFERS, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX,
                              Renames, compvis_unet_table, compvis_vae_table, expand, split_qkv, vae_conv_to_linear,
@@ -440,26 +440,6 @@ def check_sd_parts(parts: dict[str, Part], source: str) -> None:
     if u.cross_attention_dim != t.hidden_size:
         raise WeightsError(f"{source}: the U-Net attends to {u.cross_attention_dim}-wide text states but the text "
                            f"encoder gives {t.hidden_size}; " + SD1_ONLY)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The base model's identity
-
-FINGERPRINT_TENSORS = ("conv_in.weight", "time_embedding.linear_1.weight",
-                       "mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight", "conv_out.weight")
-
-
-def unet_fingerprint(cfg: UNetConfig, state: dict) -> str:
-    """16 hex digits naming a base U-Net: sha256 of its config and of a few of its tensors.
-
-    The tensors are hashed rounded to fp16, so a file and its .fp16 variant, in either layout, loaded in
-    any dtype, give the same fingerprint; sample_size is left out, as a single file cannot tell it.
-    """
-    config = {k: v for k, v in asdict(cfg).items() if k != "sample_size"}
-    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-    for name in FINGERPRINT_TENSORS:
-        h.update(state[name].detach().to("cpu", torch.float16).contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------------------
