@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+import safetensors.torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import sample
 from tests.fixtures import make_tiny_sd
 from tests.util import parse_a1111
-from tinyrpo import checkpoint
 from tinyrpo.checkpoint import BEST, FORMAT, apply_checkpoint, load_checkpoint, save_checkpoint
 from tinyrpo.errors import UserError, run_cli
 from tinyrpo.infotext import lora_hash, model_hash
@@ -228,11 +228,14 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch, name):
     save_checkpoint(path, {"w": torch.ones(3)}, {"step": 1})
 
     def dies_midway(obj, f, *a, **kw):
-        Path(f).write_bytes(b"PK\x03\x04 half a checkpoint")
+        if isinstance(f, (str, Path)):
+            Path(f).write_bytes(b"PK\x03\x04 half a checkpoint")
+        else:
+            f.write(b"PK\x03\x04 half a checkpoint")
         raise KeyboardInterrupt  # Ctrl-C (or a crash) while writing
 
     monkeypatch.setattr(torch, "save", dies_midway)
-    monkeypatch.setattr(checkpoint, "save_file", dies_midway)
+    monkeypatch.setattr(safetensors.torch, "save_file", dies_midway)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(path, {"w": torch.zeros(3)}, {"step": 2})
     assert [p.name for p in tmp_path.iterdir()] == [name]  # no partial file, no temporary left

@@ -29,24 +29,21 @@ fine-tuned one, meta["text_encoder"] True) still loads, with
 `torch.load(weights_only=True)` (no pickle code runs) and mmap. train.py's `last.pt` is not a checkpoint of
 this kind: it is the resumable training state (weights, optimizer, RNG) for `train.py --resume`.
 
-Writing is atomic: a temporary file in the same folder, fsync, then `os.replace`, so a crash mid-write leaves
-the previous checkpoint intact and never a truncated one under the real name.
+Writing is atomic (tinyrpo/atomic.py): a crash or a full disk mid-write leaves the previous checkpoint intact
+and never a truncated one under the real name.
 """
 import hashlib
 import json
 import shlex
-import os
 import pickle
-import tempfile
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from tinyrpo.atomic import atomic_save_safetensors, atomic_torch_save
 from tinyrpo.errors import UserError
 from tinyrpo.lora import add_lora, load_lora_state_dict, merge_lora, set_lora_scale
 from tinyrpo.unet import UNetConfig
@@ -58,54 +55,6 @@ LEGACY_BEST = "best.pt"  # version 1, written by train.py before BEST
 LAST = "last.pt"  # train.py's resumable state (--resume), not a checkpoint to sample from
 TEXT_ENCODER = "text_encoder."  # the prefix of a fine-tuned text encoder's tensors in the file
 CONTENTS = ("unet", "lora")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Atomic writes
-
-
-def atomic_write(path, write: Callable[[Path], None]) -> Path:
-    """Run write(tmp) on a temporary path beside `path`, fsync it, then rename it over `path`: readers see
-    the old file or the complete new one, never a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)  # mkstemp makes it private (0600); a checkpoint is an ordinary file
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())  # the bytes are on disk before the new name points at them
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)  # make the rename itself durable
-    return path
-
-
-def atomic_torch_save(obj, path) -> Path:
-    """torch.save(obj, path) that leaves either the old file or the complete new one, never a partial file."""
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def atomic_save_safetensors(tensors: dict, path, metadata: dict[str, str] | None = None) -> Path:
-    """safetensors.torch.save_file, atomically."""
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open a folder; the rename is still atomic there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -405,7 +405,7 @@ def compare(cells: list[Cell], out: Path, train_args: list[str], args, settings,
     """Run this rank's cells, collect every rank's results on rank 0 and write the table there.
     -> compare.json's content on rank 0, None on the others."""
     from tinyrpo.report_compare import write_comparison_report
-    from tinyrpo.runfolder import atomic_write_bytes, atomic_write_json
+    from tinyrpo.atomic import atomic_write_bytes, atomic_write_json
 
     methods = list(dict.fromkeys(c.method for c in cells))
     subjects = list(dict.fromkeys(c.subject for c in cells))

@@ -24,13 +24,19 @@ def format_warning(message, category, filename, lineno, line=None) -> str:
 
 
 def run_cli(main, argv=None):
-    """Call `main(argv)`; turn `UserError` and Ctrl-C into a one-line message and an exit code, and print
-    warnings as one line each."""
+    """Call `main(argv)`; turn `UserError`, a full disk or read-only target (an OSError tinyrpo.atomic knows)
+    and Ctrl-C into a one-line message and an exit code, and print warnings as one line each."""
     previous, warnings.formatwarning = warnings.formatwarning, format_warning
     try:
         return main(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # a write tinyrpo.atomic did not wrap: still one line when the machine is at fault
+        from tinyrpo.atomic import REASONS, WriteError
+        if e.errno not in REASONS:
+            raise
+        print(f"error: {WriteError(e.filename or 'a file', e.errno)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:  # the program may say what was saved and how to go on (train.py does)
         print(e.args[0] if e.args else "interrupted", file=sys.stderr)

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from tinyrpo.checkpoint import apply_checkpoint, atomic_save_safetensors, best_checkpoint, load_checkpoint
+from tinyrpo.atomic import atomic_save_safetensors
+from tinyrpo.checkpoint import apply_checkpoint, best_checkpoint, load_checkpoint
 from tinyrpo.cli import HelpFormatter
 from tinyrpo.errors import UserError, run_cli
 from tinyrpo.layouts import compvis_single_file

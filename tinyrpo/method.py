@@ -23,7 +23,7 @@ from PIL import Image
 
 from tinyrpo.data import load_rgb, to_tensor
 from tinyrpo.pipeline import generate, to_pil
-from tinyrpo.runfolder import atomic_write_json
+from tinyrpo.atomic import atomic_write_json
 
 
 class StepOutput(NamedTuple):

@@ -28,13 +28,13 @@ import json
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from html import escape
 from pathlib import Path
 
 from PIL import Image
 
+from tinyrpo.atomic import atomic_write_text
 from tinyrpo.errors import UserError, run_cli
 from tinyrpo.grids import grid_cells, labelled_grid
 from tinyrpo.svgplot import Series, ema, line_chart
@@ -301,24 +301,6 @@ def settings(config: dict) -> str:
 def page(title: str, body: list[str]) -> str:
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{escape(title)}</title><style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
-
-
-def atomic_write_text(path: Path, text: str) -> Path:
-    """Readers (a browser refreshing the page mid-run) see the old page or the new one, never half of one."""
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror}") from None
-    return path
 
 
 # -------------------------------------------------------------------------------------------- run page

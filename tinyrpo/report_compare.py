@@ -9,7 +9,8 @@ from pathlib import Path
 
 from tinyrpo.errors import UserError
 from tinyrpo.grids import labelled_grid
-from tinyrpo.report import (LABELS, NOT_A_RUN, VAL_KEYS, Run, atomic_write_text, data_uri, grid_cells_of, link,
+from tinyrpo.atomic import atomic_write_text
+from tinyrpo.report import (LABELS, NOT_A_RUN, VAL_KEYS, Run, data_uri, grid_cells_of, link,
                             num, page, read_json, read_run, table, val_series)
 from tinyrpo.svgplot import Series, line_chart
 

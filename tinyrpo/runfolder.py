@@ -21,9 +21,9 @@ Rules (each one a bug that was seen):
 import json
 import os
 import shlex
-import tempfile
 from pathlib import Path
 
+from tinyrpo.atomic import atomic_write_bytes, atomic_write_json
 from tinyrpo.errors import UserError
 
 try:
@@ -34,29 +34,6 @@ except ImportError:  # Windows: no flock; the lock then only guards against a li
 # Settings a resumed run may change: they decide how long it runs and how it reports, not what it learns.
 RESUMABLE = ("steps", "patience", "log_every", "save_every", "gen_batch_size", "compile", "device", "log_with",
              "threads")
-
-
-def atomic_write_bytes(path, data: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if hasattr(os, "fchmod"):
-                os.fchmod(f.fileno(), 0o644)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def atomic_write_json(path, obj) -> Path:
-    return atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def read_json(path):

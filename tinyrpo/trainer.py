@@ -24,7 +24,8 @@ import torch
 from tqdm import tqdm
 
 from tinyrpo import dreambench
-from tinyrpo.checkpoint import BEST, LAST, atomic_torch_save, save_checkpoint
+from tinyrpo.atomic import atomic_torch_save, atomic_write_json
+from tinyrpo.checkpoint import BEST, LAST, save_checkpoint
 from tinyrpo.data import Subject, load_subject, read_prompt_file, read_subject_file
 from tinyrpo.download import DEFAULT_REWARD_CLIP, DEFAULT_SD
 from tinyrpo.errors import UserError
@@ -37,7 +38,7 @@ from tinyrpo.reward import CLIPScorer, Scores, score
 from tinyrpo.rpo import REWARDS
 from tinyrpo.toy.metrics import score_images, subject_truth
 from tinyrpo.tracking import LOG_WITH, Tracker, make_tracker
-from tinyrpo.runfolder import JsonlLog, RunFolder, atomic_write_json, read_json
+from tinyrpo.runfolder import JsonlLog, RunFolder, read_json
 from tinyrpo.weights import load_clip, load_sd
 
 # With --lora and no --lr: diffusers' LoRA DreamBooth example (train_dreambooth_lora.py's README) trains at

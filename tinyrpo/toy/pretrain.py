@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from tinyrpo.checkpoint import atomic_torch_save
+from tinyrpo.atomic import atomic_torch_save
 from tinyrpo.clip import CLIP_MEAN, CLIP_STD
 from tinyrpo.dino import dino_preprocess
 from tinyrpo.schedulers import NoiseSchedule
