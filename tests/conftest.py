@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 
 # The Triton kernels run on the CPU through Triton's interpreter in CI (there is no GPU there).
 # This must be set before triton is first imported.
@@ -7,6 +9,38 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 # (and much faster when the machine is busy). Set in the environment so the CLI subprocesses inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+# A full disk and a read-only target, for the tests of writing (test_atomic.py, test_export.py)
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KiB tmpfs, or a skip where mounting is not allowed."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if sys.platform != "linux" or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
+                                                 capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root on Linux)")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=False)
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A read-only tmpfs (root on Linux), else a folder without write permission (anyone else), else a skip."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if sys.platform == "linux" and subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)],
+                                                  capture_output=True).returncode == 0:
+        yield folder
+        subprocess.run(["umount", str(folder)], check=False)
+    elif hasattr(os, "geteuid") and os.geteuid() != 0:
+        folder.chmod(0o500)
+        yield folder
+        folder.chmod(0o700)
+    else:
+        pytest.skip("no way to make a read-only folder here")

@@ -1,12 +1,10 @@
 """tinyrpo.atomic: a write that fails leaves the old file and no temporary, and a full disk, a read-only folder
 or a missing permission becomes one sentence (WriteError) instead of a library's traceback.
 
-The full disk is real where the tests may mount a 64 KiB tmpfs (root on Linux, as in CI), else the test skips;
-test_full_disk_patched fakes it on any machine."""
+The full disk is real where the tests may mount a 64 KiB tmpfs (root on Linux, as in CI; fixtures small_disk and
+read_only_folder in conftest.py), else the test skips; test_full_disk_patched fakes it on any machine."""
 import errno
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,35 +16,6 @@ from tinyrpo.atomic import (WriteError, atomic_save_image, atomic_save_safetenso
 from tinyrpo.errors import run_cli
 
 BIG = {"w": torch.arange(200_000, dtype=torch.float32)}  # 800 kB: more than the small disk holds
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 64 KiB tmpfs, or a skip where mounting is not allowed."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    if sys.platform != "linux" or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
-                                                 capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here (needs root on Linux)")
-    yield mnt
-    subprocess.run(["umount", str(mnt)], check=False)
-
-
-@pytest.fixture
-def read_only_folder(tmp_path):
-    """A read-only tmpfs (root on Linux), else a folder without write permission (anyone else), else a skip."""
-    folder = tmp_path / "ro"
-    folder.mkdir()
-    if sys.platform == "linux" and subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)],
-                                                  capture_output=True).returncode == 0:
-        yield folder
-        subprocess.run(["umount", str(folder)], check=False)
-    elif hasattr(os, "geteuid") and os.geteuid() != 0:
-        folder.chmod(0o500)
-        yield folder
-        folder.chmod(0o700)
-    else:
-        pytest.skip("no way to make a read-only folder here")
 
 
 WRITERS = {
