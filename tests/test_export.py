@@ -6,6 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -342,3 +343,121 @@ def test_cli_default_outputs(runs, tmp_path, capsys):
                                                    ".alpha"].item() == 2.0
     sd = load_sd(runs["sd"])
     assert apply_checkpoint(sd, run / BEST)["class_noun"] == "cat"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A model that is not SD v1.5's shape: what a config-less single file cannot tell travels in its header
+
+
+ODD = {  # config.json edits that change the computation but no tensor shape, so a single file cannot see them
+    "unet": {"attention_head_dim": 4, "sample_size": 16},  # SD v1: 8 heads; latents of 16: 32 px (VAE factor 2)
+    "vae": {"scaling_factor": 0.5},  # SD v1: 0.18215
+    "text_encoder": {"num_attention_heads": 4},  # a config-less file reads width / 64 = 2
+    "scheduler": {"beta_end": 0.02},  # SD v1: 0.012
+}
+
+
+@pytest.fixture(scope="module")
+def odd(tmp_path_factory):
+    """The tiny SD with ODD's configs (a toy-world-like base), and a run fine-tuned from it."""
+    root = tmp_path_factory.mktemp("odd")
+    folder = make_tiny_sd(root / "sd")
+    for sub, edits in ODD.items():
+        config = folder / sub / ("scheduler_config.json" if sub == "scheduler" else "config.json")
+        config.write_text(json.dumps({**json.loads(config.read_text()), **edits}))
+    sd = load_sd(folder)
+    g = torch.Generator().manual_seed(3)
+    tuned = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in sd.unet.state_dict().items()}
+    save_checkpoint(root / "odd" / BEST, tuned, {"base": str(folder), "base_fingerprint": sd.fingerprint,
+                                                 "token": "sks", "class_noun": "toy", "step": 5})
+    return {"root": root, "sd": folder, "run": root / "odd"}
+
+
+def test_non_sd15_exports_sample_as_the_checkpoint(odd, tmp_path, capsys):
+    """sample.py on the single-file export and on the diffusers export of a model with other heads, VAE scaling,
+    sample size and schedule than SD v1.5 gives, pixel for pixel, the images of the checkpoint itself, at the
+    model's own size; the single file says in one line that its header set the architecture."""
+    single = E.export(odd["run"], "single-file", out=tmp_path / "odd.safetensors")
+    folder = E.export(odd["run"], "diffusers", out=tmp_path / "odd-diffusers")
+    common = ["--prompt", "a sks toy on a red background", "--steps", "3", "--n", "1", "--device", "cpu",
+              "--no-progress", "--overwrite", "--seed", "1"]
+
+    def pixels(*args):
+        capsys.readouterr()
+        image = Image.open(sample.main([*map(str, args), *common])[0])
+        return image.size, image.tobytes(), capsys.readouterr().err
+
+    size, want, err = pixels("--ckpt", odd["run"] / BEST, "--out", tmp_path / "a")
+    assert size == (32, 32) and "note:" not in err
+    assert pixels("--weights", folder, "--out", tmp_path / "b")[:2] == (size, want)
+    size_single, got, err = pixels("--weights", single, "--out", tmp_path / "c")
+    assert (size_single, got) == (size, want)
+    notes = [line for line in err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and str(single) in notes[0], err
+    for fact in ("unet num_heads=4", "unet sample_size=16", "vae scaling_factor=0.5", "text_encoder num_heads=4",
+                 "scheduler beta_end=0.02"):
+        assert fact in notes[0], notes[0]
+
+
+def test_public_single_file_without_header_loads_as_before(odd, tmp_path, capsys):
+    """The same tensors without tinyrpo's header entries: read as a public file is, with SD v1's rules, silently."""
+    single = E.export(odd["run"], "single-file", out=tmp_path / "odd.safetensors")
+    plain = tmp_path / "plain.safetensors"
+    save_file(load_file(single), plain, metadata={"format": "pt"})
+    capsys.readouterr()
+    sd = load_sd(plain)
+    assert "note:" not in capsys.readouterr().err
+    assert (sd.unet.cfg.num_heads, sd.unet.cfg.sample_size, sd.vae.cfg.scaling_factor) == (8, 64, 0.18215)
+    assert sd.text_encoder.config.num_heads == 2 and sd.scheduler_config.beta_end == 0.012
+
+
+def test_bad_architecture_header_is_one_line(odd, tmp_path, capsys):
+    single = E.export(odd["run"], "single-file", out=tmp_path / "odd.safetensors")
+    with safe_open(str(single), "pt") as f:
+        header = f.metadata()
+    save_file(load_file(single), tmp_path / "bad.safetensors", {**header, "tinyrpo.vae_config": "{not json"})
+    with pytest.raises(SystemExit) as e:
+        run_cli(sample.main, ["--weights", str(tmp_path / "bad.safetensors"), "--prompt", "a", "--steps", "1",
+                              "--out", str(tmp_path / "o"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "tinyrpo.vae_config is not a JSON config" in err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The single file's non-weights, by LatentDiffusion's own formulas
+
+
+def ldm_schedule() -> dict:
+    """ldm/models/diffusion/ddpm.py register_schedule for SD v1 (v1-inference.yaml: linear_start 0.00085,
+    linear_end 0.012, 1000 steps, "linear" = linear in sqrt(β)), in float64 numpy as it computes them."""
+    betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2
+    alphas = 1.0 - betas
+    a = np.cumprod(alphas, axis=0)
+    a_prev = np.append(1.0, a[:-1])
+    var = betas * (1.0 - a_prev) / (1.0 - a)  # v_posterior = 0
+    return {"betas": betas, "alphas_cumprod": a, "alphas_cumprod_prev": a_prev, "sqrt_alphas_cumprod": np.sqrt(a),
+            "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - a), "log_one_minus_alphas_cumprod": np.log(1.0 - a),
+            "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / a), "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / a - 1),
+            "posterior_variance": var, "posterior_log_variance_clipped": np.log(np.maximum(var, 1e-20)),
+            "posterior_mean_coef1": betas * np.sqrt(a_prev) / (1.0 - a),
+            "posterior_mean_coef2": (1.0 - a_prev) * np.sqrt(alphas) / (1.0 - a)}
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_single_file_schedule_and_integer_tensors(runs, tmp_path, dtype):
+    """The schedule buffers hold LatentDiffusion's values (ᾱ_prev starts at 1), position_ids stays int64 0..76 in
+    either dtype, and every other tensor is in the dtype asked for."""
+    path = out_of(runs, "dog", "single-file", tmp_path, dtype=dtype)
+    want = ldm_schedule()
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    ids = tensors.pop("cond_stage_model.transformer.text_model.embeddings.position_ids")
+    assert ids.dtype == torch.int64 and ids.tolist() == [list(range(77))]
+    floating = {torch.float32: "fp32", torch.float16: "fp16"}
+    assert {floating.get(t.dtype) for t in tensors.values()} == {dtype}
+    for name, value in want.items():
+        got = tensors[name]
+        assert got.shape == (1000,) and got.dtype == E.DTYPES[dtype], name
+        if dtype == "fp32":
+            np.testing.assert_allclose(got.numpy(), value, rtol=2e-5, atol=0, err_msg=name)
+    assert tensors["alphas_cumprod_prev"][0].item() == 1.0 and tensors["posterior_variance"][0].item() == 0.0

@@ -17,25 +17,40 @@ RUN_OR_CKPT is a train.py run folder (its best checkpoint is used) or a checkpoi
                     it in A1111's models/Lora or ComfyUI's models/loras.
     lora-diffusers  a LoRA checkpoint in the names diffusers' pipe.load_lora_weights reads (unet.*.lora_A/B).
 
-The single file is the loader's rules run backwards (tinyrpo/layouts.py), so what tinyrpo reads it writes.
+The single file is the loader's rules run backwards (tinyrpo/layouts.py), so what tinyrpo reads it writes. A single
+file has no config.json: what tensor shapes cannot tell (head counts, the VAE's scaling factor, the sample size, the
+noise schedule) a loader takes to be SD v1.5's. So the export also writes the diffusers configs of the U-Net, VAE,
+text encoder and scheduler into the file's header (tinyrpo.unet_config, ...: JSON), and tinyrpo reads them back
+exactly, with a one-line note when they differ from SD v1.5's (the toy world's model: 4 heads, scaling 0.39382,
+32 px). A1111, ComfyUI and from_single_file ignore the header: for a model that is not SD v1.5's shape, give those
+tools the diffusers export. Public files carry no such entries and are read as before.
 --dtype: fp32 keeps a full fine-tune exactly (it moves weights by ~1e-3 of their size, near fp16's
 resolution); fp16 halves the file (2.1 GB for SD v1.5). LoRA files default to fp16: their factors lose nothing
 that matters there. Every file is written atomically and an existing output is kept unless --overwrite.
+
+Nothing is left half-written: a single file goes to a temporary file that is renamed over the target when complete,
+a diffusers folder is built in a temporary folder that then takes the old one's place (Ctrl-C is held for those two
+renames). A full disk, a read-only target or Ctrl-C mid-write removes the temporary file or folder and leaves an
+earlier export as it was; the first two say so in one line ("cannot write OUT: no space left on the device; ...").
+--overwrite never replaces the checkpoint being exported, its base model, or a folder that is not a diffusers export.
 """
 import argparse
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from tinyrpo.atomic import atomic_save_safetensors
+from tinyrpo.atomic import WriteError, atomic_save_safetensors, machine_errno, write_error
 from tinyrpo.checkpoint import apply_checkpoint, best_checkpoint, load_checkpoint
 from tinyrpo.cli import HelpFormatter
 from tinyrpo.errors import UserError, run_cli
-from tinyrpo.layouts import compvis_single_file
+from tinyrpo.layouts import CONFIG_KEYS, compvis_single_file
 from tinyrpo.lora_files import to_diffusers, to_kohya
 from tinyrpo.schedulers import make_betas
 from tinyrpo.weights import load_sd
@@ -111,6 +126,16 @@ def _header(meta: dict) -> dict[str, str]:
     return {"format": "pt", **{f"tinyrpo.{k}": str(v) for k, v in facts.items() if v is not None}}
 
 
+def architecture_header(sd, dtype: torch.dtype) -> dict[str, str]:
+    """The diffusers configs of the three networks and of the scheduler, as JSON header entries (layouts.CONFIG_KEYS):
+    without them a loader reads what shapes cannot tell (head counts, the VAE's scaling factor, the sample size,
+    the noise schedule) as SD v1.5's. tinyrpo.weights reads them back; other tools ignore them."""
+    configs = {"unet": unet_config_json(sd.unet.cfg), "vae": vae_config_json(sd.vae.cfg),
+               "text_encoder": text_config_json(sd.text_encoder.config, dtype),
+               "scheduler": scheduler_config_json(sd.scheduler_config)}
+    return {CONFIG_KEYS[k]: json.dumps(v, sort_keys=True) for k, v in configs.items()}
+
+
 def single_file_state(sd, dtype: torch.dtype) -> dict:
     """The loaded (fine-tuned) model as one CompVis-layout state dict."""
     return _cast(compvis_single_file(sd.unet.state_dict(), sd.unet.cfg, sd.vae.state_dict(), sd.vae.cfg,
@@ -118,14 +143,16 @@ def single_file_state(sd, dtype: torch.dtype) -> dict:
 
 
 def write_single_file(sd, out: Path, dtype: torch.dtype, meta: dict) -> Path:
-    return atomic_save_safetensors(single_file_state(sd, dtype), out, _header(meta))
+    return atomic_save_safetensors(single_file_state(sd, dtype), out, {**_header(meta), **architecture_header(sd, dtype)})
 
 
 def write_diffusers(sd, out: Path, dtype: torch.dtype, meta: dict) -> Path:
-    """A diffusers StableDiffusionPipeline folder, written beside `out` and renamed into place when complete."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the folder is for sharing
+    """A diffusers StableDiffusionPipeline folder, built in a temporary folder beside `out` and renamed into place
+    when complete; whatever fails (a full disk, Ctrl-C) removes the temporary folder and leaves `out` as it was."""
+    tmp = None
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        tmp.chmod(0o755)  # mkdtemp makes it private; the folder is for sharing
         for sub, model, name, config in [
                 ("unet", sd.unet, "diffusion_pytorch_model", unet_config_json(sd.unet.cfg)),
                 ("vae", sd.vae, "diffusion_pytorch_model", vae_config_json(sd.vae.cfg)),
@@ -139,17 +166,53 @@ def write_diffusers(sd, out: Path, dtype: torch.dtype, meta: dict) -> Path:
         (tmp / "scheduler" / "scheduler_config.json").write_text(
             json.dumps(scheduler_config_json(sd.scheduler_config), indent=2) + "\n")
         (tmp / "model_index.json").write_text(json.dumps(MODEL_INDEX_JSON, indent=2) + "\n")
-        if out.exists():  # --overwrite: the old folder goes only once the new one is complete
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
+        with interrupts_held():
+            swap_in(tmp, out)
+    except BaseException as e:
+        # A temporary name means nothing to the user: a full disk or a read-only folder is reported for `out`.
+        code = e.errno if isinstance(e, WriteError) else machine_errno(e)
+        if code is None:
+            raise
+        raise WriteError(out, code) from None
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        if tmp is not None and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def swap_in(tmp: Path, out: Path) -> None:
+    """Rename the complete folder `tmp` to `out`. An existing `out` is first renamed aside, and renamed back if
+    the second rename fails, so `out` is always the old folder or the new one."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    try:
+        os.replace(out, aside / out.name)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            os.replace(aside / out.name, out)
+            raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+@contextmanager
+def interrupts_held():
+    """Hold Ctrl-C (SIGINT) while the folders are swapped and deliver it afterwards: an interrupt between the two
+    renames would otherwise leave neither the old export nor the new one under the name."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread receives signals
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda *args: received.append(args))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received and callable(previous):
+            previous(*received[0])
 
 
 def write_lora(state: dict, meta: dict, out: Path, dtype: torch.dtype, fmt: str) -> Path:
@@ -189,6 +252,26 @@ def default_out(ckpt: Path, fmt: str) -> Path:
     return ckpt.parent / f"{name}{SUFFIX[fmt]}"
 
 
+def check_out(out: Path, fmt: str, overwrite: bool, ckpt: Path) -> None:
+    """Refuse an output that would replace what the user did not mean to lose: anything without --overwrite, and
+    even with it the checkpoint itself, a folder for a file (or the other way round), a folder that is not an
+    earlier diffusers export."""
+    if fmt != "diffusers" and out.suffix != ".safetensors":
+        raise UserError(f"--out {out}: the {fmt} format is one .safetensors file; name it *.safetensors")
+    if not out.exists():
+        return
+    if not overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite to replace it, or --out another path")
+    resolved, source = out.resolve(), ckpt.resolve()
+    if resolved == source or resolved in source.parents:
+        raise UserError(f"--out {out} would replace the checkpoint {ckpt} it is exported from; choose another --out")
+    if fmt != "diffusers" and out.is_dir():
+        raise UserError(f"--out {out} is a folder; the {fmt} format is one file: name a file *.safetensors")
+    if fmt == "diffusers" and not (out / "model_index.json").is_file():
+        raise UserError(f"--out {out} exists and is not a diffusers model folder (no model_index.json), which "
+                        "--overwrite would delete; choose another --out")
+
+
 def export(path, fmt: str = "single-file", out=None, dtype: str | None = None, weights=None,
            overwrite: bool = False) -> Path:
     """Write checkpoint (or run folder) `path` as `fmt`; returns the output path."""
@@ -202,15 +285,17 @@ def export(path, fmt: str = "single-file", out=None, dtype: str | None = None, w
                         "diffusers (train with --lora RANK for a LoRA)")
     dtype = DTYPES[dtype or ("fp16" if fmt.startswith("lora") else "fp32")]
     out = Path(out) if out is not None else default_out(ckpt, fmt)
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists; pass --overwrite to replace it, or --out another path")
-    if fmt != "diffusers" and out.suffix != ".safetensors":
-        raise UserError(f"--out {out}: the {fmt} format is one .safetensors file; name it *.safetensors")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_out(out, fmt, overwrite, ckpt)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(out, e) from None
     if fmt.startswith("lora"):
         return write_lora(state, meta, out, dtype, fmt)
     del state  # apply_checkpoint reads it again into the model
     sd = load_sd(weights or meta.get("base"), "cpu", torch.float32)
+    if Path(sd.source).resolve() == out.resolve():
+        raise UserError(f"--out {out} is the base model itself, which the checkpoint needs; choose another --out")
     apply_checkpoint(sd, ckpt)  # a LoRA is merged here
     writer = write_single_file if fmt == "single-file" else write_diffusers
     return writer(sd, out, dtype, meta)

@@ -218,6 +218,12 @@ UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_mo
 # the schedule), the text encoder's position_ids, and the EMA: in "emaonly" files the plain weights are the
 # EMA weights; other files (v1-5-pruned) add model_ema.<name-without-dots> copies beside the raw training
 # weights, and, like diffusers' converter by default, we load the plain ones.
+# A single file has no config.json: what tensor shapes cannot tell (head counts, the VAE's scaling factor, the
+# sample size, the noise schedule) a loader guesses as SD v1.5's. tinyrpo.export therefore writes the diffusers
+# configs into the file's header, as JSON under these keys, and tinyrpo.weights reads them back; public files
+# carry none and are read as before.
+CONFIG_KEYS = {"unet": "tinyrpo.unet_config", "vae": "tinyrpo.vae_config",
+               "text_encoder": "tinyrpo.text_encoder_config", "scheduler": "tinyrpo.scheduler_config"}
 SCHEDULE_BUFFERS = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
                     "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
                     "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",

@@ -9,7 +9,8 @@ Every other layout is mapped by the rename rules of tinyrpo/layouts.py (one tabl
 the config; shared with the export, which runs them backwards).
 
 A single file carries no config, so every size is read off tensor shapes, as openai/CLIP's build_model
-does; what shapes cannot tell (head counts) follows SD v1's rule. Every load is strict: a tensor missing,
+does; what shapes cannot tell (head counts) follows SD v1's rule, unless the file's header carries the diffusers
+configs, as tinyrpo.export writes them (then those are used, exactly, and a one-line note says what they change). Every load is strict: a tensor missing,
 left over (beyond the known non-weights) or of the wrong shape raises one WeightsError naming the file and
 the first few offending tensors, and checkpoints of other models (SD 2.x, SDXL, inpainting) are refused
 by name. Models are built on the meta device and the file's tensors are assigned, so no memory or time
@@ -32,12 +33,14 @@ import json
 import pickle
 import re
 import shlex
-from dataclasses import dataclass, field
+import sys
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.overrides import TorchFunctionMode
 
@@ -47,9 +50,9 @@ from tinyrpo.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, C
 from tinyrpo.dino import DINO, DINOConfig
 from tinyrpo.checkpoint import unet_fingerprint
 from tinyrpo.errors import UserError
-from tinyrpo.layouts import (DINO_HF, DINO_ORIGINAL, SCHEDULE_BUFFERS, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX,
-                             Renames, compvis_unet_table, compvis_vae_table, expand, split_qkv, vae_conv_to_linear,
-                             vae_legacy_table)
+from tinyrpo.layouts import (CONFIG_KEYS, DINO_HF, DINO_ORIGINAL, SCHEDULE_BUFFERS, TEXT_PREFIX, UNET_PREFIX,
+                             VAE_PREFIX, Renames, compvis_unet_table, compvis_vae_table, expand, split_qkv,
+                             vae_conv_to_linear, vae_legacy_table)
 from tinyrpo.schedulers import DDIMScheduler, SchedulerConfig, from_diffusers_config
 from tinyrpo.tokenizer import CLIPTokenizer
 from tinyrpo.unet import UNet, UNetConfig
@@ -154,6 +157,7 @@ class Part:
     origin: dict = field(default_factory=dict)  # our name -> the file's, for every tensor in state
     unknown: list = field(default_factory=list)  # the file's names that map to nothing
     hint: str = ""
+    guess: object = None  # for a single file whose header gave cfg: the config its shapes alone would give
 
     def check(self) -> nn.Module:
         """Raise a WeightsError unless the tensors are exactly the model's, name for name and shape for shape;
@@ -224,6 +228,40 @@ def refuse_other_single_files(names, source: str) -> None:
                            f"{UNET_PREFIX}* tensors); " + WANTED["sd"])
 
 
+def single_file_configs(path: Path) -> dict[str, dict]:
+    """The diffusers configs tinyrpo.export writes into a single file's header ({"unet": {...}, "vae", "text_encoder",
+    "scheduler"}: layouts.CONFIG_KEYS); {} for a public file, which carries none."""
+    if path.suffix != ".safetensors":
+        return {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except Exception:  # a corrupt file: read_state_dict says so
+        return {}
+    configs = {}
+    for part, key in CONFIG_KEYS.items():
+        if key in header:
+            try:
+                configs[part] = json.loads(header[key])
+            except ValueError:
+                configs[part] = None
+            if not isinstance(configs[part], dict):
+                raise WeightsError(f"{path}: its header entry {key} is not a JSON config; export the model again "
+                                   "(python -m tinyrpo.export) or pass the diffusers folder it came from")
+    return configs
+
+
+def header_note(path: Path, parts: dict[str, Part], scheduler: SchedulerConfig) -> str | None:
+    """One line naming what a single file's header says and its shapes could not (None when nothing differs)."""
+    changed = [f"{name} {k}={v}" for name, p in parts.items() if p.guess is not None
+               for k, v in asdict(p.cfg).items() if getattr(p.guess, k) != v]
+    changed += [f"scheduler {k}={v}" for k, v in asdict(scheduler).items() if getattr(SchedulerConfig(), k) != v]
+    if not changed:
+        return None
+    return (f"note: {path} carries its architecture in its header (tinyrpo.export), read from there instead of "
+            f"SD v1.5's: {', '.join(changed)}")
+
+
 def infer_compvis_unet_config(p: Part) -> UNetConfig:
     """Every U-Net size from the CompVis names' shapes; heads and groups cannot be seen, so SD v1's 8 and 32."""
     n_in = len(_indices(p.state, r"input_blocks\.(\d+)\."))
@@ -284,8 +322,10 @@ def text_part(state: dict, hf: dict | None, source: str, what: str = "the SD v1 
     return p
 
 
-def sd_single_file_parts(state: dict, source: str) -> dict[str, Part]:
-    """Split an SD v1 single file into U-Net, VAE and text-encoder parts under our names, sizes inferred."""
+def sd_single_file_parts(state: dict, source: str, configs: dict | None = None) -> dict[str, Part]:
+    """Split an SD v1 single file into U-Net, VAE and text-encoder parts under our names, sizes inferred, or
+    taken from `configs` (the diffusers configs tinyrpo.export wrote into the header: single_file_configs)."""
+    configs = configs or {}
     refuse_other_single_files(state, source)
     groups = {UNET_PREFIX: {}, VAE_PREFIX: {}, TEXT_PREFIX: {}}
     strays = []
@@ -304,22 +344,29 @@ def sd_single_file_parts(state: dict, source: str) -> dict[str, Part]:
 
     # U-Net: infer the config from the file's names, then rename with the table that config implies.
     raw = Part(UNet, None, groups[UNET_PREFIX], source, "the SD v1 U-Net", lambda k: UNET_PREFIX + k, hint=SD1_HINT)
-    unet_cfg = infer_compvis_unet_config(raw)
+    unet_guess = infer_compvis_unet_config(raw)
+    unet_cfg = (unet_config_from_diffusers(configs["unet"], f"{source}'s header {CONFIG_KEYS['unet']}")
+                if "unet" in configs else unet_guess)
     renames = Renames(compvis_unet_table(unet_cfg))
     s, origin, unknown = rename(raw.state, renames)
     unet = Part(UNet, unet_cfg, s, source, "the SD v1 U-Net", lambda k: UNET_PREFIX + renames.file_name(k),
-                {k: UNET_PREFIX + v for k, v in origin.items()}, [UNET_PREFIX + k for k in unknown] + strays, SD1_HINT)
+                {k: UNET_PREFIX + v for k, v in origin.items()}, [UNET_PREFIX + k for k in unknown] + strays, SD1_HINT,
+                unet_guess if "unet" in configs else None)
 
     raw = Part(AutoencoderKL, None, groups[VAE_PREFIX], source, "the SD v1 VAE", lambda k: VAE_PREFIX + k,
                hint=SD1_HINT)
-    vae_cfg = infer_compvis_vae_config(raw)
+    vae_guess = infer_compvis_vae_config(raw)
+    vae_cfg = vae_config_from_diffusers(configs["vae"]) if "vae" in configs else vae_guess
     renames_vae = Renames(compvis_vae_table(vae_cfg))
     s, origin, unknown = rename(raw.state, renames_vae, vae_conv_to_linear)
     vae = Part(AutoencoderKL, vae_cfg, s, source, "the SD v1 VAE", lambda k: VAE_PREFIX + renames_vae.file_name(k),
-               {k: VAE_PREFIX + v for k, v in origin.items()}, [VAE_PREFIX + k for k in unknown], SD1_HINT)
+               {k: VAE_PREFIX + v for k, v in origin.items()}, [VAE_PREFIX + k for k in unknown], SD1_HINT,
+               vae_guess if "vae" in configs else None)
 
     text = text_part({TEXT_PREFIX + k: t for k, t in groups[TEXT_PREFIX].items()}, None, source,
                      hint=SD1_HINT, strip=TEXT_PREFIX)
+    if "text_encoder" in configs:
+        text.guess, text.cfg = text.cfg, infer_clip_text_config(text, configs["text_encoder"])
     return {"unet": unet, "vae": vae, "text_encoder": text}
 
 
@@ -476,8 +523,12 @@ def load_sd(path, device="cpu", dtype=torch.float32) -> StableDiffusion:
         sched = path / "scheduler" / "scheduler_config.json"
         scheduler_config = from_diffusers_config(sched) if sched.is_file() else SchedulerConfig()
     else:
-        parts = sd_single_file_parts(read_state_dict(path), str(path))
-        tokenizer, scheduler_config = CLIPTokenizer.from_bpe_gz(), SchedulerConfig()
+        configs = single_file_configs(path)
+        parts = sd_single_file_parts(read_state_dict(path), str(path), configs)
+        tokenizer = CLIPTokenizer.from_bpe_gz()
+        scheduler_config = from_diffusers_config(configs["scheduler"]) if "scheduler" in configs else SchedulerConfig()
+        if note := header_note(path, parts, scheduler_config):
+            print(note, file=sys.stderr)
     check_sd_parts(parts, str(path))
     unet = parts["unet"].build(device, dtype)
     return StableDiffusion(unet=unet, vae=parts["vae"].build(device, dtype),
