@@ -162,7 +162,8 @@ def main(argv=None):
     options = {k: v for k, v in options.items() if v is not None}
     trainer = Trainer(TrainConfig(**settings, options=options), given)
     summary = trainer.run()
-    print_summary(summary, trainer.out)
+    if summary is not None:  # None: a finished run resumed with nothing to do (it said so)
+        print_summary(summary, trainer.out)
     return 0
 
 

@@ -144,3 +144,167 @@ def test_ctrl_c_saves_and_resume_matches_uninterrupted(models, tmp_path):
     a = torch.load(full / "last.pt", weights_only=True)["unet"]
     b = torch.load(part / "last.pt", weights_only=True)["unet"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------------- issue 19
+
+def copy_run(out, to):
+    subprocess.run(["cp", "-r", str(out), str(to)], check=True)
+    return to
+
+
+def test_finished_run_resumed_with_nothing_to_do_changes_nothing(models, finished_run, tmp_path, capsys):
+    subject, out = finished_run
+    run = copy_run(out, tmp_path / "run")
+    before = snapshot(run)
+    for extra in ([], ["--steps", "2"], ["--log-every", "5"]):
+        assert train.main(["--out", str(run), "--resume", *extra]) == 0
+        said = capsys.readouterr().out.strip().splitlines()
+        assert said == [f"{run} is finished at step 2; nothing to do (pass --steps N above 2 with --resume to "
+                        f"train further)"], said
+        assert snapshot(run) == before  # summary.json (its phase times), report.html, config.json: untouched
+
+
+def test_resume_with_steps_below_the_runs_step_is_refused(models, finished_run, tmp_path):
+    subject, out = finished_run
+    run = copy_run(out, tmp_path / "run")
+    before = snapshot(run)
+    r = run_cli(["--out", str(run), "--resume", "--steps", "1"])
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"error: --steps 1 is fewer than the 2 steps {run} has trained (last.pt); pass --steps 2 or more to "
+        f"continue it, or start a new run with --out DIR"], r.stderr
+    assert json.loads((run / "config.json").read_text())["steps"] == 2
+    assert snapshot(run) == before
+
+
+def test_resume_without_last_pt_says_it_starts_over(models, finished_run, tmp_path, capsys):
+    subject, out = finished_run
+    run = copy_run(out, tmp_path / "run")
+    (run / "last.pt").unlink()
+    (run / "summary.json").unlink()
+    assert train.main(["--out", str(run), "--resume"]) == 0
+    said = capsys.readouterr().out
+    assert (f"resuming {run}: it has no last.pt yet (it stopped before its first save), so training starts at "
+            f"step 0 with the images it has cached; the 2 steps it logged are redone") in said
+    steps = [(r["step"], bool(r.get("val"))) for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())]
+    assert steps == [(0, True), (1, False), (2, False), (2, True)]
+    a = torch.load(out / "last.pt", weights_only=True)["unet"]
+    b = torch.load(run / "last.pt", weights_only=True)["unet"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def full_disk_for(monkeypatch, name: str, module=trainer_module, attr="atomic_torch_save"):
+    """Make the trainer's writes of files called `name` fail as a full disk does: half written, then ENOSPC."""
+    import errno
+    from tinyrpo import atomic
+    real = getattr(module, attr)
+
+    def write(*a, **kw):
+        path = next(x for x in a if isinstance(x, (str, os.PathLike)))
+        if os.path.basename(path) != name:
+            return real(*a, **kw)
+
+        def half_then_full(tmp):
+            tmp.write_bytes(b"PK\x03\x04 half")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return atomic.atomic_write(path, half_then_full)
+    monkeypatch.setattr(module, attr, write)
+
+
+def log_steps(run):
+    return [(r["step"], bool(r.get("val"))) for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())]
+
+
+def test_full_disk_at_the_first_save_and_at_the_resume_after_it(models, finished_run, tmp_path, monkeypatch):
+    """One line with what to do; the folder stays resumable, and once there is space the run ends as if the disk had
+    never been full."""
+    subject, out = finished_run
+    run = tmp_path / "run"
+    args = base_args(models, subject, run, "--steps", "2", "--val-every", "2", "--save-every", "1")
+    with monkeypatch.context() as m:
+        full_disk_for(m, "last.pt")
+        with pytest.raises(trainer_module.UserError) as e:
+            train.main(args)
+        command = shlex.join(["python", "train.py", "--out", str(run), "--resume"])
+        assert str(e.value) == (f"cannot write {run / 'last.pt'}: no space left on the device; free some space, then "
+                                f"continue the run (no step is saved yet, the images generated so far are kept) with: "
+                                f"{command}")
+        assert not (run / "last.pt").exists() and [p.name for p in run.iterdir() if p.name.startswith(".last")] == []
+        assert log_steps(run) == [(0, True), (1, False)]
+        with pytest.raises(trainer_module.UserError, match="no space left on the device; free some space, then "
+                                                           "continue the run"):
+            train.main(["--out", str(run), "--resume"])
+        assert not (run / "last.pt").exists()
+    assert train.main(["--out", str(run), "--resume"]) == 0
+    assert log_steps(run) == [(0, True), (1, False), (2, False), (2, True)]
+    a = torch.load(out / "last.pt", weights_only=True)["unet"]
+    b = torch.load(run / "last.pt", weights_only=True)["unet"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_full_disk_at_the_summary_then_resume_finishes_the_run(models, finished_run, tmp_path, monkeypatch):
+    """last.pt holds the final step but summary.json could not be written: --resume writes it (and the report),
+    with the phase times of the first process kept, and trains nothing."""
+    subject, out = finished_run
+    run = tmp_path / "run"
+    args = base_args(models, subject, run, "--steps", "2", "--val-every", "2")
+    with monkeypatch.context() as m:
+        full_disk_for(m, "summary.json", attr="atomic_write_json")
+        with pytest.raises(trainer_module.UserError, match=r"summary.json: no space left .* \(last.pt holds step 2\)"):
+            train.main(args)
+    assert not (run / "summary.json").exists()
+    first = torch.load(run / "last.pt", weights_only=True)["seconds"]
+    assert first["train"] > 0 and first["total"] >= first["train"]
+    trained = []
+    monkeypatch.setattr(trainer_module, "optimizer_step", lambda *a, **kw: trained.append(1))
+    assert train.main(["--out", str(run), "--resume"]) == 0
+    assert trained == [] and log_steps(run) == [(0, True), (1, False), (2, False), (2, True)]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps_run"] == 2 and summary["chosen_step"] == json.loads((out / "summary.json").read_text())[
+        "chosen_step"]
+    assert summary["seconds"]["train"] == pytest.approx(first["train"])  # not this process's 0 s
+    assert summary["seconds"]["total"] > first["total"]
+    assert "finished: 2 of 2 steps" in (run / "report.html").read_text()
+
+
+def test_log_append_cut_short_leaves_no_torn_line(tmp_path, monkeypatch):
+    import errno
+    from tinyrpo.atomic import WriteError
+    from tinyrpo.runfolder import JsonlLog
+    log = JsonlLog(tmp_path / "log.jsonl")
+    log.write([{"step": 1, "loss": 0.5}])
+    before = (tmp_path / "log.jsonl").read_bytes()
+    real = os.write
+
+    def half(fd, data):
+        real(fd, bytes(data[:7]))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "write", half)
+    with pytest.raises(WriteError, match=r"log.jsonl: no space left"):
+        log.write([{"step": 2, "loss": 0.25}, {"step": 3, "loss": 0.125}])
+    monkeypatch.undo()
+    assert (tmp_path / "log.jsonl").read_bytes() == before
+    log.write([{"step": 2, "loss": 0.25}])
+    assert log.records() == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.25}]
+
+
+def test_a_torn_last_line_from_a_crash_does_not_stop_a_resume(tmp_path):
+    from tinyrpo.runfolder import JsonlLog
+    (tmp_path / "log.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "val": true}\n{"step": 3, "lo')
+    log = JsonlLog(tmp_path / "log.jsonl")
+    log.truncate(2)
+    assert log.records() == [{"step": 1, "loss": 0.5}, {"step": 2, "val": True}]
+
+
+def test_report_that_cannot_be_written_warns_on_stderr(tmp_path, monkeypatch, capsys):
+    import errno
+    from types import SimpleNamespace
+    from tinyrpo.atomic import WriteError
+
+    def full(run_dir):
+        raise WriteError(tmp_path / "report.html", errno.ENOSPC)
+    monkeypatch.setattr(trainer_module, "write_report", full)
+    trainer_module.Trainer.write_report(SimpleNamespace(out=tmp_path))
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"warning: could not write {tmp_path / 'report.html'}") and "no space" in err

@@ -23,7 +23,7 @@ from PIL import Image
 
 from tinyrpo.data import load_rgb, to_tensor
 from tinyrpo.pipeline import generate, to_pil
-from tinyrpo.atomic import atomic_write_json
+from tinyrpo.atomic import atomic_save_image, atomic_write_json
 
 
 class StepOutput(NamedTuple):
@@ -132,7 +132,7 @@ def generated_images(trainer, folder: str, prompts: list[str], n: int, seed: int
                                      desc=f"{desc} {min(g + len(ps), len(todo))}/{len(todo)}")
                 for k, im in enumerate(to_pil(images)):
                     p = run[k // n]
-                    im.save(root / names[p][k % n])
+                    atomic_save_image(im, root / names[p][k % n])
         for p in ps:
             done[p] = names[p]
         atomic_write_json(index_path, {"settings": settings, "files": {str(p): f for p, f in sorted(done.items())}})

@@ -41,6 +41,8 @@ from tinyrpo.svgplot import Series, ema, line_chart
 from tinyrpo.tracking import numbers
 
 THUMB = 128          # px of an embedded grid cell (the full-size PNG is one click away)
+MAX_ROWS = 32        # prompts shown per embedded grid: 1000 rows of 128 px would pass JPEG's size limit
+JPEG_MAX = 65_500    # px: the largest side a JPEG can have
 VAL_KEYS = ("reward", "align_i", "align_t")
 LABELS = {"reward": "λ_val-Harmonic reward", "align_i": "ALIGN-I", "align_t": "ALIGN-T",
           "loss": "loss", "l_sim": "L_sim", "l_pref": "L_pref", "grad_norm": "grad norm (before clipping)",
@@ -167,6 +169,9 @@ def grid_cells_of(run: Run, step: int) -> tuple[Image.Image, ...] | None:
 
 
 def data_uri(im: Image.Image) -> str:
+    if max(im.size) > JPEG_MAX:  # shrunk to fit (a grid shown whole): JPEG cannot hold it otherwise
+        f = JPEG_MAX / max(im.size)
+        im = im.resize((max(1, int(im.width * f)), max(1, int(im.height * f))))
     buf = io.BytesIO()
     im.convert("RGB").save(buf, "JPEG", quality=90, subsampling=0)  # 4:4:4: crisp label text, true colours
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
@@ -254,10 +259,11 @@ def val_table(run: Run) -> str:
 def grids_section(run: Run) -> str:
     vals = {v["step"]: v for v in run.vals}
     figures = []
+    shown = run.prompts[:MAX_ROWS]
     for step, path in run.grids.items():
         cells = grid_cells_of(run, step)
         cols = run.config.get("val_images_per_prompt")
-        im = labelled_grid(list(cells), run.prompts, cols) if cells else shrunk_whole(path)
+        im = labelled_grid(list(cells[:len(shown) * cols]), shown, cols) if cells else shrunk_whole(path)
         v = vals.get(step, {})
         best = step == run.best_step
         caption = (f"step {step}" + (f" · reward {num(v['reward'])}" if "reward" in v else "")
@@ -271,6 +277,9 @@ def grids_section(run: Run) -> str:
         return '<p class="empty">no validation grid yet</p>'
     note = "" if all(grid_cells_of(run, s) for s in run.grids) else (
         "<p>rows, top to bottom: " + escape(" | ".join(run.prompts)) + "</p>")
+    if len(run.prompts) > len(shown):
+        note += (f"<p>each grid shows the first {len(shown)} of the {len(run.prompts)} prompts; its full-size PNG "
+                 "(click it) holds them all</p>")
     return note + '<div class="grids">' + "\n".join(figures) + "</div>"
 
 

@@ -23,7 +23,7 @@ import os
 import shlex
 from pathlib import Path
 
-from tinyrpo.atomic import atomic_write_bytes, atomic_write_json
+from tinyrpo.atomic import atomic_write_bytes, atomic_write_json, write_error
 from tinyrpo.errors import UserError
 
 try:
@@ -88,8 +88,11 @@ class RunLock:
                 os.close(fd)
                 raise UserError(f"{self.path.parent} is in use by {holder}; wait for it to finish "
                                 f"or train into another --out") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"train.py, pid {os.getpid()}".encode())
+        try:  # who holds it, for the message of a second process; the flock is the lock, this is only its label
+            os.ftruncate(fd, 0)
+            os.write(fd, f"train.py, pid {os.getpid()}".encode())
+        except OSError:  # a full disk: the lock holds all the same
+            pass
         self.fd = fd
 
     def release(self) -> None:
@@ -105,15 +108,36 @@ class JsonlLog:
         self.path = Path(path)
 
     def write(self, records: list[dict]) -> None:
-        with open(self.path, "a") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
-            f.flush()
+        """Append whole lines or nothing: a write cut short (a full disk) is cut back off the file, so the log
+        never holds a torn line, and the failure is a WriteError."""
+        data = "".join(json.dumps(r) + "\n" for r in records).encode()
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise write_error(self.path, e) from None
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            except OSError as e:
+                os.ftruncate(fd, size)
+                raise write_error(self.path, e) from None
+        finally:
+            os.close(fd)
 
     def records(self) -> list[dict]:
+        """The records; a line that is not whole JSON (cut by a crash mid-append) is left out."""
         if not self.path.exists():
             return []
-        return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
+        out = []
+        for ln in self.path.read_text().splitlines():
+            try:
+                out.append(json.loads(ln))
+            except ValueError:
+                continue
+        return [r for r in out if isinstance(r, dict)]
 
     def truncate(self, step: int) -> None:
         """Drop the records written after `step` (they will be redone); a validation at `step` is kept."""

@@ -14,9 +14,15 @@ calls them, plus what a user needs from it: a run folder nobody can corrupt (tin
 atomic checkpoints and an exact resume.
 """
 import copy
+import difflib
+import json
 import math
+import shutil
 import signal
+import sys
 import time
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -24,14 +30,14 @@ import torch
 from tqdm import tqdm
 
 from tinyrpo import dreambench
-from tinyrpo.atomic import atomic_torch_save, atomic_write_json
+from tinyrpo.atomic import REASONS, WriteError, atomic_save_image, atomic_torch_save, atomic_write_json
 from tinyrpo.checkpoint import BEST, LAST, save_checkpoint
 from tinyrpo.data import Subject, load_subject, read_prompt_file, read_subject_file
 from tinyrpo.download import DEFAULT_REWARD_CLIP, DEFAULT_SD
 from tinyrpo.errors import UserError
 from tinyrpo.methods import METHODS
 from tinyrpo.grids import labelled_grid
-from tinyrpo.lora import DEFAULT_TARGETS, add_lora, load_lora_state_dict, lora_config, lora_disabled, lora_state_dict
+from tinyrpo.lora import DEFAULT_TARGETS, _matches, add_lora, load_lora_state_dict, lora_config, lora_disabled, lora_state_dict
 from tinyrpo.pipeline import generate, resolve_device, to_pil
 from tinyrpo.report import write_report
 from tinyrpo.reward import CLIPScorer, Scores, score
@@ -129,7 +135,8 @@ def resolve_config(cfg: TrainConfig, given: set[str] | None = None) -> TrainConf
     A resumed run takes every setting from its config.json except the flags given on the command line
     (`given`; None means all of them), which are then checked against it in Trainer.
     """
-    cfg.validate()
+    if not cfg.resume:  # a resumed run is checked once its own settings are in (its --lora counts)
+        cfg.validate()
     if cfg.subject is None and not (cfg.resume and cfg.out):
         raise UserError("pass --subject DIR, a folder with 3-6 photos of your subject (e.g. refs/dog), "
                         "or --out RUN --resume to continue a run")
@@ -143,7 +150,7 @@ def resolve_config(cfg: TrainConfig, given: set[str] | None = None) -> TrainConf
             opts = {f.name: old[f.name] for f in fields(method.Options) if f.name in old}
             opts |= {k: v for k, v in cfg.options.items() if given is None or k in given}
             cfg = TrainConfig(**(asdict(cfg) | keep | {"options": opts, "out": str(out), "resume": True}))
-            cfg.validate()
+        cfg.validate()
     elif given is not None:
         cfg = subject_defaults(cfg, given)
     method = METHODS[cfg.method]
@@ -160,6 +167,14 @@ def resolve_config(cfg: TrainConfig, given: set[str] | None = None) -> TrainConf
     return cfg
 
 
+# What a subject.json may hold (tinyrpo.data reads the prompts and the class; the toy world's "world" and "toy"
+# are its truth, tinyrpo/toy/metrics.py); anything else is a typo the user must hear about.
+SUBJECT_KEYS = ("world", "class_noun", "live", "train_prompts", "eval_prompts", "resolution", "weights",
+                "train_defaults", "toy")
+SUBJECT_WEIGHTS = ("sd", "clip", "dino")
+NOT_PRESETS = ("subject", "out", "resume", "options")  # what a subject's train_defaults cannot set
+
+
 def subject_defaults(cfg: TrainConfig, given: set[str]) -> TrainConfig:
     """A subject folder's subject.json may name the models it belongs with and the settings that suit them
     (the toy world's subjects do: its tiny models, 32 px, a CPU-sized preset); flags given win.
@@ -167,13 +182,31 @@ def subject_defaults(cfg: TrainConfig, given: set[str]) -> TrainConfig:
         "weights": {"sd": base model, "clip": reward model, "dino": look forward's DINO}
         "resolution": pixels
         "train_defaults": {any train.py setting: value}
+
+    An unknown key (a typo) or a value of the wrong type is refused, naming the key.
     """
     meta = read_subject_file(cfg.subject) if Path(cfg.subject).is_dir() else {}
+    where = Path(cfg.subject) / "subject.json"
     named = meta.get("weights") if isinstance(meta.get("weights"), dict) else {}
+    presets = meta.get("train_defaults") or {}
+    settings = setting_types()
+    _check_keys(where, "", meta, SUBJECT_KEYS)
+    _check_keys(where, "weights.", named, SUBJECT_WEIGHTS)
+    for key, kind in (("weights", dict), ("train_defaults", dict), ("resolution", int)):
+        if key in meta and not _is(meta[key], kind):
+            raise UserError(f"{where}: {key} must be {_kind_name(kind)} (got {json.dumps(meta[key])}); fix it")
+    for key, path in named.items():
+        if not isinstance(path, str):
+            raise UserError(f"{where}: weights.{key} must be a path (a string) (got {json.dumps(path)}); fix it")
+    _check_keys(where, "train_defaults.", presets, settings)
+    for key, value in presets.items():
+        if not _is(value, settings[key]):
+            raise UserError(f"{where}: train_defaults.{key} must be {_kind_name(settings[key])} "
+                            f"(got {json.dumps(value)}); fix it")
     defaults = {"weights": named.get("sd"), "reward_model": named.get("clip"), "dino": named.get("dino"),
-                "resolution": meta.get("resolution")} | dict(meta.get("train_defaults") or {})
+                "resolution": meta.get("resolution")} | dict(presets)
     defaults = {k: v for k, v in defaults.items() if v is not None and k not in given}
-    shared = {f.name for f in fields(TrainConfig)} - {"options", "subject", "out", "resume"}
+    shared = {f.name for f in fields(TrainConfig)} - set(NOT_PRESETS)
     method = METHODS[defaults.get("method", cfg.method) if "method" not in given else cfg.method]
     own = {f.name for f in fields(method.Options)}
     values = asdict(cfg) | {k: v for k, v in defaults.items() if k in shared}
@@ -181,6 +214,41 @@ def subject_defaults(cfg: TrainConfig, given: set[str]) -> TrainConfig:
     cfg = TrainConfig(**values)
     cfg.validate()
     return cfg
+
+
+def setting_types() -> dict:
+    """Every setting a subject's train_defaults may hold -> its type: the shared ones and every method's own
+    (a preset may carry RPO's β and still be used with --method dreambooth, which ignores it)."""
+    out = {f.name: f.type for f in fields(TrainConfig) if f.name not in NOT_PRESETS}
+    for name in METHODS:
+        out |= {f.name: f.type for f in fields(METHODS[name].Options)}
+    return out
+
+
+def _check_keys(where, prefix: str, d: dict, valid) -> None:
+    for key in d:
+        if key not in valid:
+            near = difflib.get_close_matches(str(key), list(valid), n=1, cutoff=0.6)
+            hint = f"did you mean {prefix}{near[0]}?" if near else f"valid keys: {', '.join(sorted(valid))}"
+            raise UserError(f"{where}: unknown key {prefix}{key}; {hint} (fix it or remove it)")
+
+
+def _is(value, kind) -> bool:
+    """isinstance for the settings' annotations (int, float | None, str, ...); an int is a float, a bool is no
+    number."""
+    kinds = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
+    if value is None:
+        return type(None) in kinds
+    if isinstance(value, bool):
+        return bool in kinds
+    return any(isinstance(value, k) or (k is float and isinstance(value, int)) for k in kinds if k is not type(None))
+
+
+def _kind_name(kind) -> str:
+    kinds = [k for k in (typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,))
+             if k is not type(None)]
+    names = {int: "a whole number", float: "a number", str: "a string", bool: "true or false", dict: "an object {...}"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
 def optimizer_step(loss, params: list, opt, grad_clip: float, scaler=None) -> torch.Tensor:
@@ -221,6 +289,13 @@ class Trainer:
         self.folder = RunFolder(self.out, cfg.resume)
         self.stop_signal, self.saved_step = None, None
         self.tracker = Tracker()  # --log-with's, once the run starts
+        self.t_start, self.seconds_before, self.last_val = time.perf_counter(), {}, None
+
+    def seconds(self) -> dict:
+        """The time of each phase and the total, over every process of the run (a resumed run adds its own)."""
+        now = self.times | {"total": time.perf_counter() - self.t_start}
+        before = self.seconds_before
+        return {k: round(before.get(k, 0.0) + now.get(k, 0.0), 2) for k in [*before, *now] if k in before or k in now}
 
     def phase(self, name):
         trainer = self
@@ -328,8 +403,7 @@ class Trainer:
         self.policy.train()
         self.sd.text_encoder.train(self.train_text_encoder)
         grid = labelled_grid(pils, self.prompts, cfg.val_images_per_prompt)  # each row labelled by its prompt
-        (self.out / "val").mkdir(exist_ok=True)
-        grid.save(self.out / "val" / f"step_{step:05d}.png")
+        atomic_save_image(grid, self.out / "val" / f"step_{step:05d}.png")
         self.tracker.log_images(step, {"val/grid": grid})
         record = {"step": step, "val": True, **s.mean()}
         if self.truth is not None:  # the toy world: identity and prompt fidelity, read off the pixels
@@ -357,6 +431,7 @@ class Trainer:
     def save_last(self, step: int):
         state = {"unet": self.trained_unet_state(), "optimizer": self.opt.state_dict(),
                  "rng": self.gen.get_state(), "step": step, "best": self.best, "bad_vals": self.bad_vals,
+                 "last_val": self.last_val, "seconds": self.seconds(),
                  "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                  "method": self.method.state_dict()}
         if self.train_text_encoder:
@@ -381,6 +456,8 @@ class Trainer:
                             f"run over from its cached images") from None
         self.gen.set_state(state["rng"])
         self.best, self.bad_vals = state["best"], state["bad_vals"]
+        self.last_val = state.get("last_val")
+        self.seconds_before = state.get("seconds") or {}  # the phases of the run's earlier processes
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.saved_step = state["step"]
@@ -407,13 +484,29 @@ class Trainer:
         tqdm.write("stopping after this step: saving last.pt (Ctrl-C again to stop at once)")
 
     # ---------------------------------------------------------------- the run
-    def run(self) -> dict:
-        t_start = time.perf_counter()
+    def run(self) -> dict | None:
+        """Train; -> the summary, or None when a resumed run is already finished (it says so, changes nothing)."""
+        self.t_start = time.perf_counter()
         self.check_run_folder()
+        if (done := self.check_resume()) is not None:
+            print(done)
+            return None
         self.load()
-        self.start_run_folder()
+        new_folders = [p for p in (self.out, *self.out.parents) if not p.exists()]
         try:
-            return self._run(t_start)
+            self.start_run_folder()
+        except WriteError:  # config.json could not be written: leave no folder behind for a run that never began
+            self.folder.release()
+            if new_folders:
+                (self.out / ".lock").unlink(missing_ok=True)
+                for p in new_folders:
+                    if p.is_dir() and not any(p.iterdir()):
+                        p.rmdir()
+            raise
+        try:
+            return self._run()
+        except WriteError as e:
+            raise self.write_failed(e) from None
         except KeyboardInterrupt as e:
             if isinstance(e, TrainingInterrupted):
                 raise
@@ -424,7 +517,40 @@ class Trainer:
             self.tracker.close()
             self.folder.release()
 
-    def _run(self, t_start) -> dict:
+    def write_failed(self, e: WriteError) -> UserError:
+        """A full disk or read-only folder mid-run: one line saying what was kept and the command that continues."""
+        reason, action = REASONS[e.errno]
+        kept = (f"last.pt holds step {self.saved_step}" if self.saved_step is not None
+                else "no step is saved yet, the images generated so far are kept")
+        return UserError(f"cannot write {e.path}: {reason}; {action}, then continue the run ({kept}) with: "
+                         f"{self.folder.resume_command()}")
+
+    def check_resume(self) -> str | None:
+        """Before anything is loaded or written: for --resume, the message of a run with nothing left to do (None
+        otherwise); refuse a --steps below what the run has trained; say so when there is no last.pt to resume."""
+        cfg, last = self.cfg, self.out / LAST
+        if not cfg.resume:
+            return None
+        if not last.exists():
+            logged = [r["step"] for r in JsonlLog(self.out / "log.jsonl").records() if not r.get("val")]
+            redone = f"; the {max(logged)} steps it logged are redone" if logged else ""
+            print(f"resuming {self.out}: it has no {LAST} yet (it stopped before its first save), so training starts "
+                  f"at step 0 with the images it has cached{redone}")
+            return None
+        state = peek_last(last)
+        done = state["step"]
+        if cfg.steps < done:
+            raise UserError(f"--steps {cfg.steps} is fewer than the {done} steps {self.out} has trained ({LAST}); "
+                            f"pass --steps {done} or more to continue it, or start a new run with --out DIR")
+        summary = read_json(self.out / "summary.json") if (self.out / "summary.json").exists() else {}
+        stopped = cfg.patience is not None and state.get("bad_vals", 0) >= cfg.patience
+        if summary.get("steps_run") == done and (done >= cfg.steps or stopped):
+            more = ("a larger --patience" if stopped else "") or f"--steps N above {done}"
+            return (f"{self.out} is finished at step {done}{' (stopped early)' if stopped else ''}; nothing to do "
+                    f"(pass {more} with --resume to train further)")
+        return None
+
+    def _run(self) -> dict:
         cfg = self.cfg
         with self.phase("rewards"):
             self.ref_embs = self.scorer.embed_images(self.subject.images)  # ALIGN-I's references
@@ -438,10 +564,14 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.best, self.bad_vals, self.saved_step = None, 0, None
         log = Log(self.out / "log.jsonl")
-        start = 0
+        start, end = 0, cfg.steps
         if (self.out / LAST).exists():
             start = self.load_last()
             log.truncate(start)
+            if self.last_val is None:  # a last.pt from before it kept the last validation: the log has it
+                self.last_val = next((r for r in reversed(log.records()) if r.get("val")), None)
+            if cfg.patience is not None and self.bad_vals >= cfg.patience:
+                end = start  # it had stopped early: only its summary and report are left to write
         self.tracker = log.tracker = make_tracker(cfg.log_with, self.out, resume_step=start if start else None)
         if start:
             best = f"best so far: step {self.best['step']}, reward {self.best['reward']:.4f}" if self.best else ""
@@ -454,9 +584,9 @@ class Trainer:
             self.write_report()
 
         pending = []  # per-step values stay on the device until the next log flush (no host sync per step)
-        stopped_early, step = False, start
+        stopped_early, step = end < cfg.steps, start
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc="training", unit="step")
+        bar = tqdm(range(start + 1, end + 1), initial=start, total=cfg.steps, desc="training", unit="step")
         try:
             for step in bar:
                 with self.phase("train"):
@@ -495,13 +625,12 @@ class Trainer:
         if cfg.select == "last":
             self.save_best(step, None)
 
-        self.times["total"] = time.perf_counter() - t_start
         chosen = self.best if cfg.select == "best" else self.last_val
         summary = {"method": cfg.method, "select": cfg.select, "chosen_step": chosen["step"],
                    "best_step": self.best["step"], "best_reward": self.best["reward"],
                    "best_align_i": self.best["align_i"], "best_align_t": self.best["align_t"],
                    "steps_run": step, "stopped_early": stopped_early,
-                   "seconds": {k: round(v, 2) for k, v in self.times.items()},
+                   "seconds": self.seconds(),
                    "best_ckpt": str(self.out / BEST), "example_prompt": self.prompts[0]}
         if "exact" in chosen:  # a toy subject: the exact metrics of the kept checkpoint's validation images
             summary["chosen_exact"] = chosen["exact"]
@@ -514,7 +643,7 @@ class Trainer:
         try:
             write_report(self.out)
         except Exception as e:  # noqa: BLE001 (the report is a view of the run, never the run)
-            tqdm.write(f"warning: could not write {self.out / 'report.html'} ({type(e).__name__}: {e})")
+            tqdm.write(f"warning: could not write {self.out / 'report.html'} ({type(e).__name__}: {e})", file=sys.stderr)
 
 
 def build_policy(policy, cfg: TrainConfig, amp_dtype, uses_reference: bool):
@@ -530,6 +659,7 @@ def build_policy(policy, cfg: TrainConfig, amp_dtype, uses_reference: bool):
         # master weights.
         policy.to(amp_dtype or torch.float32)
         targets = cfg.lora_targets.split(",") if cfg.lora_targets else DEFAULT_TARGETS
+        check_lora_rank(policy, cfg.lora, targets)
         with torch.random.fork_rng(devices=[]):  # A's random init from --seed: reproducible runs
             torch.manual_seed(cfg.seed)
             params = add_lora(policy, cfg.lora, cfg.lora_alpha, targets)
@@ -544,12 +674,34 @@ def build_policy(policy, cfg: TrainConfig, amp_dtype, uses_reference: bool):
     return params, policy_fwd, ref_fwd
 
 
+def check_lora_rank(model, rank: int, targets) -> None:
+    """Refuse a rank above every adapted layer's min(in, out): B·A is then no longer low-rank, it only costs
+    (a rank of 100000 took minutes a step) and learns nothing a rank of min(in, out) could not."""
+    dims = {name: min(m.in_features, m.out_features) for name, m in model.named_modules()
+            if type(m) is torch.nn.Linear and _matches(name, tuple(targets))}
+    if dims and rank > max(dims.values()):
+        name = max(dims, key=dims.get)
+        raise UserError(f"--lora {rank} is more than the adapted layers' largest min(in, out), {dims[name]} "
+                        f"({name}): a rank above it is no longer low-rank and adds nothing; use --lora "
+                        f"{dims[name]} or less (LoRAs usually use 4-64)")
+
+
 def adapters_off(model, fwd):
     """RPO's frozen reference with --lora: the same U-Net (compiled or not) with its adapters switched off."""
     def ref(x, t, c):
         with lora_disabled(model):
             return fwd(x, t, c)
     return ref
+
+
+def peek_last(path: Path) -> dict:
+    """last.pt's step and counters without reading its weights (memory-mapped: cheap even for SD's 10 GB)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return {k: state[k] for k in ("step", "bad_vals")}
+    except Exception as e:  # a truncated or foreign file: say so instead of a traceback
+        raise UserError(f"cannot resume from {path} ({e.__class__.__name__}: {e}); delete it to start the "
+                        f"run over from its cached images") from None
 
 
 class Log(JsonlLog):
