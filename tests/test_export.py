@@ -2,8 +2,11 @@
 fine-tuned model computes; sample.py takes kohya / diffusers LoRA files and the exported single file; the
 real-size SD v1.5 names and shapes match the public layouts (meta device). Tiny random weights on the CPU."""
 import copy
+import errno
 import hashlib
 import json
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -461,3 +464,126 @@ def test_single_file_schedule_and_integer_tensors(runs, tmp_path, dtype):
         if dtype == "fp32":
             np.testing.assert_allclose(got.numpy(), value, rtol=2e-5, atol=0, err_msg=name)
     assert tensors["alphas_cumprod_prev"][0].item() == 1.0 and tensors["posterior_variance"][0].item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A full disk, a read-only target, Ctrl-C: one line, the earlier export intact, nothing half-written left
+
+FORMATS_OUT = {"single-file": "x.safetensors", "diffusers": "x-diffusers", "lora-kohya": "x-lora.safetensors",
+               "lora-diffusers": "x-lora-diffusers.safetensors"}
+
+
+def old_export(out: Path) -> dict:
+    """An earlier export at `out` (a file, or a folder with model_index.json); returns its content to compare."""
+    if out.suffix == ".safetensors":
+        out.write_bytes(b"the old export")
+    else:
+        (out / "unet").mkdir(parents=True)
+        (out / "model_index.json").write_text("{}")
+        (out / "unet" / "config.json").write_text('{"old": 1}')
+    return tree(out)
+
+
+def tree(path: Path) -> dict:
+    if path.is_file():
+        return {path.name: path.read_bytes()}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def run_of(fmt: str) -> str:
+    return "cat" if fmt.startswith("lora") else "dog"
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS_OUT))
+def test_export_to_a_full_disk(runs, small_disk, capsys, fmt):
+    """A real 64 KiB tmpfs, filled up but for two pages: one line naming the output, the old export as it was."""
+    out = small_disk / FORMATS_OUT[fmt]
+    before = old_export(out)
+    free = os.statvfs(small_disk)
+    (small_disk / "filler").write_bytes(b"\0" * ((free.f_bavail - 2) * free.f_frsize))
+    err = cli_error(capsys, [runs["root"] / run_of(fmt), "--format", fmt, "--out", out, "--overwrite"])
+    assert f"cannot write {out}: no space left on the device" in err
+    assert tree(out) == before
+    assert sorted(p.name for p in small_disk.iterdir()) == sorted([out.name, "filler"])  # no temporary left
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS_OUT))
+@pytest.mark.parametrize("sub", ["", "new/"], ids=["folder", "subfolder"])
+def test_export_to_a_read_only_folder(runs, read_only_folder, capsys, fmt, sub):
+    out = read_only_folder / f"{sub}{FORMATS_OUT[fmt]}"
+    err = cli_error(capsys, [runs["root"] / run_of(fmt), "--format", fmt, "--out", out])
+    assert f"cannot write {out}: " in err and ("read-only" in err or "permission denied" in err)
+    assert list(read_only_folder.iterdir()) == []
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS_OUT))
+@pytest.mark.parametrize("failure", ["disk-full", "ctrl-c"])
+def test_export_failing_mid_write(runs, tmp_path, monkeypatch, capsys, fmt, failure):
+    """On any machine: the write stops halfway through a tensor file (for the diffusers folder, the second one,
+    after the U-Net's is complete) with ENOSPC or Ctrl-C. The earlier export stays, nothing else is left."""
+    import safetensors.torch
+    out = tmp_path / FORMATS_OUT[fmt]
+    before = old_export(out)
+    real, calls = safetensors.torch.save_file, []
+
+    def save_then_fail(tensors, path, metadata=None):
+        calls.append(path)
+        if fmt == "diffusers" and len(calls) == 1:
+            return real(tensors, path, metadata=metadata)
+        Path(path).write_bytes(b"half a file")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) if failure == "disk-full" else KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_then_fail)
+    args = [str(a) for a in [runs["root"] / run_of(fmt), "--format", fmt, "--out", out, "--overwrite"]]
+    if failure == "disk-full":
+        assert f"cannot write {out}: no space left" in cli_error(capsys, args)
+    else:
+        with pytest.raises(SystemExit) as e:
+            run_cli(E.main, args)
+        assert e.value.code == 130
+    assert len(calls) == (2 if fmt == "diffusers" else 1)
+    assert tree(out) == before
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+def test_ctrl_c_while_the_diffusers_folders_swap(runs, tmp_path, monkeypatch):
+    """A real SIGINT arriving between the two renames (old folder aside, new one in) is held until both are done:
+    the new export is complete under its name, no folder is left aside, then the interrupt is delivered."""
+    out = tmp_path / "x-diffusers"
+    old_export(out)
+    real = os.replace
+
+    def replace_then_interrupt(src, dst):
+        real(src, dst)
+        if Path(src) == out:  # the old folder has just gone aside
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(E.os, "replace", replace_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        E.export(runs["root"] / "dog", "diffusers", out=out, overwrite=True)
+    assert torch.equal(load_sd(out).unet.conv_out.weight, runs["tuned"].conv_out.weight)  # the new export, whole
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+def test_overwrite_never_replaces_what_the_export_needs(runs, tmp_path, capsys):
+    """--overwrite replaces an earlier export only: not the checkpoint, its run folder, the base model, a folder
+    that is not a diffusers export, nor a folder where a file goes."""
+    cat, dog = runs["root"] / "cat", runs["root"] / "dog"
+    kept = {p: tree(p) for p in (cat, dog)}
+    assert "would replace the checkpoint" in cli_error(capsys, [cat, "--format", "lora-kohya", "--out", cat / BEST,
+                                                                "--overwrite"])
+    assert "would replace the checkpoint" in cli_error(capsys, [dog, "--format", "diffusers", "--out", dog,
+                                                                "--overwrite"])
+    other = tmp_path / "photos"
+    (other / "a.png").parent.mkdir()
+    (other / "a.png").write_bytes(b"png")
+    assert "not a diffusers model folder" in cli_error(capsys, [dog, "--format", "diffusers", "--out", other,
+                                                                "--overwrite"])
+    folder = tmp_path / "f.safetensors"
+    folder.mkdir()
+    assert "is a folder" in cli_error(capsys, [dog, "--out", folder, "--overwrite"])
+    base = tmp_path / "base.safetensors"
+    base.write_bytes(runs["single"].read_bytes())
+    assert "is the base model itself" in cli_error(capsys, [dog, "--weights", base, "--out", base, "--overwrite"])
+    assert base.read_bytes() == runs["single"].read_bytes() and (other / "a.png").exists() and folder.is_dir()
+    assert {p: tree(p) for p in (cat, dog)} == kept
