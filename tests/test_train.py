@@ -218,3 +218,56 @@ def test_no_subject_means_the_toy_world(tmp_path):
     r = run_cli(["--out", str(tmp_path / "run"), "--weights", str(tmp_path / "missing")])
     assert "no --subject: training on the toy world's subject (refs/toy)" in r.stdout
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("change, expect", [
+    ({"train_defaults": {"steps": "800"}}, 'train_defaults.steps must be a whole number (got "800")'),
+    ({"train_defaults": {"lr": True}}, "train_defaults.lr must be a number (got true)"),
+    ({"train_defaults": {"beta": [0.1]}}, "train_defaults.beta must be a number (got [0.1])"),
+    ({"train_defaults": {"stpes": 800}}, "unknown key train_defaults.stpes; did you mean train_defaults.steps?"),
+    ({"train_defaults": {"lamda_val": 0.3}}, "unknown key train_defaults.lamda_val; did you mean train_defaults.lambda_val?"),
+    ({"trian_prompts": ["a {0} {1}"]}, "unknown key trian_prompts; did you mean train_prompts?"),
+    ({"weights": {"sdd": "weights/toy/sd"}}, "unknown key weights.sdd; did you mean weights.sd?"),
+    ({"resolution": "32"}, 'resolution must be a whole number (got "32")'),
+    ({"train_defaults": ["lr", 1e-4]}, "train_defaults must be an object {...}"),
+])
+def test_subject_file_typos_and_wrong_types_are_refused(models, tmp_path, change, expect):
+    """subject.json is read the way flags are: a typo or a value of the wrong type is one line naming the key."""
+    import shutil
+    subject = tmp_path / "toy"
+    shutil.copytree(ROOT / "refs" / "toy", subject)
+    meta = json.loads((subject / "subject.json").read_text())
+    meta["weights"] = {"sd": str(models[0]), "clip": str(models[1])}
+    for k, v in change.items():
+        meta[k] = meta[k] | v if isinstance(v, dict) and isinstance(meta.get(k), dict) else v
+    (subject / "subject.json").write_text(json.dumps(meta))
+    out = tmp_path / "run"
+    r = run_cli(["--subject", str(subject), "--out", str(out), "--steps", "1", "--device", "cpu"])
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {subject / 'subject.json'}: {expect}"), r.stderr
+    assert not out.exists()
+
+
+def test_lora_rank_above_the_adapted_layers_is_refused(models, tmp_path):
+    """A rank above every adapted layer's min(in, out) is refused before anything is written; the largest useful
+    rank (read off the model here) is accepted."""
+    from tinyrpo.trainer import check_lora_rank
+    from tinyrpo.weights import load_sd
+    unet = load_sd(models[0]).unet
+    names = ("to_q", "to_k", "to_v", "to_out.0")
+    top = max(min(m.in_features, m.out_features) for n, m in unet.named_modules()
+              if type(m) is torch.nn.Linear and n.endswith(tuple("." + t for t in names)))
+    check_lora_rank(unet, top, names)
+    with pytest.raises(train_errors().UserError, match=f"--lora {top + 1} is more than the adapted layers' largest "
+                                                      f"min\\(in, out\\), {top} "):
+        check_lora_rank(unet, top + 1, names)
+    subject = make_subject(tmp_path / "subject")
+    r = run_cli(base_args(models, subject, tmp_path / "run", "--lora", "100000"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"use --lora {top} or less" in r.stderr and not (tmp_path / "run").exists()
+
+
+def train_errors():
+    from tinyrpo import errors
+    return errors
