@@ -3,6 +3,7 @@ with the reference loaders (diffusers' own CompVis converter, diffusers / transf
 every bad input ends in one clear WeightsError."""
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -447,3 +448,45 @@ def test_wrong_model_for_clip_and_dino(tmp_path):
     torch.save({"w": torch.ones(2)}, tmp_path / "other" / "pytorch_model.bin")
     expect_error(lambda: load_clip(tmp_path / "other"), "does not match CLIP")
     expect_error(lambda: load_dino(tmp_path / "other" / "pytorch_model.bin"), "does not match DINO")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The base U-Net's fingerprint (what a checkpoint records of its base)
+
+
+def test_fingerprint_ignores_dtype_and_sample_size_but_not_weights_or_heads(tmp_path):
+    """unet_fingerprint, called directly: the same weights in fp32, fp16, fp64 (and bf16 for weights bf16 can hold)
+    name the same base; one weight one fp16 step away, or another head count, another base; sample_size, which a
+    single file cannot tell, no part of it."""
+    from tinyrpo.checkpoint import FINGERPRINT_TENSORS, unet_fingerprint
+    sd = load_sd(make_tiny_sd(tmp_path / "sd"))
+    cfg, state = sd.unet.cfg, {k: v.detach() for k, v in sd.unet.state_dict().items()}
+    fp = unet_fingerprint(cfg, state)
+    for dtype in (torch.float16, torch.float64):
+        assert unet_fingerprint(cfg, {k: v.to(dtype) for k, v in state.items()}) == fp, dtype
+    bf = {k: v.to(torch.bfloat16).float() for k, v in state.items()}  # values bf16 holds exactly
+    assert unet_fingerprint(cfg, {k: v.to(torch.bfloat16) for k, v in bf.items()}) == unet_fingerprint(cfg, bf)
+    assert unet_fingerprint(cfg, {k: v.clone() for k, v in state.items()}) == fp  # a copy: no identity in it
+    for name in FINGERPRINT_TENSORS:
+        moved = {**state, name: state[name].half().float()}
+        last = moved[name].view(-1)[-1:]  # the last weight, one fp16 step up: survives the fp16 rounding
+        last.copy_(torch.nextafter(last.half(), last.half() + 1).float())
+        assert unet_fingerprint(cfg, moved) != fp, name
+    assert unet_fingerprint(replace(cfg, num_heads=4), state) != fp
+    assert unet_fingerprint(replace(cfg, sample_size=16), state) == fp
+
+
+def test_checkpoint_of_a_folder_applies_to_the_same_weights_as_a_single_file(tmp_path):
+    """A checkpoint trained on a diffusers folder whose sample_size (16) is not SD v1.5's applies to a public single
+    file of the same weights, which reads as sample_size 64: the U-Net is the checkpoint's."""
+    from tinyrpo.checkpoint import apply_checkpoint, save_checkpoint
+    folder = make_tiny_sd(tmp_path / "sd")
+    config = folder / "unet" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "sample_size": 16}))
+    base = load_sd(folder)
+    tuned = {k: v + 0.01 for k, v in base.unet.state_dict().items()}
+    save_checkpoint(tmp_path / "best.safetensors", tuned, {"base": str(folder), "base_fingerprint": base.fingerprint})
+    single = load_sd(make_tiny_sd(tmp_path / "single", layout="single"))
+    assert (base.unet.cfg.sample_size, single.unet.cfg.sample_size) == (16, 64)
+    apply_checkpoint(single, tmp_path / "best.safetensors")
+    assert all(torch.equal(single.unet.state_dict()[k], v) for k, v in tuned.items())
