@@ -14,8 +14,8 @@ from tinyrpo.toy import metrics
 from tinyrpo.toy.metrics import SubjectTruth, fidelity, identity, read_picture, score_images
 from tinyrpo.toy.pretrain import rules
 from tinyrpo.toy.subjects import HELD_OUT_PATTERNS, SUBJECTS, TRAIN_PROMPTS, write_subject
-from tinyrpo.toy.world import (BACKGROUNDS, COLOURS, SIZE, Picture, Thing, dataset, held_out_triples, luma, parse,
-                               render, render_background, visible_cells)
+from tinyrpo.toy.world import (BACKGROUNDS, COLOURS, SIZE, Picture, Thing, allowed, dataset, held_out_triples, luma,
+                               parse, render, render_background, visible_cells)
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = SUBJECTS["toy"]  # yellow teddy, black cells 2 (right ear), 3 (middle left), 7 (bottom middle), on a sofa
@@ -152,6 +152,42 @@ def test_score_images_reference_copy_leaks_the_sofa(tmp_path):
     assert score_images(x, prompts, TOY)["per_image"] == s["per_image"]
     # another subject's truth: the ball's pattern is not the toy's
     assert score_images(images, prompts, SUBJECTS["ball"])["identity"] < 0.5
+
+
+def test_black_and_white_asks_no_colour():
+    """"a red sks toy ... in black and white": a grey picture has no colour to read (this one's body reads as
+    green), so the colour the prompt names is not checked, in fidelity, score_images or quality; in colour it is."""
+    red = Thing("toy", "red", (2, 3, 7), "black")
+    assert allowed(Picture(red, 6, 7, 18, "beach", bw=True))
+    grey_red, red_img = picture(red, background="beach", bw=True), picture(red, background="beach")
+    asked = "a red sks toy on the beach in black and white"
+    assert read_picture(grey_red).colour != "red" and read_picture(red_img).colour == "red"
+    assert fidelity(grey_red, asked, "sks") == 1.0                             # background and grey, both right
+    assert fidelity(red_img, asked, "sks") == 0.5                              # background right, not grey
+    assert fidelity(red_img, "a red sks toy on the beach", "sks") == 1.0
+    assert fidelity(picture(background="beach"), "a red sks toy on the beach", "sks") == 0.5  # in colour: checked
+    s = score_images(grey_red, [asked], TOY)
+    assert (s["fidelity"], s["background"], s["bw"]) == (1.0, 1.0, 1.0) and np.isnan(s["colour"])
+    assert "colour" not in s["per_image"][0] and s["per_image"][0]["identity"] == 1.0  # asked red, read in grey
+    q = metrics.quality(np.stack([grey_red, red_img]), ["a red toy on the beach in black and white",
+                                                         "a red toy on the beach"])
+    assert q == {"background": 1.0, "colour": 1.0, "class": 1.0, "n": 2}  # colour over the second alone
+
+
+def test_leak_counts_only_prompts_that_ask_another_background():
+    """Leak: the references' background where the prompt asks another. A prompt that asks the references' own
+    background (the toy's sofa, the ball's wooden floor) or none cannot leak: NaN, out of the mean."""
+    ball = SUBJECTS["ball"]
+    for truth, own in ((TOY, "on a sofa"), (ball, "on a wooden floor")):
+        cls, bg = truth.thing.cls, truth.background
+        on_own, on_beach = picture(truth.thing, background=bg), picture(truth.thing, background="beach")
+        prompts = [f"a sks {cls} {own}", f"a red sks {cls}", f"a sks {cls} on the beach", f"a sks {cls} on the beach"]
+        s = score_images(np.stack([on_own, on_own, on_own, on_beach]), prompts, truth)
+        leaks = [r["leak"] for r in s["per_image"]]
+        assert np.isnan(leaks[0]) and np.isnan(leaks[1]) and leaks[2:] == [1.0, 0.0], (cls, leaks)
+        assert s["leak"] == 0.5, cls
+        assert s["per_image"][0]["background"] == 1.0  # the own background, asked and drawn: right, not a leak
+        assert np.isnan(score_images(on_own, [f"a sks {cls} {own}"], truth)["leak"])
 
 
 # ------------------------------------------------------------------------------------------------- subjects
