@@ -30,6 +30,16 @@ def test_plan_and_round_robin_shards():
     assert sorted((c.label() for p in parts for c in p)) == sorted(c.label() for c in cells)  # each cell once
 
 
+def test_shard_deals_cell_i_to_rank_i_mod_world():
+    """The dealing itself, written out: cell i to rank i mod world, in order, so with two ranks each gets every
+    method's cells in turn (not the first or the second half of the plan)."""
+    assert [shard(list("abcdefg"), r, 3) for r in range(3)] == [list("adg"), list("be"), list("cf")]
+    assert shard(list("abc"), 0, 1) == list("abc")
+    assert [shard(list("ab"), r, 4) for r in range(4)] == [["a"], ["b"], [], []]  # more ranks than cells
+    cells = plan(["rpo", "dreambooth", "dpg"], [Path("dog")], [0, 1])
+    assert [c.label() for c in shard(cells, 1, 2)] == ["rpo/dog/seed1", "dreambooth/dog/seed1", "dpg/dog/seed1"]
+
+
 def test_table_by_hand():
     def cell(method, subject, seed, dino, clip_t, exact=None):
         e = {"dino": dino, "clip_i": 0.8, "clip_t": clip_t, "align_i": 0.9, "align_t": 0.6, "harmonic": 0.7}
