@@ -63,3 +63,19 @@ def test_lora_resume_matches_uninterrupted(models, tmp_path):
     b = torch.load(part / "last.pt", weights_only=True)
     assert a["unet"].keys() == b["unet"].keys() and all(".lora_" in k for k in a["unet"])
     assert all(torch.equal(a["unet"][k], b["unet"][k]) for k in a["unet"])
+
+
+def test_resume_of_a_lora_run_reads_its_own_rank(models, tmp_path):
+    """--resume with --lora-alpha on a LoRA run is checked against the run's own --lora: the same α resumes, another
+    is refused as a change of the run (not "needs --lora RANK")."""
+    from tests.test_train import run_cli
+    subject = make_subject(tmp_path / "subject")
+    out = tmp_path / "run"
+    assert train.main(base_args(models, subject, out, "--steps", "1", "--val-every", "1", "--lora", "4",
+                                "--lora-alpha", "4")) == 0
+    r = run_cli(["--out", str(out), "--resume", "--lora-alpha", "8"])
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "needs --lora" not in r.stderr and "lora_alpha: 4.0 -> 8.0" in r.stderr, r.stderr
+    r = run_cli(["--out", str(out), "--resume", "--lora-alpha", "4", "--steps", "2"])
+    assert r.returncode == 0, r.stderr
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 2

@@ -318,3 +318,20 @@ def test_pages_render_in_a_browser(tiny_run, tmp_path):
         a = np.asarray(shot)
         assert shot.size == (1280, 1600) and a.std() > 10       # something was drawn, not a blank page
         assert (a.reshape(-1, 3) == 255).all(axis=1).mean() > 0.3  # ... on a white page, not an error screen
+
+
+def test_report_of_a_run_with_1000_prompts(tmp_path):
+    """1000 prompts make a grid 72,000 px tall, past JPEG's 65,500: the page shows the first MAX_ROWS prompts of
+    each grid, unchanged, says so, and links the full PNG; a whole grid shown shrunk is fitted to JPEG."""
+    prompts = [f"a sks toy, prompt {k}" for k in range(1000)]
+    run = write_run(tmp_path / "run", config(train_prompts=prompts, val_images_per_prompt=1), [val(0, 0.5)], grids=(0,))
+    assert Image.open(run / "val" / "step_00000.png").height > 65_500
+    html = write_report(run).read_text()
+    grid = embedded_grids(html)[0]
+    strips, cells = strips_and_cells(grid, 32, 1, 32, 32)
+    truth = noise_images(1000, 32, seed=0)[:32]
+    assert max(np.abs(c.astype(float) - np.asarray(t, dtype=float)).mean() for c, t in zip(cells, truth)) < 12
+    assert "each grid shows the first 32 of the 1000 prompts" in html and 'href="val/step_00000.png"' in html
+    Image.new("RGB", (20, 70_000), "gray").save(run / "val" / "step_00000.png")  # narrower than a cell: shown whole
+    grid = embedded_grids(write_report(run).read_text())[0]
+    assert max(grid.size) <= 65_500 and grid.height > 60_000

@@ -308,3 +308,88 @@ def test_report_that_cannot_be_written_warns_on_stderr(tmp_path, monkeypatch, ca
     trainer_module.Trainer.write_report(SimpleNamespace(out=tmp_path))
     out, err = capsys.readouterr()
     assert out == "" and err.startswith(f"warning: could not write {tmp_path / 'report.html'}") and "no space" in err
+
+
+def rig_rewards(monkeypatch, rewards: dict):
+    """Validation reports rewards[step] as its reward (the images are still made and scored)."""
+    validate = trainer_module.Trainer.validate
+    monkeypatch.setattr(trainer_module.Trainer, "validate",
+                        lambda self, step: validate(self, step) | {"reward": rewards[step]})
+
+
+def test_patience_stops_on_time_and_select_best_keeps_the_argmax(models, finished_run, tmp_path, monkeypatch, capsys):
+    """--patience 2: the count of validations without improvement resets on an improvement, and the run stops at
+    the second one in a row; --select best keeps the argmax of the logged validation rewards, not the last."""
+    from tinyrpo.checkpoint import load_checkpoint
+    subject, _ = finished_run
+    run = tmp_path / "run"
+    # step:     0 best, 1 worse (1), 2 best (reset), 3 worse (1), 4 worse (2): stop at 4
+    rig_rewards(monkeypatch, {0: 0.50, 1: 0.40, 2: 0.60, 3: 0.55, 4: 0.58, 5: 0.70, 6: 0.1, 7: 0.1, 8: 0.1})
+    assert train.main(base_args(models, subject, run, "--steps", "8", "--val-every", "1", "--patience", "2",
+                                "--select", "best")) == 0
+    records = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    vals = {r["step"]: r["reward"] for r in records if r.get("val")}
+    assert sorted(vals) == [0, 1, 2, 3, 4] and max(r["step"] for r in records) == 4
+    argmax = max(vals, key=vals.get)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stopped_early"] is True and summary["steps_run"] == 4
+    assert summary["chosen_step"] == summary["best_step"] == argmax == 2
+    assert load_checkpoint(run / "best.safetensors")[1]["step"] == 2
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == 4
+    capsys.readouterr()
+    before = snapshot(run)
+    assert train.main(["--out", str(run), "--resume", "--steps", "10"]) == 0  # more steps: patience still ran out
+    assert capsys.readouterr().out.strip() == (f"{run} is finished at step 4 (stopped early); nothing to do (pass a "
+                                               f"larger --patience with --resume to train further)")
+    assert snapshot(run) == before
+
+
+def test_resume_between_saves_cuts_the_log_back(models, finished_run, tmp_path, monkeypatch):
+    """A run that dies after step 4 with last.pt at step 3 resumes at 3: the log's records past 3 are dropped and
+    redone, once each, the same."""
+    subject, _ = finished_run
+    run = tmp_path / "run"
+    validate = trainer_module.Trainer.validate
+
+    def crash_at_4(self, step):
+        if step == 4:
+            raise RuntimeError("killed")
+        return validate(self, step)
+    with monkeypatch.context() as m:
+        m.setattr(trainer_module.Trainer, "validate", crash_at_4)
+        with pytest.raises(RuntimeError, match="killed"):
+            train.main(base_args(models, subject, run, "--steps", "5", "--val-every", "2", "--save-every", "3"))
+    crashed = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert [(r["step"], bool(r.get("val"))) for r in crashed][-2:] == [(3, False), (4, False)]
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == 3
+    seen = []
+    load_last = trainer_module.Trainer.load_last
+
+    def look(self):  # the log as the resumed run starts to train: nothing past step 3
+        start = load_last(self)
+        seen.append(start)
+        return start
+    monkeypatch.setattr(trainer_module.Trainer, "load_last", look)
+    at_start = []
+    monkeypatch.setattr(trainer_module, "tqdm", _WatchLog(trainer_module.tqdm, run, at_start))
+    assert train.main(["--out", str(run), "--resume"]) == 0
+    assert seen == [3] and at_start and max(r["step"] for r in at_start[0]) == 3
+    log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert [(r["step"], bool(r.get("val"))) for r in log] == [
+        (0, True), (1, False), (2, False), (2, True), (3, False), (4, False), (4, True), (5, False), (5, True)]
+    assert next(r for r in log if r["step"] == 4) == next(r for r in crashed if r["step"] == 4)  # redone exactly
+
+
+class _WatchLog:
+    """tqdm, recording log.jsonl's records when the training bar is made (after the resume cut the log back)."""
+
+    def __init__(self, tqdm, run, into):
+        self.tqdm, self.run, self.into = tqdm, run, into
+
+    def __call__(self, *a, **kw):
+        if kw.get("desc") == "training":
+            self.into.append([json.loads(x) for x in (self.run / "log.jsonl").read_text().splitlines()])
+        return self.tqdm(*a, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.tqdm, name)

@@ -161,3 +161,28 @@ def test_validation_reward_is_fp32_under_bf16(models, tmp_path):
     cells = grid_cells(grid, len(tr.prompts), n, (RES, RES))
     s = score(tr.scorer, cells, [p for p in tr.prompts for _ in range(n)], tr.ref_embs, "sks", tr.cfg.lambda_val)
     assert v["reward"] == pytest.approx(s.reward.mean().item(), rel=1e-6)
+
+
+def test_pair_winner_is_scored_against_the_pairs_training_prompt(models, tmp_path, monkeypatch):
+    """--winner-prompt pair: the h(w) a label is drawn with is the reference image's reward for the training prompt
+    of the loser it is paired with (not for the reference prompt), read off the values the label sampler gets."""
+    from tinyrpo import rpo
+    subject = make_subject(tmp_path / "subject", n=3)
+    tr = make_trainer(models, subject, tmp_path / "run", "--winner-prompt", "pair")
+    m, refs = tr.method, tr.subject.images
+    with torch.no_grad():  # the oracle: each reference image scored against each prompt, here
+        by_prompt = {p: tr.reward(refs, [p] * len(refs), 0.0).reward.cpu()
+                     for p in [tr.subject.reference_prompt, *tr.prompts]}
+    assert not torch.allclose(by_prompt[tr.prompts[0]], by_prompt[tr.subject.reference_prompt])  # the test can tell
+    seen = []
+    real = rpo.sample_label
+    monkeypatch.setattr(rpo, "sample_label", lambda h_w, h_l, generator=None: (seen.append(h_w.clone()),
+                                                                                 real(h_w, h_l, generator))[1])
+    g = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        b = m.draw(g)
+        want = torch.stack([by_prompt[tr.prompts[m.l_prompt[j]]][i] for i, j in zip(b["i"], b["j"])])
+        assert torch.allclose(seen[-1], want, atol=1e-6, rtol=0)
+    rewards = json.loads((tr.out / "rewards.json").read_text())
+    assert torch.allclose(torch.tensor(rewards["reference"]), torch.stack([by_prompt[p] for p in tr.prompts], 1),
+                          atol=1e-6, rtol=0)
