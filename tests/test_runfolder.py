@@ -393,3 +393,37 @@ class _WatchLog:
 
     def __getattr__(self, name):
         return getattr(self.tqdm, name)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """An 8 MB tmpfs (root on Linux), else a skip: the tiny model's last.pt (weights and AdamW's moments, 14 MB)
+    does not fit, its cached images and config do."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if sys.platform != "linux" or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)],
+                                                 capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root on Linux)")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_real_full_disk_then_space_freed_resumes(models, finished_run, small_disk):
+    subject, out = finished_run
+    run = small_disk / "run"
+    args = base_args(models, subject, run, "--steps", "2", "--val-every", "2", "--save-every", "1", "--select", "last")
+    command = shlex.join(["python", "train.py", "--out", str(run), "--resume"])
+    for attempt in (args, ["--out", str(run), "--resume"]):  # the run, then a resume on the still full disk
+        r = run_cli(attempt)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.strip().splitlines()[-1] == (  # after the progress bars, one line
+            f"error: cannot write {run / 'last.pt'}: no space left on the device; free some space, then continue the "
+            f"run (no step is saved yet, the images generated so far are kept) with: {command}"), r.stderr
+        assert sorted(p.name for p in run.iterdir() if p.name.endswith(".tmp")) == []
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    r = run_cli(["--out", str(run), "--resume"])
+    assert r.returncode == 0, r.stderr
+    assert log_steps(run) == [(0, True), (1, False), (2, False), (2, True)]
+    a = torch.load(out / "last.pt", weights_only=True)["unet"]
+    b = torch.load(run / "last.pt", weights_only=True)["unet"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
