@@ -50,7 +50,8 @@ from tinyrpo.atomic import WriteError, atomic_save_safetensors, machine_errno, w
 from tinyrpo.checkpoint import apply_checkpoint, best_checkpoint, load_checkpoint
 from tinyrpo.cli import HelpFormatter
 from tinyrpo.errors import UserError, run_cli
-from tinyrpo.layouts import CONFIG_KEYS, compvis_single_file
+from tinyrpo.layouts import (CONFIG_KEYS, MODEL_INDEX_JSON, compvis_single_file, scheduler_config_json,
+                             text_config_json, unet_config_json, vae_config_json)
 from tinyrpo.lora_files import to_diffusers, to_kohya
 from tinyrpo.schedulers import make_betas
 from tinyrpo.weights import load_sd
@@ -59,56 +60,6 @@ FORMATS = ("single-file", "diffusers", "lora-kohya", "lora-diffusers")
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 SUFFIX = {"single-file": ".safetensors", "diffusers": "-diffusers", "lora-kohya": "-lora.safetensors",
           "lora-diffusers": "-lora-diffusers.safetensors"}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# diffusers' config files, from tinyrpo's configs (the inverse of weights.py's readers)
-
-
-def unet_config_json(cfg) -> dict:
-    return {"_class_name": "UNet2DConditionModel", "act_fn": "silu",
-            "attention_head_dim": cfg.num_heads,  # diffusers' name for SD v1's number of heads
-            "block_out_channels": list(cfg.block_out_channels), "center_input_sample": False,
-            "cross_attention_dim": cfg.cross_attention_dim,
-            "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention_levels],
-            "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": cfg.in_channels,
-            "layers_per_block": cfg.layers_per_block, "mid_block_scale_factor": 1, "norm_eps": 1e-05,
-            "norm_num_groups": cfg.norm_num_groups, "out_channels": cfg.out_channels, "sample_size": cfg.sample_size,
-            "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in cfg.attention_levels[::-1]]}
-
-
-def vae_config_json(cfg) -> dict:
-    n = len(cfg.block_out_channels)
-    return {"_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": list(cfg.block_out_channels),
-            "down_block_types": ["DownEncoderBlock2D"] * n, "in_channels": cfg.in_channels,
-            "latent_channels": cfg.latent_channels, "layers_per_block": cfg.layers_per_block,
-            "norm_num_groups": cfg.norm_num_groups, "out_channels": cfg.out_channels, "sample_size": cfg.sample_size,
-            "scaling_factor": cfg.scaling_factor, "up_block_types": ["UpDecoderBlock2D"] * n}
-
-
-def text_config_json(cfg, dtype: torch.dtype) -> dict:
-    return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "hidden_act": cfg.hidden_act,
-            "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
-            "num_attention_heads": cfg.num_heads, "num_hidden_layers": cfg.num_layers,
-            "max_position_embeddings": cfg.max_position_embeddings, "layer_norm_eps": cfg.layer_norm_eps,
-            "vocab_size": cfg.vocab_size, "bos_token_id": 49406, "eos_token_id": cfg.eos_token_id, "pad_token_id": 1,
-            "projection_dim": cfg.hidden_size, "torch_dtype": str(dtype).removeprefix("torch.")}
-
-
-def scheduler_config_json(cfg) -> dict:
-    # SD v1.5 ships a PNDMScheduler config; every diffusers scheduler reads these numbers.
-    return {"_class_name": "PNDMScheduler", "num_train_timesteps": cfg.num_train_timesteps,
-            "beta_start": cfg.beta_start, "beta_end": cfg.beta_end, "beta_schedule": cfg.beta_schedule,
-            "steps_offset": cfg.steps_offset, "set_alpha_to_one": cfg.set_alpha_to_one,
-            "clip_sample": cfg.clip_sample, "skip_prk_steps": True, "prediction_type": "epsilon",
-            "timestep_spacing": "leading", "trained_betas": None}
-
-
-MODEL_INDEX_JSON = {"_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None],
-                    "requires_safety_checker": False, "safety_checker": [None, None],
-                    "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
-                    "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-                    "vae": ["diffusers", "AutoencoderKL"]}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,10 +1,14 @@
-"""The layouts of public checkpoints as rename rules: a file's module paths -> tinyrpo's (diffusers / HF names).
+"""The layouts of public checkpoints: what a file's names and config.json mean in tinyrpo's terms.
 
-Shared by loading (tinyrpo/weights.py reads files through these tables) and export (tinyrpo/export.py runs
-them backwards), so the two can never disagree. One table per network, built from the config by a few loops
-(so a tiny model maps as well as SD v1.5), `{i}` standing for a layer index, the longest matching dotted
-prefix winning. The few fixes that are not renames (1x1 convs stored where we have linears, DINO's fused
-qkv) sit beside the tables.
+    rename rules    a file's module paths -> tinyrpo's (diffusers / HF names), one table per network
+    configs         our config dataclasses read off tensor shapes or a diffusers / HF config.json,
+                    and written back as those config.json files
+
+Shared by loading (tinyrpo/weights.py reads files through these tables and readers) and writing
+(tinyrpo/export.py and tinyrpo/toy/models.py run them backwards), so the two can never disagree. Each table
+is built from the config by a few loops (so a tiny model maps as well as SD v1.5), `{i}` standing for a
+layer index, the longest matching dotted prefix winning. The few fixes that are not renames (1x1 convs
+stored where we have linears, DINO's fused qkv) sit beside the tables.
 
 Facts that trip converters:
 - CompVis keeps the U-Net's down path as one flat `input_blocks` list (conv_in, then per level L x
@@ -12,13 +16,29 @@ Facts that trip converters:
   after an attention and at `.1.conv` where the level has none. The VAE decoder's `up.i` is diffusers'
   `up_blocks.(n-1-i)`; its mid attention q/k/v/proj_out are 1x1 convs, diffusers' are linears.
 - DINO's own attn.qkv fuses [q; k; v] by output rows.
+- diffusers' `attention_head_dim: 8` in an SD v1 unet/config.json is the number of heads, not their size.
+- openai's CLIP config.json files say eos_token_id 2 (transformers then pools at argmax(ids), which is
+  49407 for real prompts); we pool at the first 49407 either way.
+- A single file carries no config: sizes are read off shapes (as openai/CLIP's build_model does), head counts
+  follow SD v1's / OpenAI's rule unless its header carries the configs tinyrpo.export writes (CONFIG_KEYS).
 """
 import re
 
 import torch
 
+from tinyrpo.clip import CLIPTextConfig, CLIPVisionConfig
+from tinyrpo.dino import DINOConfig
+from tinyrpo.errors import UserError
+from tinyrpo.schedulers import SchedulerConfig
 from tinyrpo.unet import UNetConfig
 from tinyrpo.vae import VAEConfig
+
+
+class WeightsError(UserError):
+    """A weight file that is missing, unreadable, or not the model it was given as."""
+
+
+SD1_ONLY = "tinyrpo supports Stable Diffusion v1.x only (e.g. v1-5-pruned-emaonly.safetensors)"
 
 # ---------------------------------------------------------------------------------------------------------
 # Renaming by tables of dotted prefixes
@@ -258,3 +278,222 @@ def compvis_single_file(unet_state: dict, unet_cfg: UNetConfig, vae_state: dict,
     state[TEXT_PREFIX + "text_model.embeddings.position_ids"] = torch.arange(positions)[None]
     state.update(schedule_buffers(betas))
     return state
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Configs read off a file's tensor shapes. `p` is a weights.Part: its tensors (`p.state`), `p.shape(name)`,
+# which raises the error naming a missing tensor, and `p.source`, the file.
+
+
+def indices(names, pattern: str) -> list[int]:
+    """The distinct integers matched by the one group of `pattern` at the start of names, sorted."""
+    rx = re.compile(pattern)
+    return sorted({int(m.group(1)) for k in names if (m := rx.match(k))})
+
+
+def infer_compvis_unet_config(p) -> UNetConfig:
+    """Every U-Net size from the CompVis names' shapes; heads and groups cannot be seen, so SD v1's 8 and 32."""
+    n_in = len(indices(p.state, r"input_blocks\.(\d+)\."))
+    ops = indices(p.state, r"input_blocks\.(\d+)\.0\.op\.")
+    L = ops[0] - 1 if ops else n_in - 1  # the first downsampler follows level 0's L layers
+    levels = max(1, n_in // (L + 1)) if L > 0 else 1  # conv_in + n*L layers + (n-1) downsamplers = n*(L+1)
+    chs, attn = [], []
+    for lvl in range(levels):
+        i = 1 + lvl * (L + 1)
+        chs.append(p.shape(f"input_blocks.{i}.0.out_layers.3.weight")[0])
+        attn.append(f"input_blocks.{i}.1.proj_in.weight" in p.state)
+    proj_in = p.shape("middle_block.1.proj_in.weight")
+    if len(proj_in) == 2:  # SD 2.x uses linear proj_in/proj_out (use_linear_projection)
+        raise WeightsError(f"{p.source} has linear attention projections (proj_in {list(proj_in)}): it is a "
+                           f"Stable Diffusion 2.x U-Net; " + SD1_ONLY)
+    context = p.shape("middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1]
+    return UNetConfig(in_channels=p.shape("input_blocks.0.0.weight")[1], out_channels=p.shape("out.2.weight")[0],
+                      block_out_channels=tuple(chs), layers_per_block=L, attention_levels=tuple(attn),
+                      num_heads=8, cross_attention_dim=context, norm_num_groups=32)
+
+
+def infer_compvis_vae_config(p) -> VAEConfig:
+    levels = indices(p.state, r"encoder\.down\.(\d+)\.")
+    chs = tuple(p.shape(f"encoder.down.{i}.block.0.conv2.weight")[0] for i in levels)
+    return VAEConfig(in_channels=p.shape("encoder.conv_in.weight")[1],
+                     out_channels=p.shape("decoder.conv_out.weight")[0],
+                     latent_channels=p.shape("post_quant_conv.weight")[0], block_out_channels=chs,
+                     layers_per_block=len(indices(p.state, r"encoder\.down\.0\.block\.(\d+)\.")),
+                     norm_num_groups=32)
+
+
+def infer_clip_text_config(p, hf: dict | None = None, prefix: str = "text_model.") -> CLIPTextConfig:
+    """Sizes from shapes; heads, eps and activation from an HF config when there is one, else OpenAI's
+    (heads = width / 64, as openai/CLIP's build_model)."""
+    hf = hf or {}
+    vocab, width = p.shape(prefix + "embeddings.token_embedding.weight")
+    eos = hf.get("eos_token_id")  # openai's config.json files say 2, a leftover: keep 49407 then
+    return CLIPTextConfig(vocab_size=vocab, hidden_size=width,
+                          intermediate_size=p.shape(prefix + "encoder.layers.0.mlp.fc1.weight")[0],
+                          num_layers=len(indices(p.state, re.escape(prefix) + r"encoder\.layers\.(\d+)\.")),
+                          num_heads=hf.get("num_attention_heads", max(1, width // 64)),
+                          max_position_embeddings=p.shape(prefix + "embeddings.position_embedding.weight")[0],
+                          layer_norm_eps=hf.get("layer_norm_eps", 1e-5), hidden_act=hf.get("hidden_act", "quick_gelu"),
+                          eos_token_id=eos if isinstance(eos, int) and eos > 2 else CLIPTextConfig.eos_token_id)
+
+
+def infer_clip_vision_config(p, hf: dict | None = None) -> CLIPVisionConfig:
+    """The vision tower of an HF CLIPModel, as infer_clip_text_config: B/32, B/16 and L/14 alike."""
+    hf = hf or {}
+    width = p.shape("vision_model.embeddings.class_embedding")[0]
+    _, channels, patch, _ = p.shape("vision_model.embeddings.patch_embedding.weight")
+    positions = p.shape("vision_model.embeddings.position_embedding.weight")[0]
+    grid = round((positions - 1) ** 0.5)  # one position per patch of a square image, plus the class token
+    return CLIPVisionConfig(hidden_size=width,
+                            intermediate_size=p.shape("vision_model.encoder.layers.0.mlp.fc1.weight")[0],
+                            num_layers=len(indices(p.state, r"vision_model\.encoder\.layers\.(\d+)\.")),
+                            num_heads=hf.get("num_attention_heads", max(1, width // 64)), image_size=grid * patch,
+                            patch_size=patch, num_channels=channels, layer_norm_eps=hf.get("layer_norm_eps", 1e-5),
+                            hidden_act=hf.get("hidden_act", "quick_gelu"))
+
+
+def infer_dino_config(p, hf: dict | None, layer_norm_eps: float) -> DINOConfig:
+    """A DINO ViT under our names; heads from the HF config when there is one, else width / 64 (ViT-S/16: 6).
+    The eps is the caller's: it depends on the layout the file came in (weights.dino_part)."""
+    hf = hf or {}
+    width = p.shape("embeddings.cls_token")[-1]
+    _, channels, patch, _ = p.shape("embeddings.patch_embeddings.projection.weight")
+    grid = round((p.shape("embeddings.position_embeddings")[1] - 1) ** 0.5)
+    return DINOConfig(hidden_size=width, num_layers=len(indices(p.state, r"encoder\.layers\.(\d+)\.")),
+                      num_heads=hf.get("num_attention_heads", max(1, width // 64)),
+                      intermediate_size=p.shape("encoder.layers.0.mlp.fc1.weight")[0], patch_size=patch,
+                      image_size=grid * patch, num_channels=channels, layer_norm_eps=layer_norm_eps,
+                      hidden_act=hf.get("hidden_act", "gelu"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Configs read from diffusers' config.json (scheduler_config.json: schedulers.from_diffusers_config)
+
+# diffusers UNet2DConditionModel options whose other values are other models (SD 2.x, SDXL, ...) or
+# change the math; SD v1 uses these.
+SD1_UNET_OPTIONS = {"use_linear_projection": False, "addition_embed_type": None, "class_embed_type": None,
+                    "encoder_hid_dim": None, "transformer_layers_per_block": 1, "only_cross_attention": False,
+                    "dual_cross_attention": False, "mid_block_type": "UNetMidBlock2DCrossAttn",
+                    "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu", "norm_eps": 1e-5,
+                    "resnet_time_scale_shift": "default", "time_embedding_type": "positional",
+                    "conv_in_kernel": 3, "conv_out_kernel": 3, "center_input_sample": False,
+                    "num_class_embeds": None, "time_cond_proj_dim": None}
+
+
+def unet_config_from_diffusers(d: dict, source: str = "unet/config.json") -> UNetConfig:
+    """UNetConfig from diffusers' unet/config.json, refusing what SD v1 never uses."""
+    for key, want in SD1_UNET_OPTIONS.items():
+        got = d.get(key, want)
+        if got != want and not (isinstance(got, list) and all(g == want for g in got)):
+            model = ("an SDXL U-Net" if key == "addition_embed_type"
+                     else "an SD 2.x U-Net" if key == "use_linear_projection" else "not an SD v1 U-Net")
+            raise WeightsError(f"{source} sets {key}={got!r} (SD v1: {want!r}): {model}; " + SD1_ONLY)
+    down, up = d.get("down_block_types", []), d.get("up_block_types", [])
+    attn = [t == "CrossAttnDownBlock2D" for t in down]
+    known = {"CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"}
+    if not down or set(down + up) - known or [t == "CrossAttnUpBlock2D" for t in up][::-1] != attn:
+        raise WeightsError(f"{source} has blocks {down} / {up}, not an SD v1 U-Net's; " + SD1_ONLY)
+    # diffusers' `attention_head_dim` is, for SD v1, the number of heads (8), not a head size: its
+    # UNet2DConditionModel reads `num_attention_heads or attention_head_dim` as the head count.
+    heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)
+    if isinstance(heads, list):
+        if len(set(heads)) != 1:
+            raise WeightsError(f"{source} has a different head count per level {heads}: an SD 2.x U-Net; " + SD1_ONLY)
+        heads = heads[0]
+    ctx = d.get("cross_attention_dim", 768)
+    if ctx == 1024:
+        raise WeightsError(f"{source} has cross_attention_dim 1024 (OpenCLIP ViT-H text states): an SD 2.x "
+                           "U-Net; " + SD1_ONLY)
+    return UNetConfig(in_channels=d.get("in_channels", 4), out_channels=d.get("out_channels", 4),
+                      block_out_channels=tuple(d["block_out_channels"]), layers_per_block=d.get("layers_per_block", 2),
+                      attention_levels=tuple(attn), num_heads=heads, cross_attention_dim=ctx,
+                      norm_num_groups=d.get("norm_num_groups", 32), sample_size=d.get("sample_size", 64))
+
+
+def vae_config_from_diffusers(d: dict) -> VAEConfig:
+    return VAEConfig(in_channels=d.get("in_channels", 3), out_channels=d.get("out_channels", 3),
+                     latent_channels=d.get("latent_channels", 4), block_out_channels=tuple(d["block_out_channels"]),
+                     layers_per_block=d.get("layers_per_block", 2), norm_num_groups=d.get("norm_num_groups", 32),
+                     scaling_factor=d.get("scaling_factor", 0.18215), sample_size=d.get("sample_size", 512))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Configs written as diffusers' / HF's config.json: the readers above (and from_diffusers_config), run backwards
+
+
+def unet_config_json(cfg: UNetConfig) -> dict:
+    return {"_class_name": "UNet2DConditionModel", "act_fn": "silu",
+            "attention_head_dim": cfg.num_heads,  # diffusers' name for SD v1's number of heads
+            "block_out_channels": list(cfg.block_out_channels), "center_input_sample": False,
+            "cross_attention_dim": cfg.cross_attention_dim,
+            "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention_levels],
+            "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": cfg.in_channels,
+            "layers_per_block": cfg.layers_per_block, "mid_block_scale_factor": 1, "norm_eps": 1e-05,
+            "norm_num_groups": cfg.norm_num_groups, "out_channels": cfg.out_channels, "sample_size": cfg.sample_size,
+            "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in cfg.attention_levels[::-1]]}
+
+
+def vae_config_json(cfg: VAEConfig) -> dict:
+    n = len(cfg.block_out_channels)
+    return {"_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": list(cfg.block_out_channels),
+            "down_block_types": ["DownEncoderBlock2D"] * n, "in_channels": cfg.in_channels,
+            "latent_channels": cfg.latent_channels, "layers_per_block": cfg.layers_per_block,
+            "norm_num_groups": cfg.norm_num_groups, "out_channels": cfg.out_channels, "sample_size": cfg.sample_size,
+            "scaling_factor": cfg.scaling_factor, "up_block_types": ["UpDecoderBlock2D"] * n}
+
+
+def scheduler_config_json(cfg: SchedulerConfig) -> dict:
+    # SD v1.5 ships a PNDMScheduler config; every diffusers scheduler reads these numbers.
+    return {"_class_name": "PNDMScheduler", "num_train_timesteps": cfg.num_train_timesteps,
+            "beta_start": cfg.beta_start, "beta_end": cfg.beta_end, "beta_schedule": cfg.beta_schedule,
+            "steps_offset": cfg.steps_offset, "set_alpha_to_one": cfg.set_alpha_to_one,
+            "clip_sample": cfg.clip_sample, "skip_prk_steps": True, "prediction_type": "epsilon",
+            "timestep_spacing": "leading", "trained_betas": None}
+
+
+MODEL_INDEX_JSON = {"_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None],
+                    "requires_safety_checker": False, "safety_checker": [None, None],
+                    "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+                    "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+                    "vae": ["diffusers", "AutoencoderKL"]}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _clip_text_fields(cfg: CLIPTextConfig) -> dict:
+    return {"model_type": "clip_text_model", "hidden_act": cfg.hidden_act, "hidden_size": cfg.hidden_size,
+            "intermediate_size": cfg.intermediate_size, "num_attention_heads": cfg.num_heads,
+            "num_hidden_layers": cfg.num_layers, "max_position_embeddings": cfg.max_position_embeddings,
+            "layer_norm_eps": cfg.layer_norm_eps, "vocab_size": cfg.vocab_size, "bos_token_id": 49406,
+            "eos_token_id": cfg.eos_token_id, "pad_token_id": 1}
+
+
+def text_config_json(cfg: CLIPTextConfig, dtype: torch.dtype) -> dict:
+    """An SD folder's text_encoder/config.json (an HF CLIPTextModel)."""
+    return {"architectures": ["CLIPTextModel"], **_clip_text_fields(cfg), "projection_dim": cfg.hidden_size,
+            "torch_dtype": _dtype_name(dtype)}
+
+
+def clip_config_json(cfg, dtype: torch.dtype) -> dict:
+    """An HF CLIPModel's config.json (openai/clip-vit-* layout), from a clip.CLIPConfig."""
+    v = cfg.vision
+    return {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": cfg.projection_dim,
+            "logit_scale_init_value": 2.6592, "torch_dtype": _dtype_name(dtype),
+            "text_config": {**_clip_text_fields(cfg.text), "projection_dim": cfg.projection_dim},
+            "vision_config": {"model_type": "clip_vision_model", "hidden_act": v.hidden_act, "hidden_size": v.hidden_size,
+                              "intermediate_size": v.intermediate_size, "num_attention_heads": v.num_heads,
+                              "num_hidden_layers": v.num_layers, "image_size": v.image_size,
+                              "patch_size": v.patch_size, "num_channels": v.num_channels,
+                              "layer_norm_eps": v.layer_norm_eps, "projection_dim": cfg.projection_dim}}
+
+
+def dino_config_json(cfg: DINOConfig, dtype: torch.dtype) -> dict:
+    """An HF ViTModel's config.json (facebook/dino-vits16's)."""
+    return {"architectures": ["ViTModel"], "model_type": "vit", "hidden_size": cfg.hidden_size,
+            "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+            "intermediate_size": cfg.intermediate_size, "hidden_act": cfg.hidden_act, "image_size": cfg.image_size,
+            "patch_size": cfg.patch_size, "num_channels": cfg.num_channels, "qkv_bias": True,
+            "layer_norm_eps": cfg.layer_norm_eps, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+            "torch_dtype": _dtype_name(dtype)}

@@ -6,26 +6,23 @@
 
 tinyrpo's modules carry the diffusers / HF names, so those files load with a plain strict load_state_dict.
 Every other layout is mapped by the rename rules of tinyrpo/layouts.py (one table per network, built from
-the config; shared with the export, which runs them backwards).
+the config; shared with the export, which runs them backwards), and every config is read there too: off
+tensor shapes for a single file, as openai/CLIP's build_model does (what shapes cannot tell, head counts,
+follows SD v1's rule unless the file's header carries the diffusers configs tinyrpo.export writes: then those
+are used, exactly, and a one-line note says what they change), or from a folder's config.json.
 
-A single file carries no config, so every size is read off tensor shapes, as openai/CLIP's build_model
-does; what shapes cannot tell (head counts) follows SD v1's rule, unless the file's header carries the diffusers
-configs, as tinyrpo.export writes them (then those are used, exactly, and a one-line note says what they change). Every load is strict: a tensor missing,
-left over (beyond the known non-weights) or of the wrong shape raises one WeightsError naming the file and
-the first few offending tensors, and checkpoints of other models (SD 2.x, SDXL, inpainting) are refused
-by name. Models are built on the meta device and the file's tensors are assigned, so no memory or time
-goes into a random initialization that would be overwritten.
+Every load is strict: a tensor missing, left over (beyond the known non-weights) or of the wrong shape raises
+one WeightsError naming the file and the first few offending tensors, and checkpoints of other models (SD 2.x,
+SDXL, inpainting) are refused by name. Models are built on the meta device and the file's tensors are
+assigned, so no memory or time goes into a random initialization that would be overwritten.
 
 Mirrors diffusers/loaders/single_file_utils.py (convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint,
 convert_ldm_clip_checkpoint) and transformers' convert_dino_to_pytorch.py; tests/test_weights.py checks
 the CompVis mapping against diffusers' converter, value for value.
 
-Facts that trip loaders (the layout facts are in tinyrpo/layouts.py):
-- diffusers' `attention_head_dim: 8` in an SD v1 unet/config.json is the number of heads, not their size.
+Facts that trip loaders (the layout and config facts are in tinyrpo/layouts.py):
 - The text encoder's names lose their `text_model.` prefix when transformers 5.x saves a CLIPTextModel
   (so in SD folders that recent diffusers/transformers write): both namings load.
-- openai's CLIP config.json files say eos_token_id 2 (transformers then pools at argmax(ids), which is
-  49407 for real prompts); we pool at the first 49407 either way.
 - HF's ViTConfig defaults to layer_norm_eps 1e-12 and facebook/dino-vits16 keeps it; DINO trained with 1e-6.
 - Non-weights in single files: schedule buffers, position_ids (int64), model_ema.* (see below).
 """
@@ -46,21 +43,19 @@ from torch.overrides import TorchFunctionMode
 
 from tinyrpo import download
 from tinyrpo.identify import WANTED, Found, identify, kind_of_names, wrong_kind
-from tinyrpo.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
-from tinyrpo.dino import DINO, DINOConfig
+from tinyrpo.clip import CLIPConfig, CLIPModel, CLIPTextModel
+from tinyrpo.dino import DINO
 from tinyrpo.checkpoint import unet_fingerprint
-from tinyrpo.errors import UserError
-from tinyrpo.layouts import (CONFIG_KEYS, DINO_HF, DINO_ORIGINAL, SCHEDULE_BUFFERS, TEXT_PREFIX, UNET_PREFIX,
-                             VAE_PREFIX, Renames, compvis_unet_table, compvis_vae_table, expand, split_qkv,
-                             vae_conv_to_linear, vae_legacy_table)
+from tinyrpo.layouts import (CONFIG_KEYS, DINO_HF, DINO_ORIGINAL, SCHEDULE_BUFFERS, SD1_ONLY, TEXT_PREFIX,
+                             UNET_PREFIX, VAE_PREFIX, Renames, WeightsError, compvis_unet_table, compvis_vae_table,
+                             expand, indices, infer_clip_text_config, infer_clip_vision_config,
+                             infer_compvis_unet_config, infer_compvis_vae_config, infer_dino_config, split_qkv,
+                             unet_config_from_diffusers, vae_conv_to_linear, vae_config_from_diffusers,
+                             vae_legacy_table)
 from tinyrpo.schedulers import DDIMScheduler, SchedulerConfig, from_diffusers_config
 from tinyrpo.tokenizer import CLIPTokenizer
-from tinyrpo.unet import UNet, UNetConfig
-from tinyrpo.vae import AutoencoderKL, VAEConfig
-
-
-class WeightsError(UserError):
-    """A weight file that is missing, unreadable, or not the model it was given as."""
+from tinyrpo.unet import UNet
+from tinyrpo.vae import AutoencoderKL
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -106,12 +101,6 @@ def _first_file(folder: Path, names: list[str], what: str) -> Path:
         if (folder / name).is_file():
             return folder / name
     raise WeightsError(f"{folder} has no {what} weights: expected {' or '.join(names[:2])}")
-
-
-def _indices(names, pattern: str) -> list[int]:
-    """The distinct integers matched by the one group of `pattern` at the start of names, sorted."""
-    rx = re.compile(pattern)
-    return sorted({int(m.group(1)) for k in names if (m := rx.match(k))})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -206,7 +195,6 @@ def rename(state: dict, renames: Callable[[str], str | None], fix=None) -> tuple
 # Stable Diffusion v1: single file (CompVis layout)
 
 SD1_HINT = "is this an SD v1.x checkpoint?"
-SD1_ONLY = "tinyrpo supports Stable Diffusion v1.x only (e.g. v1-5-pruned-emaonly.safetensors)"
 
 
 def _ignored_single(k: str) -> bool:
@@ -260,52 +248,6 @@ def header_note(path: Path, parts: dict[str, Part], scheduler: SchedulerConfig) 
         return None
     return (f"note: {path} carries its architecture in its header (tinyrpo.export), read from there instead of "
             f"SD v1.5's: {', '.join(changed)}")
-
-
-def infer_compvis_unet_config(p: Part) -> UNetConfig:
-    """Every U-Net size from the CompVis names' shapes; heads and groups cannot be seen, so SD v1's 8 and 32."""
-    n_in = len(_indices(p.state, r"input_blocks\.(\d+)\."))
-    ops = _indices(p.state, r"input_blocks\.(\d+)\.0\.op\.")
-    L = ops[0] - 1 if ops else n_in - 1  # the first downsampler follows level 0's L layers
-    levels = max(1, n_in // (L + 1)) if L > 0 else 1  # conv_in + n*L layers + (n-1) downsamplers = n*(L+1)
-    chs, attn = [], []
-    for lvl in range(levels):
-        i = 1 + lvl * (L + 1)
-        chs.append(p.shape(f"input_blocks.{i}.0.out_layers.3.weight")[0])
-        attn.append(f"input_blocks.{i}.1.proj_in.weight" in p.state)
-    proj_in = p.shape("middle_block.1.proj_in.weight")
-    if len(proj_in) == 2:  # SD 2.x uses linear proj_in/proj_out (use_linear_projection)
-        raise WeightsError(f"{p.source} has linear attention projections (proj_in {list(proj_in)}): it is a "
-                           f"Stable Diffusion 2.x U-Net; " + SD1_ONLY)
-    context = p.shape("middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1]
-    return UNetConfig(in_channels=p.shape("input_blocks.0.0.weight")[1], out_channels=p.shape("out.2.weight")[0],
-                      block_out_channels=tuple(chs), layers_per_block=L, attention_levels=tuple(attn),
-                      num_heads=8, cross_attention_dim=context, norm_num_groups=32)
-
-
-def infer_compvis_vae_config(p: Part) -> VAEConfig:
-    levels = _indices(p.state, r"encoder\.down\.(\d+)\.")
-    chs = tuple(p.shape(f"encoder.down.{i}.block.0.conv2.weight")[0] for i in levels)
-    return VAEConfig(in_channels=p.shape("encoder.conv_in.weight")[1],
-                     out_channels=p.shape("decoder.conv_out.weight")[0],
-                     latent_channels=p.shape("post_quant_conv.weight")[0], block_out_channels=chs,
-                     layers_per_block=len(_indices(p.state, r"encoder\.down\.0\.block\.(\d+)\.")),
-                     norm_num_groups=32)
-
-
-def infer_clip_text_config(p: Part, hf: dict | None = None, prefix: str = "text_model.") -> CLIPTextConfig:
-    """Sizes from shapes; heads, eps and activation from an HF config when there is one, else OpenAI's
-    (heads = width / 64, as openai/CLIP's build_model)."""
-    hf = hf or {}
-    vocab, width = p.shape(prefix + "embeddings.token_embedding.weight")
-    eos = hf.get("eos_token_id")  # openai's config.json files say 2, a leftover: keep 49407 then
-    return CLIPTextConfig(vocab_size=vocab, hidden_size=width,
-                          intermediate_size=p.shape(prefix + "encoder.layers.0.mlp.fc1.weight")[0],
-                          num_layers=len(_indices(p.state, re.escape(prefix) + r"encoder\.layers\.(\d+)\.")),
-                          num_heads=hf.get("num_attention_heads", max(1, width // 64)),
-                          max_position_embeddings=p.shape(prefix + "embeddings.position_embedding.weight")[0],
-                          layer_norm_eps=hf.get("layer_norm_eps", 1e-5), hidden_act=hf.get("hidden_act", "quick_gelu"),
-                          eos_token_id=eos if isinstance(eos, int) and eos > 2 else CLIPTextConfig.eos_token_id)
 
 
 def text_part(state: dict, hf: dict | None, source: str, what: str = "the SD v1 text encoder (CLIP text tower)",
@@ -372,54 +314,6 @@ def sd_single_file_parts(state: dict, source: str, configs: dict | None = None) 
 
 # ---------------------------------------------------------------------------------------------------------
 # Stable Diffusion v1: diffusers folder
-
-# diffusers UNet2DConditionModel options whose other values are other models (SD 2.x, SDXL, ...) or
-# change the math; SD v1 uses these.
-SD1_UNET_OPTIONS = {"use_linear_projection": False, "addition_embed_type": None, "class_embed_type": None,
-                    "encoder_hid_dim": None, "transformer_layers_per_block": 1, "only_cross_attention": False,
-                    "dual_cross_attention": False, "mid_block_type": "UNetMidBlock2DCrossAttn",
-                    "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu", "norm_eps": 1e-5,
-                    "resnet_time_scale_shift": "default", "time_embedding_type": "positional",
-                    "conv_in_kernel": 3, "conv_out_kernel": 3, "center_input_sample": False,
-                    "num_class_embeds": None, "time_cond_proj_dim": None}
-
-
-def unet_config_from_diffusers(d: dict, source: str = "unet/config.json") -> UNetConfig:
-    """UNetConfig from diffusers' unet/config.json, refusing what SD v1 never uses."""
-    for key, want in SD1_UNET_OPTIONS.items():
-        got = d.get(key, want)
-        if got != want and not (isinstance(got, list) and all(g == want for g in got)):
-            model = ("an SDXL U-Net" if key == "addition_embed_type"
-                     else "an SD 2.x U-Net" if key == "use_linear_projection" else "not an SD v1 U-Net")
-            raise WeightsError(f"{source} sets {key}={got!r} (SD v1: {want!r}): {model}; " + SD1_ONLY)
-    down, up = d.get("down_block_types", []), d.get("up_block_types", [])
-    attn = [t == "CrossAttnDownBlock2D" for t in down]
-    known = {"CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"}
-    if not down or set(down + up) - known or [t == "CrossAttnUpBlock2D" for t in up][::-1] != attn:
-        raise WeightsError(f"{source} has blocks {down} / {up}, not an SD v1 U-Net's; " + SD1_ONLY)
-    # diffusers' `attention_head_dim` is, for SD v1, the number of heads (8), not a head size: its
-    # UNet2DConditionModel reads `num_attention_heads or attention_head_dim` as the head count.
-    heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)
-    if isinstance(heads, list):
-        if len(set(heads)) != 1:
-            raise WeightsError(f"{source} has a different head count per level {heads}: an SD 2.x U-Net; " + SD1_ONLY)
-        heads = heads[0]
-    ctx = d.get("cross_attention_dim", 768)
-    if ctx == 1024:
-        raise WeightsError(f"{source} has cross_attention_dim 1024 (OpenCLIP ViT-H text states): an SD 2.x "
-                           "U-Net; " + SD1_ONLY)
-    return UNetConfig(in_channels=d.get("in_channels", 4), out_channels=d.get("out_channels", 4),
-                      block_out_channels=tuple(d["block_out_channels"]), layers_per_block=d.get("layers_per_block", 2),
-                      attention_levels=tuple(attn), num_heads=heads, cross_attention_dim=ctx,
-                      norm_num_groups=d.get("norm_num_groups", 32), sample_size=d.get("sample_size", 64))
-
-
-def vae_config_from_diffusers(d: dict) -> VAEConfig:
-    return VAEConfig(in_channels=d.get("in_channels", 3), out_channels=d.get("out_channels", 3),
-                     latent_channels=d.get("latent_channels", 4), block_out_channels=tuple(d["block_out_channels"]),
-                     layers_per_block=d.get("layers_per_block", 2), norm_num_groups=d.get("norm_num_groups", 32),
-                     scaling_factor=d.get("scaling_factor", 0.18215), sample_size=d.get("sample_size", 512))
-
 
 def _weights_file(folder: Path, stem: str) -> Path:
     # diffusers' "fp16" variant files (`*.fp16.safetensors`) stand in when the plain ones are absent.
@@ -567,19 +461,9 @@ def clip_part(state: dict, hf: dict | None, source: str) -> Part:
                              "openai/clip-vit-large-patch14 (an SD text_encoder/ holds the text tower only)")
     p = Part(CLIPModel, None, state, source, what, lambda k: k, {k: k for k in state})
     hf = hf or {}
-    text = infer_clip_text_config(p, hf.get("text_config"))
-    vhf = hf.get("vision_config") or {}
-    width = p.shape("vision_model.embeddings.class_embedding")[0]
-    _, channels, patch, _ = p.shape("vision_model.embeddings.patch_embedding.weight")
-    positions = p.shape("vision_model.embeddings.position_embedding.weight")[0]
-    grid = round((positions - 1) ** 0.5)  # one position per patch of a square image, plus the class token
-    vision = CLIPVisionConfig(hidden_size=width,
-                              intermediate_size=p.shape("vision_model.encoder.layers.0.mlp.fc1.weight")[0],
-                              num_layers=len(_indices(state, r"vision_model\.encoder\.layers\.(\d+)\.")),
-                              num_heads=vhf.get("num_attention_heads", max(1, width // 64)), image_size=grid * patch,
-                              patch_size=patch, num_channels=channels, layer_norm_eps=vhf.get("layer_norm_eps", 1e-5),
-                              hidden_act=vhf.get("hidden_act", "quick_gelu"))
-    p.cfg = CLIPConfig(text=text, vision=vision, projection_dim=p.shape("visual_projection.weight")[0])
+    p.cfg = CLIPConfig(text=infer_clip_text_config(p, hf.get("text_config")),
+                       vision=infer_clip_vision_config(p, hf.get("vision_config")),
+                       projection_dim=p.shape("visual_projection.weight")[0])
     return p
 
 
@@ -602,12 +486,12 @@ def dino_part(state: dict, hf: dict | None, source: str) -> Part:
         state = {k.removeprefix(prefix): t for k, t in state.items()}
     state = {k: t for k, t in state.items() if not k.startswith(("head.", "pooler."))}
     if "cls_token" in state:  # DINO original / timm
-        layers = len(_indices(state, r"blocks\.(\d+)\."))
+        layers = len(indices(state, r"blocks\.(\d+)\."))
         renames, state, hf = Renames(expand(DINO_ORIGINAL, layers)), split_qkv(state), None
         file_name = lambda k: re.sub(r"attn\.[qkv]\.", "attn.qkv.", renames.file_name(k))  # noqa: E731
         eps = 1e-6  # DINO's vision_transformer.py: partial(nn.LayerNorm, eps=1e-6)
     elif "embeddings.cls_token" in state:  # HF ViTModel
-        layers = len(_indices(state, r"encoder\.layer\.(\d+)\."))
+        layers = len(indices(state, r"encoder\.layer\.(\d+)\."))
         renames = Renames(expand(DINO_HF, layers))
         file_name = renames.file_name
         # HF's ViTConfig defaults to 1e-12 and facebook/dino-vits16 keeps it; DINO trained with 1e-6.
@@ -619,15 +503,7 @@ def dino_part(state: dict, hf: dict | None, source: str) -> Part:
     s, origin, unknown = rename(state, renames)
     origin = {k: re.sub(r"attn\.[qkv]\.", "attn.qkv.", v) for k, v in origin.items()}
     p = Part(DINO, None, s, source, "DINO ViT", file_name, origin, unknown)
-    hf = hf or {}
-    width = p.shape("embeddings.cls_token")[-1]
-    _, channels, patch, _ = p.shape("embeddings.patch_embeddings.projection.weight")
-    grid = round((p.shape("embeddings.position_embeddings")[1] - 1) ** 0.5)
-    p.cfg = DINOConfig(hidden_size=width, num_layers=layers,
-                       num_heads=hf.get("num_attention_heads", max(1, width // 64)),  # ViT-S/16: 384 / 64 = 6
-                       intermediate_size=p.shape("encoder.layers.0.mlp.fc1.weight")[0], patch_size=patch,
-                       image_size=grid * patch, num_channels=channels, layer_norm_eps=eps,
-                       hidden_act=hf.get("hidden_act", "gelu"))
+    p.cfg = infer_dino_config(p, hf, eps)
     return p
 
 
