@@ -12,13 +12,13 @@ from tinyrpo.errors import UserError
 from tinyrpo.methods import METHODS, NAMES
 from tinyrpo.weights import load_sd
 
-# DINO weights for --dpg-reward dino; the tiny critic needs a small step on random networks (their
-# look-forward residuals are in the hundreds at large t, where the authors' lr 0.01 diverges)
-CRITIC = ["--critic-lr", "1e-7"]
+# look forward at its default critic step (lr 0.01, gradient norm clipped to 1): on these random networks the
+# look-forward residuals are in the hundreds at large t, and the authors' unclipped step made the loss -inf at
+# step 3 (nan at step 4 with the DINO reward), so these runs also check that the default does not diverge
 CASES = {
     "dreambooth": ["--method", "dreambooth", "--num-class-images", "2", "--train-text-encoder"],
-    "dpg": ["--method", "dpg", "--num-class-images", "2", *CRITIC],
-    "dpg-dino": ["--method", "dpg", "--num-class-images", "2", "--dpg-reward", "dino", *CRITIC],
+    "dpg": ["--method", "dpg", "--num-class-images", "2"],
+    "dpg-dino": ["--method", "dpg", "--num-class-images", "2", "--dpg-reward", "dino"],
 }
 
 
@@ -189,3 +189,42 @@ def test_lora_with_each_method(models, setup, tmp_path, case):
     assert state and all(".lora_" in k for k in state)
     steps = [r for r in records(out) if not r.get("val")]
     assert all("l_prior" in r for r in steps) and (case == "dreambooth" or "critic_loss" in steps[-1])
+    # the finished LoRA run: a resume with nothing to do, fewer --steps and another --lora-alpha change nothing
+    from tests.test_runfolder import snapshot
+    before = snapshot(out)
+    assert train.main(["--out", str(out), "--resume"]) == 0
+    for flags, match in ((["--steps", "1"], "--steps 1 is fewer than the 2 steps"), (["--lora-alpha", "8"], "lora_alpha")):
+        with pytest.raises(UserError, match=match):
+            train.main(["--out", str(out), "--resume", *flags])
+    assert snapshot(out) == before
+
+
+def test_full_disk_in_the_class_images_then_resume(models, setup, tmp_path, monkeypatch):
+    """Look forward's (and DreamBooth's) class images on a full disk: one line with the resume command, no partial
+    image; the resume makes the missing ones and trains."""
+    import errno
+    import os
+    from tinyrpo import atomic, method as method_module
+    out = tmp_path / "run"
+    args = args_for(models, setup, out, "dpg", "--steps", "2")
+    real = method_module.atomic_save_image
+
+    def full(image, path, **kw):
+        if path.name != "001_00.png":
+            return real(image, path, **kw)
+
+        def half(tmp):
+            tmp.write_bytes(b"\x89PNG half")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return atomic.atomic_write(path, half)
+    with monkeypatch.context() as m:
+        m.setattr(method_module, "atomic_save_image", full)
+        with pytest.raises(UserError) as e:
+            train.main(args)
+    assert str(e.value).startswith(f"cannot write {out / 'class_images' / '001_00.png'}: no space left on the device; "
+                                   f"free some space, then continue the run (no step is saved yet")
+    assert str(e.value).endswith(f"with: python train.py --out {out} --resume")
+    assert sorted(p.name for p in (out / "class_images").iterdir()) == ["000_00.png"]
+    assert train.main(["--out", str(out), "--resume"]) == 0
+    assert sorted(p.name for p in (out / "class_images").iterdir()) == ["000_00.png", "001_00.png", "index.json"]
+    assert [(r["step"], bool(r.get("val"))) for r in records(out)] == [(0, True), (1, False), (2, False), (2, True)]
