@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from tinyrpo.pipeline import generate
+from tinyrpo.toy import models
 from tinyrpo.reward import CLIPScorer
 from tinyrpo.toy.quality import quality_prompts, run_quality
 from tinyrpo.toy.subjects import SUBJECTS
@@ -69,6 +70,25 @@ def test_reference_libraries_read_the_same_files(sd):
     hf_dino = transformers.ViTModel.from_pretrained(W / "dino", add_pooling_layer=False).float().eval()
     with torch.no_grad():
         assert torch.allclose(hf_dino(pixels).last_hidden_state[:, 0], load_dino(W / "dino")(pixels), atol=1e-4)
+
+
+def test_writers_round_trip(tmp_path):
+    """save_sd / save_clip / save_dino write folders our loaders read back as the same configs and tensors, and
+    diffusers' pipeline keeps the U-Net's sample size (a config claiming diffusers < 0.9 would reset 8 to 64)."""
+    m = models.new_models()
+    text = models.text_encoder_of(m["clip"])
+    models.save_sd(tmp_path / "sd", m["unet"], m["vae"], text, dtype=torch.float32)
+    models.save_clip(tmp_path / "clip", m["clip"], dtype=torch.float32)
+    models.save_dino(tmp_path / "dino", m["dino"], dtype=torch.float32)
+    sd, clip, dino = load_sd(tmp_path / "sd"), load_clip(tmp_path / "clip"), load_dino(tmp_path / "dino")
+    assert (sd.unet.cfg, sd.vae.cfg, sd.text_encoder.config) == (models.UNET, models.VAE, models.TEXT)
+    assert (clip.config, dino.config) == (models.CLIP, models.DINO_CFG)
+    for ours, back in ((m["unet"], sd.unet), (m["vae"], sd.vae), (m["clip"], clip), (m["dino"], dino)):
+        a, b = ours.state_dict(), back.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    diffusers = pytest.importorskip("diffusers")
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / "sd", safety_checker=None)
+    assert pipe.unet.config.sample_size == models.UNET.sample_size
 
 
 def test_toy_sd_draws_what_prompts_ask(sd):
