@@ -427,3 +427,17 @@ def test_real_full_disk_then_space_freed_resumes(models, finished_run, small_dis
     a = torch.load(out / "last.pt", weights_only=True)["unet"]
     b = torch.load(run / "last.pt", weights_only=True)["unet"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_full_disk_at_config_json_leaves_no_folder(models, finished_run, tmp_path, monkeypatch):
+    """A new run whose config.json cannot be written never began: no folder is left (not even its .lock), and the
+    message says to run the command again, not to --resume."""
+    from tinyrpo import runfolder
+    subject, _ = finished_run
+    out = tmp_path / "new" / "run"
+    full_disk_for(monkeypatch, "config.json", module=runfolder, attr="atomic_write_json")
+    with pytest.raises(trainer_module.UserError) as e:
+        train.main(base_args(models, subject, out, "--steps", "1"))
+    assert str(e.value) == (f"cannot write {out / 'config.json'}: no space left on the device; free some space and "
+                            f"run the command again")
+    assert not (tmp_path / "new").exists()
