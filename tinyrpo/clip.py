@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 from PIL import Image
 
 
@@ -39,11 +40,10 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = (proj(x).view(B, T, self.num_heads, -1).transpose(1, 2)  # (B, nh, T, hs)
+        q, k, v = (rearrange(proj(x), "b t (h d) -> b h t d", h=self.num_heads)
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # scale 1/sqrt(hs), as CLIP
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # scale 1/sqrt(d), as CLIP
+        return self.out_proj(rearrange(y, "b h t d -> b t (h d)"))
 
 
 class MLP(nn.Module):
@@ -185,7 +185,7 @@ class VisionEmbeddings(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
-        x = x.flatten(2).transpose(1, 2)  # (B, N, D)
+        x = rearrange(x, "b d gh gw -> b (gh gw) d")  # one token per patch, row by row
         cls = self.class_embedding.expand(x.shape[0], 1, -1)
         return torch.cat([cls, x], dim=1) + self.position_embedding.weight
 

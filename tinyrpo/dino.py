@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn as nn
+from einops import rearrange
 from PIL import Image
 
 from tinyrpo.clip import Encoder, normalize, resize_center_crop
@@ -40,7 +41,7 @@ class PatchEmbeddings(nn.Module):
         self.projection = nn.Conv2d(num_channels, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.projection(pixel_values).flatten(2).transpose(1, 2)  # (B, N, D)
+        return rearrange(self.projection(pixel_values), "b d gh gw -> b (gh gw) d")  # one token per patch
 
 
 class DINOEmbeddings(nn.Module):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
 
@@ -120,12 +121,10 @@ class Attention(nn.Module):
 
     def forward(self, x, context=None):
         context = x if context is None else context
-        B, N, C = x.shape
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
-        q, k, v = (t.view(B, -1, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(hs)) v
-        out = out.transpose(1, 2).reshape(B, N, C)
-        return self.to_out[0](out)
+        q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d)) v
+        return self.to_out[0](rearrange(out, "b h n d -> b n (h d)"))
 
 
 class GEGLU(nn.Module):
@@ -182,14 +181,13 @@ class Transformer2DModel(nn.Module):
         self.proj_out = nn.Conv2d(ch, ch, 1)
 
     def forward(self, x, context):
-        B, C, H, W = x.shape
         h = self.proj_in(self.norm(x))
-        # (B, T, C), one token per pixel. reshape alone would return a transposed view; copying once here
-        # spares each LayerNorm a hidden copy and keeps the residual adds on contiguous memory.
-        h = h.permute(0, 2, 3, 1).reshape(B, H * W, C).contiguous()
+        # One token per pixel. rearrange alone would return a transposed view; copying once here spares each
+        # LayerNorm a hidden copy and keeps the residual adds on contiguous memory.
+        h = rearrange(h, "b c h w -> b (h w) c").contiguous()
         for block in self.transformer_blocks:
             h = block(h, context)
-        h = h.view(B, H, W, C).permute(0, 3, 1, 2).contiguous()  # back to (B, C, H, W), NCHW like the rest
+        h = rearrange(h, "b (h w) c -> b c h w", h=x.shape[2]).contiguous()  # NCHW like the rest
         return x + self.proj_out(h)
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 EPS = 1e-6  # every GroupNorm of the VAE uses eps 1e-6 (the U-Net uses 1e-5)
 
@@ -60,11 +61,10 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(channels, channels)])  # diffusers' to_out.0 (.1 is dropout)
 
     def forward(self, x):
-        B, C, H, W = x.shape
-        h = self.group_norm(x).view(B, C, H * W).transpose(1, 2)  # (B, HW, C)
-        q, k, v = (proj(h).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))  # (B, 1, HW, C)
+        h = rearrange(self.group_norm(x), "b c h w -> b (h w) c")  # one token per pixel
+        q, k, v = (proj(h).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))  # (B, 1, HW, C): one head
         h = F.scaled_dot_product_attention(q, k, v).squeeze(1)
-        h = self.to_out[0](h).transpose(1, 2).view(B, C, H, W)
+        h = rearrange(self.to_out[0](h), "b (h w) c -> b c h w", h=x.shape[2])
         return x + h
 
 
