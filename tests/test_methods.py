@@ -294,15 +294,60 @@ def test_look_forward_step(models, oracles, dino_path, tmp_path, reward):
             refs = vit(pixel_values=dino_preprocess([tr.subject.images[n] for n in batch["i"]], 32)).last_hidden_state[:, 0]
         want = 1 - torch.nn.functional.cosine_similarity(gen, refs)
         assert cost.tolist() == pytest.approx(want.tolist(), abs=1e-4)  # a pixel may round the other way
-    # after_step: one SGD step of the critic on (r, cost), nothing else
+    # after_step: one SGD step of the critic on (r, cost), its gradient norm clipped to --critic-clip, nothing else
     before = {k: v.clone() for k, v in m.critic.state_dict().items()}
     q = m.critic(batch["r"])
     grads = torch.autograd.grad(critic_loss(q, cost), list(m.critic.parameters()))
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads)).item()
     m.after_step(batch, out)
-    lr = tr.options.critic_lr
+    lr, scale = tr.options.critic_lr, min(1.0, tr.options.critic_clip / (norm + 1e-6))  # 1e-6: as torch clips
     for (name, p), g in zip(m.critic.named_parameters(), grads):
-        assert torch.allclose(p, before[name] - lr * g, rtol=1e-5, atol=1e-8), name
+        assert torch.allclose(p, before[name] - lr * scale * g, rtol=1e-5, atol=1e-8), name
     assert out.terms["critic_loss"].item() == pytest.approx(((q - cost) ** 2).mean().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.5])
+def test_critic_step_descends_its_own_loss_alone(models, tmp_path, clip):
+    """The critic's step as the loop takes it, after the U-Net's backward, which reached the critic's weights too:
+    one SGD step down (Q_φ(r) − cost)² alone — by hand with the critic's initial weights, its gradient norm clipped
+    to --critic-clip (0: unclipped, the authors') — so the critic's loss on that step's (r, cost) goes down."""
+    subject = make_subject(tmp_path / "subject", n=3)
+    tr = make_trainer(models, subject, tmp_path / "run", "dpg", "--batch-size", "2", "--num-class-images", "3",
+                      "--critic-lr", "1e-3")
+    m = tr.method
+    m.opt.critic_clip = clip
+    params = dict(m.critic.named_parameters())
+    before = {k: v.detach().clone() for k, v in params.items()}
+    batch = m.draw(torch.Generator().manual_seed(1))
+    out = m.loss(batch)
+    out.loss.backward()  # the loop's backward, before after_step
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in params.values())  # the U-Net's loss did
+    # by hand, on a copy of the critic's weights: the critic's loss and its gradient
+    r, cost = batch["r"], batch["lookforward"]  # both checked against the oracles in test_look_forward_step
+    w = {k: v.clone().requires_grad_(True) for k, v in before.items()}
+
+    def q_of(w):
+        h = torch.nn.functional.leaky_relu(torch.nn.functional.conv2d(r, w["conv.weight"], w["conv.bias"], padding=1),
+                                           0.01)
+        h = torch.relu(h.flatten(1) @ w["fc.weight"].T + w["fc.bias"])
+        return (h @ w["fc2.weight"].T + w["fc2.bias"]).squeeze(1)
+
+    loss_before = ((q_of(w) - cost) ** 2).mean()
+    g = dict(zip(w, torch.autograd.grad(loss_before, list(w.values()))))
+    norm = torch.sqrt(sum((v.double() ** 2).sum() for v in g.values())).item()
+    scale = min(1.0, clip / norm) if clip > 0 else 1.0
+    assert clip == 0 or scale < 0.5  # the clip really acts here
+    m.after_step(batch, out)
+    lr = 1e-3
+    for k, p in params.items():
+        step, want = p.detach() - before[k], -lr * scale * g[k]
+        assert torch.allclose(step, want, rtol=1e-3, atol=1e-3 * want.abs().max().item()), k
+        assert p.grad is None  # nothing left for the next step
+    with torch.no_grad():
+        loss_after = ((q_of({k: v.detach() for k, v in params.items()}) - cost) ** 2).mean()
+    assert loss_after < loss_before.detach()
+    assert out.terms["critic_loss"].item() == pytest.approx(loss_before.item(), rel=1e-5)
+    assert out.terms["critic_grad_norm"].item() == pytest.approx(norm, rel=1e-4)
 
 
 @pytest.mark.parametrize("method", ["dreambooth", "dpg"])

@@ -8,7 +8,8 @@ learned critic Q_φ scores that action, and the U-Net is trained to lower Q_φ, 
     critic input   r = (x̂_0 − x_0)²                       elementwise, [B, 4, h, w]
     critic         Q_φ(r) = fc2(ReLU(fc(LeakyReLU_0.01(conv_3×3,4→1(r)))))   fc: h·w → 64, fc2: 64 → 1
     U-Net loss     L = λ_prior · L_prior + λ · γ^t · Q_φ(r)        (DreamBooth's prior term, tinyrpo/dreambooth.py)
-    critic loss    (Q_φ(r) − cost)², one SGD step (lr 0.01) after each U-Net step, on that step's r
+    critic loss    (Q_φ(r) − cost)², one SGD step (lr 0.01, gradient norm clipped to 1) after each U-Net step,
+                   on that step's r
 
 `--dpg-reward lookforward` (the default; the authors' released code, train_dreambooth_dpg.py): the cost is the
 look-forward MSE ‖x̂_0 − x_0‖², the mean over the latent's elements (F.mse_loss with reduction "mean"
@@ -36,6 +37,15 @@ fp32 outside autocast (the authors ran it in fp16), its weights start as the aut
 method state, saved with its SGD optimizer in last.pt, so --resume continues it exactly. Authors' training
 defaults (train_dpg.sh, SD v1.4 in the paper): lr 1e-6, 1000 steps, 8 class images, text encoder trained,
 batch 1 instance + 1 class image.
+
+The critic's step: the authors' is plain SGD at lr 0.01. Its gradient grows with the residuals, which are
+largest at large t ((1−ᾱ_t)/ᾱ_t ≈ 200 at t = 999), and one large step overshoots, the next larger still: on the toy
+world (refs/toy, seed 2, toy preset) the critic's gradient norm went 0.1-5 → 29 → 658 → 3e6 and the loss was inf at
+step 41; on the tests' random networks at step 3. tinyrpo clips the critic's gradient norm to --critic-clip 1.0
+before that step (the U-Net's --grad-clip, applied to the critic), which leaves the usual steps as they are and
+bounds the rare large one to lr·1: the toy comparison's six look-forward cells (refs/toy and refs/ball, seeds 0-2)
+all finish, where the authors' step diverged on one (the README's look-forward section has the numbers).
+--critic-clip 0 is the authors' unclipped step.
 
 The paper's equations could not be read here (only the authors' code and a summary of the paper), so the
 formulas above cite the code; the published numbers are in tinyrpo/compare.py.
@@ -127,6 +137,7 @@ class LookForwardOptions(DreamBoothOptions):
     num_class_images: int = 8            # authors' train_dpg.sh
     gamma: float = 0.9986                # γ (authors' code)
     critic_lr: float = 0.01              # SGD (authors' code)
+    critic_clip: float = 1.0             # gradient-norm clip of the critic's step; 0: unclipped (authors')
     dpg_reward: str = "lookforward"      # what Q_φ regresses: "lookforward" (‖x̂_0 − x_0‖²) or "dino"
     dpg_weight: float = 1.0              # λ, the weight of γ^t·Q_φ in the U-Net's loss
     dino: str = DEFAULT_DINO             # DINO ViT-S/16 for --dpg-reward dino (the evaluation's)
@@ -135,6 +146,7 @@ class LookForwardOptions(DreamBoothOptions):
         super().validate(need)
         need(0 < self.gamma <= 1, f"--gamma must be in (0, 1] (got {self.gamma})")
         need(self.critic_lr > 0, f"--critic-lr must be positive (got {self.critic_lr})")
+        need(self.critic_clip >= 0, f"--critic-clip must be >= 0 (got {self.critic_clip})")
         need(self.dpg_reward in REWARDS, f"--dpg-reward must be one of {', '.join(REWARDS)} (got {self.dpg_reward!r})")
         need(self.dpg_weight >= 0, f"--dpg-weight must be >= 0 (got {self.dpg_weight})")
 
@@ -145,8 +157,8 @@ class LookForward(DreamBooth):
     name = "dpg"
     Options = LookForwardOptions
     defaults = {"lr": 1e-6, "steps": 1000, "select": "last", "train_text_encoder": True}
-    diverged_hint = ("lower --critic-lr (the critic's SGD step grows with the look-forward residuals) or --lr, "
-                     "or use --precision fp32")
+    diverged_hint = ("lower --critic-lr or --critic-clip (the critic's SGD step grows with the look-forward "
+                     "residuals) or --lr, or use --precision fp32")
 
     def load(self):
         tr, opt = self.trainer, self.opt
@@ -208,16 +220,19 @@ class LookForward(DreamBooth):
         return dino_cost(emb, self.ref_dino[batch["i"].to(tr.device)])
 
     def after_step(self, batch, out):
-        """One SGD step of the critic on this step's (r, cost). The U-Net's backward also reached the critic's
-        weights; those gradients are not the critic's objective and are dropped first (as the authors do)."""
+        """One SGD step of the critic on this step's (r, cost), its gradient norm clipped to --critic-clip (0: the
+        authors' unclipped step). The U-Net's backward also reached the critic's weights; those gradients are not
+        the critic's objective and are dropped first (as the authors do)."""
         cost = self.cost(batch)
         self.critic_opt.zero_grad(set_to_none=True)
         with torch.autocast(self.trainer.device.type, enabled=False):
             lq = critic_loss(self.critic(batch["r"]), cost)
         lq.backward()
+        # returns the norm before clipping (logged); an infinite bound scales by exactly 1: the authors' step
+        norm = torch.nn.utils.clip_grad_norm_(self.critic.parameters(), self.opt.critic_clip or float("inf"))
         self.critic_opt.step()
         self.critic_opt.zero_grad(set_to_none=True)
-        out.terms.update({"critic_loss": lq.detach(), "cost": cost.detach()})
+        out.terms.update({"critic_loss": lq.detach(), "cost": cost.detach(), "critic_grad_norm": norm.detach()})
 
     def state_dict(self):
         return {"critic": self.critic.state_dict(), "critic_optimizer": self.critic_opt.state_dict()}
