@@ -16,14 +16,23 @@ Seeds: prompt p uses --seed + p, and image k of it equals image k of diffusers' 
 called with that prompt, num_images_per_prompt=--n and torch.Generator().manual_seed(--seed + p).
 """
 import argparse
-import json
+import hashlib
+import math
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
+
+# Waiting OpenMP threads sleep instead of spinning (set before torch starts OpenMP): on a machine shared with
+# other jobs a spinning thread steals the core its partner needs (see tinyrpo/toy/__main__.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 from PIL.PngImagePlugin import PngInfo
 
-from tinyrpo.cli import HelpFormatter
+from tinyrpo.atomic import atomic_save_image, atomic_write_json, fsync_dir, write_error
+from tinyrpo.cli import HelpFormatter, check_input, check_out_folder
 from tinyrpo.checkpoint import BEST, apply_checkpoint, load_checkpoint
 from tinyrpo.download import DEFAULT_SD
 from tinyrpo.errors import UserError, run_cli
@@ -33,6 +42,7 @@ from tinyrpo.lora_files import apply_lora, tinyrpo_lora_meta
 from tinyrpo.pipeline import check_args, check_seed, generate, image_grid, resolve_device, to_pil
 from tinyrpo.weights import load_sd
 
+SMALL_UNET = 20_000_000  # parameters: the toy world's U-Net has 4.2M, SD v1.5's 860M
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -71,23 +81,55 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per U-Net pass, to cap memory (default: all images, at most 8)")
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (slow start, faster steps)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: 1 for a model as small as the toy world's, where more "
+                        "threads only wait for each other, else torch's default, one per core)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     return p.parse_args(argv)
 
 
 def run_folder(out: Path, overwrite: bool) -> Path:
     """--out itself with --overwrite, else the next free numbered subfolder (created here, so never shared)."""
-    if overwrite:
+    try:
         out.mkdir(parents=True, exist_ok=True)
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-    i = 1 + max([int(d.name) for d in out.iterdir() if d.is_dir() and d.name.isdigit()], default=-1)
-    while True:
-        try:
-            (out / f"{i:04d}").mkdir()
-            return out / f"{i:04d}"
-        except FileExistsError:  # another run took it meanwhile
-            i += 1
+        if overwrite:
+            return out
+        i = 1 + max([int(d.name) for d in out.iterdir() if d.is_dir() and d.name.isdigit()], default=-1)
+        while True:
+            try:
+                (out / f"{i:04d}").mkdir()
+                return out / f"{i:04d}"
+            except FileExistsError:  # another run took it meanwhile
+                i += 1
+    except OSError as e:
+        raise write_error(e.filename or out, e) from None
+
+
+def write_all(out: Path, overwrite: bool, files: list[tuple[str, callable]]) -> list[Path]:
+    """Write a run's files, each through save(path), all or none.
+
+    A new numbered folder is this run's own: if any file cannot be written (a full disk, Ctrl-C), the folder is
+    removed with what was written into it, so every folder under --out is a complete run. With --overwrite the
+    files go to a hidden folder inside --out first and replace the old ones only once all are written (renames
+    need no space), so a failed run leaves --out as it was.
+    """
+    folder = run_folder(out, overwrite)
+    try:
+        stage = Path(tempfile.mkdtemp(prefix=".sample-", dir=folder)) if overwrite else folder
+    except OSError as e:
+        raise write_error(folder, e) from None
+    try:
+        for name, save in files:
+            save(stage / name)
+        if overwrite:
+            for name, _ in files:
+                os.replace(stage / name, folder / name)
+            stage.rmdir()
+            fsync_dir(folder)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return [folder / name for name, _ in files]
 
 
 def slug(text: str, limit: int = 48) -> str:
@@ -121,14 +163,40 @@ def a1111_params(args, weights, ckpt_meta) -> dict:
             "Lora hashes": ", ".join(loras) or None}
 
 
+def same_file(a, b) -> bool:
+    """The same file by path (links resolved) or by content (a copy)."""
+    a, b = Path(a), Path(b)
+    if a.resolve() == b.resolve():
+        return True
+    if a.stat().st_size != b.stat().st_size:
+        return False
+    return hashlib.sha256(a.read_bytes()).digest() == hashlib.sha256(b.read_bytes()).digest()
+
+
+def check_numbers(args) -> None:
+    """The float flags argparse lets through as nan or inf ("--lora-scale nan" gives black images, exit 0)."""
+    for flag, value in (("--lora-scale", args.lora_scale), ("--guidance", args.guidance), ("--eta", args.eta)):
+        if not math.isfinite(value):
+            raise UserError(f"{flag} must be a finite number (got {value})")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be at least 1 (got {args.threads})")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    check_numbers(args)
     # Everything but the VAE's downsampling factor can be checked before the (slow) weight loading.
     check_args(args.n, args.steps, args.guidance, args.scheduler, args.eta, args.height or 512, args.width or 512, 1,
                args.batch_size)
     check_seed(args.seed, len(args.prompt))
+    check_out_folder(args.out)
+    for flag in ("--weights", "--ckpt", "--lora"):
+        if getattr(args, flag[2:]) is not None:
+            check_input(getattr(args, flag[2:]), flag)
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.float16 if device.type == "cuda" else torch.float32)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     weights, ckpt_meta = args.weights, None
     if args.ckpt is not None:
@@ -139,10 +207,16 @@ def main(argv=None):
     ckpt_is_lora = ckpt_meta is not None and ckpt_meta["content"] == "lora"
     if args.lora_scale != 1.0 and args.lora is None and not ckpt_is_lora:
         raise UserError("--lora-scale sets the strength of a LoRA; pass --lora FILE (or a LoRA --ckpt)")
+    if ckpt_is_lora and args.lora is not None and Path(args.lora).is_file() and same_file(args.ckpt, args.lora):
+        raise UserError(f"--ckpt {args.ckpt} and --lora {args.lora} are the same LoRA, which would be merged twice; "
+                        "pass it once (--ckpt or --lora) and set its strength with --lora-scale")
     if args.lora is not None and weights is None:
         weights = (tinyrpo_lora_meta(args.lora) or {}).get("base")  # a tinyrpo LoRA names its base
     weights = weights or DEFAULT_SD
+    check_input(weights, "--weights")  # also the base a checkpoint names
     sd = load_sd(weights, device, dtype)
+    if args.threads is None and sum(p.numel() for p in sd.unet.parameters()) < SMALL_UNET:
+        torch.set_num_threads(1)  # 4x faster than 2 threads for the toy model on a busy 2-core machine
     native = sd.unet.cfg.sample_size * sd.vae.downsample_factor  # the size the model was trained at
     args.height = args.height or native
     args.width = args.width or args.height
@@ -157,34 +231,41 @@ def main(argv=None):
                                guidance=args.guidance, scheduler=args.scheduler, eta=args.eta, seed=args.seed,
                                height=args.height, width=args.width, batch_size=args.batch_size,
                                progress=args.progress, unet=unet)
+    if not torch.isfinite(images).all():  # black PNGs otherwise
+        raise UserError(f"the images came out NaN or infinite: the model overflowed at --lora-scale {args.lora_scale}, "
+                        f"--guidance {args.guidance} in {str(dtype).removeprefix('torch.')}; use smaller values"
+                        + (" or --dtype fp32" if dtype != torch.float32 else ""))
 
-    folder = run_folder(Path(args.out), args.overwrite)
     common = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
                   scheduler=args.scheduler, eta=args.eta, height=args.height, width=args.width, n=args.n,
                   weights=str(weights), ckpt=args.ckpt, lora=args.lora, lora_scale=args.lora_scale,
                   dtype=str(dtype).removeprefix("torch."), device=str(device))
     a1111 = a1111_params(args, weights, ckpt_meta)
     pils = to_pil(images)
-    written, index = [], []
+    files, index = [], []  # (file name, save(path)): written all together at the end, all or none
+
+    def png(image, settings):
+        return lambda path: atomic_save_image(image, path, pnginfo=png_info(settings))
+
     for p, prompt in enumerate(args.prompt):
         stem = f"p{p:02d}-{slug(prompt)}"
         for k in range(args.n):
             i, r = p * args.n + k, records[p * args.n + k]
-            path = folder / f"{stem}-{k:02d}.png"
+            name = f"{stem}-{k:02d}.png"
             parameters = infotext(r.prompt, args.negative_prompt, {**a1111, "Seed": r.seed})
-            pils[i].save(path, pnginfo=png_info({"parameters": parameters, "prompt": r.prompt, "seed": r.seed,
-                                                 "index": r.index, **common}))
-            written.append(path)
-            index.append({"file": path.name, **vars(r)})
-        path = folder / f"{stem}-grid.png"
+            files.append((name, png(pils[i], {"parameters": parameters, "prompt": r.prompt, "seed": r.seed,
+                                              "index": r.index, **common})))
+            index.append({"file": name, **vars(r)})
         parameters = infotext(prompt, args.negative_prompt, {**a1111, "Seed": args.seed + p})
-        image_grid(pils[p * args.n:(p + 1) * args.n]).save(
-            path, pnginfo=png_info({"parameters": parameters, "prompt": prompt, "seed": args.seed + p, **common}))
-        written.append(path)
-    (folder / "settings.json").write_text(json.dumps({**vars(args), **common, "images": index}, indent=2) + "\n")
-    for path in written:
+        files.append((f"{stem}-grid.png", png(image_grid(pils[p * args.n:(p + 1) * args.n]),
+                                              {"parameters": parameters, "prompt": prompt, "seed": args.seed + p,
+                                               **common})))
+    settings = {**vars(args), **common, "images": index}
+    files.append(("settings.json", lambda path: atomic_write_json(path, settings)))
+    written = write_all(Path(args.out), args.overwrite, files)
+    for path in written[:-1]:  # the images, not settings.json
         print(path)
-    return written
+    return written[:-1]
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Subject photos: every PIL mode to the right RGB pixels, EXIF orientation visible after the crop, animations
 and too few photos said in one line (through the CLI too)."""
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -11,7 +12,8 @@ import pytest
 from PIL import Image
 
 from tests.fixtures import make_tiny_clip, make_tiny_dino
-from tinyrpo.data import load_rgb, load_subject_images
+from tinyrpo.data import load_rgb, load_subject_images, read_prompt_file, read_subject_file
+from tinyrpo.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -219,3 +221,66 @@ def test_small_photos_warn_only_when_upsampled_a_lot(tmp_path):
         warnings.simplefilter("always")
         load_subject_images(tmp_path, 64)
     assert not caught
+
+
+# ---------------------------------------------------------------------------------------------- odd files (issue 19)
+
+
+def test_huge_photo_is_one_warning_in_our_words(tmp_path, monkeypatch):
+    """Above Pillow's MAX_IMAGE_PIXELS (89 Mpx: a 10000x10000 photo) the photo is used, with one warning that
+    says what to do instead of Pillow's "decompression bomb DOS attack"; above twice that it is refused."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100)  # the same checks, on photos a test can afford
+    folder = photos(tmp_path / "s", 3, size=90)
+    Image.fromarray(np.full((120, 120, 3), 200, np.uint8)).save(folder / "huge.png")  # 14400 px: a warning
+    images, said = load_warnings(folder)
+    assert len(images) == 4 and (pixels(images[3]) == 200).all()  # still used
+    assert said == [f"{folder / 'huge.png'} is 120x120 px (0 megapixels): decoding it takes seconds and gigabytes; "
+                    "a copy downscaled to about 1024 px on the short side loads faster and gives the same crop"]
+    Image.fromarray(np.full((150, 150, 3), 200, np.uint8)).save(folder / "huge.png")  # 22500 > 2 x 10000: refused
+    with pytest.raises(UserError, match=r"huge.png has more than 0 megapixels, too many to open safely; use a copy "
+                                        "downscaled"):
+        load_warnings(folder)
+
+
+def test_non_regular_photo_is_refused(tmp_path):
+    folder = photos(tmp_path / "s", 3)
+    os.mkfifo(folder / "3.png")
+    with pytest.raises(UserError, match=r"the subject photo .*3.png is a named pipe \(FIFO\), not a regular file"):
+        load_subject_images(folder, 64)
+
+
+@pytest.mark.parametrize("content, says", [
+    (b"a [V] {cls} on the moon\n\xff\xfe caf\xe9\n", "is not UTF-8 text (byte 0xff at offset 24); save it as UTF-8"),
+    (b"\xef\xbb\xbfa [V] {cls}\n", None),  # UTF-8 with Notepad's byte-order mark: read, the mark dropped
+])
+def test_prompt_file_encoding(tmp_path, content, says):
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(content)
+    if says is None:
+        assert read_prompt_file(path) == ["a {0} {1}"]
+        return
+    with pytest.raises(UserError, match=f"--prompts {re.escape(str(path))} {re.escape(says)}"):
+        read_prompt_file(path)
+
+
+def test_prompt_file_fifo_is_refused(tmp_path):
+    os.mkfifo(tmp_path / "prompts.txt")
+    with pytest.raises(UserError, match="--prompts .* is a named pipe"):
+        read_prompt_file(tmp_path / "prompts.txt")
+
+
+@pytest.mark.parametrize("content, says", [
+    (b'{"class_noun": "caf\xe9"}', "is not UTF-8 text (byte 0xe9 at offset 19)"),
+    (b'{"class_noun": toy}', "is not valid JSON (Expecting value: line 1 column 16"),
+    (b'["toy"]', "is not a JSON object"),
+    (None, "is a named pipe (FIFO), not a regular file"),
+])
+def test_subject_file_errors(tmp_path, content, says):
+    path = tmp_path / "subject.json"
+    if content is None:
+        os.mkfifo(path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(UserError) as e:
+        read_subject_file(tmp_path)
+    assert says in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value), e.value

@@ -4,10 +4,14 @@ plus the checkpoint format and sample.py's handling of bad input. Tiny SD v1 wei
 The oracle reads the tiny model from its diffusers folder; tinyrpo reads the same weights from that folder
 and from the single-file (CompVis) layout. Images are compared as the PNGs sample.py wrote, read back.
 """
+import contextlib
 import copy
+import errno
 import hashlib
 import json
+import os
 import subprocess
+import threading
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -376,3 +380,172 @@ def test_missing_weights_names_download_command(tmp_path):
                         str(tmp_path / "sd15")], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "python -m tinyrpo.download sd15" in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Non-finite numbers, odd paths, LoRA mix-ups, threads (issue 19)
+
+
+@contextlib.contextmanager
+def no_hang(fifo: Path):
+    """A FIFO opened for reading blocks until a writer comes: be that writer (open and close, again and again), so
+    a reader gets end-of-file and the test fails on its message instead of hanging."""
+    stop = threading.Event()
+
+    def writer():
+        while not stop.wait(0.05):
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # ENXIO while nobody reads
+            except OSError:
+                pass
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+@pytest.fixture(scope="module")
+def odd_files(weights, tmp_path_factory):
+    root = tmp_path_factory.mktemp("odd")
+    sd = load_sd(weights["single"])
+    lora, _ = lora_checkpoint(sd, root / "dog" / BEST)
+    (root / "copy").mkdir()
+    copy_ = root / "copy" / "lora.safetensors"
+    copy_.write_bytes(lora.read_bytes())
+    text = root / "notes.txt"
+    text.write_text("a sks dog on the beach\n")  # torch.load would answer with its weights_only paragraph
+    text_pt = root / "notes.pt"
+    text_pt.write_text("ccc\n")
+    random_st = root / "random.safetensors"
+    save_file({"w": torch.ones(3)}, random_st)
+    fifo = root / "fifo.safetensors"
+    os.mkfifo(fifo)
+    return {"lora": lora, "lora_copy": copy_, "text": text, "text_pt": text_pt, "random_st": random_st,
+            "fifo": fifo, "a_file": text, "sd_file": weights["single"],
+            "unet_alone": weights["diffusers"] / "unet" / "diffusion_pytorch_model.safetensors"}
+
+
+@pytest.mark.parametrize("case,args,expect", [
+    ("nan lora scale", ["--lora-scale", "nan", "--lora", "lora"], "--lora-scale must be a finite number (got nan)"),
+    ("inf lora scale", ["--lora-scale", "inf", "--ckpt", "lora"], "--lora-scale must be a finite number (got inf)"),
+    ("huge lora scale", ["--lora-scale", "1e38", "--lora", "lora"], "the images came out NaN or infinite"),
+    ("inf guidance", ["--guidance", "inf"], "--guidance must be a finite number (got inf)"),
+    ("nan guidance", ["--guidance", "nan"], "--guidance must be a finite number (got nan)"),
+    ("nan eta", ["--eta", "nan"], "--eta must be a finite number (got nan)"),
+    ("threads 0", ["--threads", 0], "--threads must be at least 1"),
+    ("out is a file", ["--out", "a_file"], "is a file, not a folder"),
+    ("out under a file", ["--out", "a_file/x"], "is a file, so no folder can be made there"),
+    ("fifo weights", ["--weights", "fifo"], "is a named pipe (FIFO), not a regular file"),
+    ("fifo ckpt", ["--ckpt", "fifo"], "is a named pipe (FIFO), not a regular file"),
+    ("fifo lora", ["--lora", "fifo"], "is a named pipe (FIFO), not a regular file"),
+    ("same lora twice", ["--ckpt", "lora", "--lora", "lora"], "are the same LoRA, which would be merged twice"),
+    ("a copy of it", ["--ckpt", "lora", "--lora", "lora_copy"], "are the same LoRA, which would be merged twice"),
+    ("text as lora", ["--lora", "text"], "is a text file, not a LoRA; --lora takes"),
+    ("text .pt as lora", ["--lora", "text_pt"], "is a text file, not a LoRA; --lora takes"),
+    ("random tensors", ["--lora", "random_st"], "w is not a LoRA tensor name"),
+    ("a U-Net as lora", ["--lora", "unet_alone"], "a diffusers U-Net alone (the unet/ of an SD folder), not a LoRA"),
+    ("SD as lora", ["--lora", "sd_file"], "single-file checkpoint, not a LoRA: pass it as --weights"),
+])
+def test_odd_input_is_one_line(weights, odd_files, capsys, tmp_path, case, args, expect):
+    args = [odd_files.get(a, a) if isinstance(a, str) and "/" not in a else a for a in args]
+    args = [odd_files["a_file"] / "x" if a == "a_file/x" else a for a in args]
+    out = tmp_path / "out"
+    with no_hang(odd_files["fifo"]):
+        err = cli_error(capsys, "--weights", weights["single"], "--prompt", "a dog", "--steps", 1, "--n", 1,
+                        "--height", SIZE, "--width", SIZE, "--out", out, *args)
+    assert expect in err, err
+    assert not out.exists()  # nothing written
+
+
+def test_threads(weights, tmp_path, monkeypatch):
+    """--threads N sets torch's threads; without it a model as small as the toy world's runs on 1."""
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    args = ["--weights", weights["single"], "--prompt", "a dog", "--steps", 1, "--n", 1, "--height", SIZE]
+    run_sample(*args, "--out", tmp_path / "a", "--threads", 3)
+    assert calls == [3]
+    calls.clear()
+    run_sample(*args, "--out", tmp_path / "b")
+    assert calls == [1]
+    monkeypatch.setattr(sample, "SMALL_UNET", 10)  # an SD-sized model: torch's default
+    calls.clear()
+    run_sample(*args, "--out", tmp_path / "c")
+    assert calls == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A full disk, a read-only folder, a write failing halfway: one line, nothing half-written, old runs untouched
+
+
+def sample_args(weights, out, *extra):
+    return ["--weights", weights["single"], "--prompt", "a dog", "--prompt", "a cat", "--steps", 1, "--n", 2,
+            "--height", SIZE, "--width", SIZE, "--out", out, *extra]
+
+
+def listing(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+def fail_on_save(monkeypatch, at: int, error=None):
+    """PIL's Image.save writes part of a PNG, then fails like a full disk, on its `at`-th call."""
+    real, count = Image.Image.save, [0]
+
+    def save(self, fp, *a, **kw):
+        count[0] += 1
+        if count[0] == at:
+            fp.write(b"\x89PNG\r\n\x1a\n half")
+            raise error or OSError(errno.ENOSPC, "No space left on device")
+        return real(self, fp, *a, **kw)
+    monkeypatch.setattr(Image.Image, "save", save)
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["numbered", "overwrite"])
+@pytest.mark.parametrize("at", [1, 4])
+def test_write_failing_halfway(weights, tmp_path, capsys, monkeypatch, overwrite, at):
+    out = tmp_path / "samples"
+    run_sample(*sample_args(weights, out))  # an earlier run: 0000/
+    if overwrite:
+        run_sample(*sample_args(weights, out, "--seed", 5, "--overwrite"))  # and files straight in --out
+    before = listing(out)
+    fail_on_save(monkeypatch, at)
+    err = cli_error(capsys, *sample_args(weights, out, *(["--overwrite"] if overwrite else [])))
+    assert "no space left on the device" in err and str(out) in err, err
+    assert listing(out) == before  # no new folder, no partial PNG, no temporary, the old files as they were
+
+
+def test_ctrl_c_while_writing_leaves_no_run(weights, tmp_path, monkeypatch):
+    fail_on_save(monkeypatch, 3, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        run_sample(*sample_args(weights, tmp_path / "samples"))
+    assert listing(tmp_path / "samples") == {}
+
+
+def test_full_disk(weights, small_disk, capsys):
+    out = small_disk / "samples"
+    run_sample(*sample_args(weights, out))  # fits
+    (small_disk / "filler").write_bytes(b"\0" * (64 * 1024 - 3 * 4096 - sum(
+        p.stat().st_size for p in out.rglob("*") if p.is_file())))
+    before = listing(out)
+    err = cli_error(capsys, *sample_args(weights, out, "--seed", 9))
+    assert "no space left on the device" in err, err
+    assert listing(out) == before
+
+
+def test_read_only_out(weights, read_only_folder, capsys):
+    err = cli_error(capsys, *sample_args(weights, read_only_folder / "samples"))
+    assert "read-only or no permission" in err, err
+    assert listing(read_only_folder) == {}
+
+
+def test_merge_refuses_overflowing_weights():
+    """A LoRA update too large for the weights' dtype: one line naming the layer, not NaN images."""
+    from types import SimpleNamespace
+    from tinyrpo.lora_files import LoRAUpdate, merge_updates
+    model = SimpleNamespace(unet=torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    u = LoRAUpdate("unet", "0", torch.full((2, 4), 1e15), torch.full((4, 2), 1e15), alpha=2.0)  # B A = 2e30
+    merge_updates(model, [u], 1.0, "x.safetensors")  # large, but a float32
+    with pytest.raises(UserError, match=r"at --lora-scale 10000000000\.0 makes unet layer 0 overflow"):
+        merge_updates(model, [u], 1e10, "x.safetensors")

@@ -15,6 +15,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tinyrpo import dreambench
+from tinyrpo.cli import check_input
 from tinyrpo.errors import UserError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -52,10 +53,31 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, RGB
 
 
+def open_huge(path: Path) -> Image.Image:
+    """Image.open, with Pillow's "decompression bomb DOS attack" warning and error in tinyrpo's words: a photo
+    above Pillow's limit (MAX_IMAGE_PIXELS, 89 megapixels) is still used, with a warning that it is slow;
+    one above twice the limit, which Pillow refuses to open, is a UserError."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except Image.DecompressionBombError:
+        raise UserError(f"{path} has more than {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels, too many to open "
+                        "safely; use a copy downscaled to about 1024 px on the short side") from None
+    for w in caught:
+        if issubclass(w.category, Image.DecompressionBombWarning):
+            warnings.warn(f"{path} is {im.size[0]}x{im.size[1]} px ({im.size[0] * im.size[1] / 1e6:.0f} megapixels): "
+                          "decoding it takes seconds and gigabytes; a copy downscaled to about 1024 px on the short "
+                          "side loads faster and gives the same crop")
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return im
+
+
 def open_photo(path: Path) -> tuple[Image.Image, int]:
     """(the image as RGB with its EXIF orientation applied, its number of frames). Phones store photos
     sideways and say so in EXIF; an animation (GIF, APNG, WebP) gives its first frame."""
-    with Image.open(path) as im:
+    with open_huge(path) as im:
         frames = getattr(im, "n_frames", 1)
         im.seek(0)
         return to_rgb(ImageOps.exif_transpose(im)), frames
@@ -93,7 +115,10 @@ def load_subject_images(folder, resolution: int = 512) -> list[Image.Image]:
         raise UserError(f"subject folder {folder} does not exist; pass --subject DIR with 3-6 photos of your subject")
     if not folder.is_dir():
         raise UserError(f"--subject {folder} is a file, not a folder; put the photos in a folder and pass that folder")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    files = sorted(p for p in folder.iterdir() if not p.is_dir() and not p.name.startswith("."))
+    for p in files:
+        check_input(p, "the subject photo")
+    files = [p for p in files if p.is_file()]  # a dangling link is no photo
     if not files:
         raise UserError(f"subject folder {folder} is empty; put 3-6 photos (jpg/png/webp) of your subject in it")
     images, animated = [], []
@@ -128,12 +153,20 @@ SUBJECT_FILE = "subject.json"
 def read_subject_file(folder) -> dict:
     """The folder's subject.json, checked; {} when there is none."""
     path = Path(folder) / SUBJECT_FILE
-    if not path.is_file():
+    if not path.exists():
         return {}
+    check_input(path, "the subject file")
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; a subject's {SUBJECT_FILE} is a JSON file: remove the folder")
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path} ({e}); fix it or delete it") from None
+        meta = json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save it "
+                        "as UTF-8 JSON, or delete it") from None
+    except ValueError as e:  # json.JSONDecodeError
+        raise UserError(f"{path} is not valid JSON ({e}); fix it or delete it") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror}); fix it or delete it") from None
     if not isinstance(meta, dict):
         raise UserError(f"{path} is not a JSON object ({{...}}); fix it or delete it")
     kinds = {"class_noun": str, "live": bool, "train_prompts": list, "eval_prompts": list}
@@ -192,9 +225,13 @@ def load_subject(folder, token: str = "sks", class_noun: str | None = None, live
 
 
 def read_prompt_file(path) -> list[str]:
-    """One training prompt per line; `[V]` (or `{0}`) is the token, `{cls}` (or `{1}`) the class noun."""
+    """One training prompt per line (UTF-8); `[V]` (or `{0}`) is the token, `{cls}` (or `{1}`) the class noun."""
+    check_input(path, "--prompts")
     try:
-        lines = Path(path).read_text().splitlines()
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()  # -sig: Notepad's BOM is no prompt
+    except UnicodeDecodeError as e:
+        raise UserError(f"--prompts {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                        "save it as UTF-8 (or pass a text file of prompts, one per line)") from None
     except OSError as e:
         raise UserError(f"cannot read --prompts {path}: {e.strerror}") from None
     templates = [ln.strip().replace("[V]", "{0}").replace("{cls}", "{1}") for ln in lines]

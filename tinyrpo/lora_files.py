@@ -26,7 +26,9 @@ import torch
 import torch.nn as nn
 
 from tinyrpo.checkpoint import FORMAT, decode_metadata, load_checkpoint, read_header
+from tinyrpo.cli import check_input
 from tinyrpo.errors import UserError
+from tinyrpo.identify import WANTED, kind_of_names, wrong_kind
 from tinyrpo.layouts import Renames, compvis_unet_table
 from tinyrpo.weights import read_state_dict
 
@@ -144,10 +146,13 @@ def tinyrpo_lora_meta(path) -> dict | None:
 def read_lora(path, sd) -> tuple[list[LoRAUpdate], dict | None]:
     """(updates, tinyrpo meta or None) of a LoRA file in any of the formats above."""
     path = Path(path)
+    check_input(path, "--lora")
     if not path.is_file():
         raise UserError(f"--lora {path} not found" + (" (it is a folder: pass the .safetensors file inside it)"
                                                        if path.is_dir() else ""))
-    header = read_header(path) if path.suffix == ".safetensors" else None
+    header = read_header(path)
+    if header is None:
+        refuse_non_weights(path)
     if header is not None and header.get("tinyrpo.format") == FORMAT:
         state, meta = load_checkpoint(path)
         if meta["content"] != "lora":
@@ -157,7 +162,28 @@ def read_lora(path, sd) -> tuple[list[LoRAUpdate], dict | None]:
                               state[k.removesuffix(".lora_A.weight") + ".lora_B.weight"], alpha)
                    for k in state if k.endswith(".lora_A.weight")]
         return updates, meta
-    return parse_lora(read_state_dict(path, want="lora"), header, sd, str(path)), None
+    if header is not None and (mixup := wrong_kind(path, "lora")):  # a whole SD, a U-Net alone, CLIP...
+        raise UserError(mixup)
+    state = read_state_dict(path, want="lora")
+    if mixup := wrong_kind(path, "lora", kind_of_names(state)):  # a pickle: known once read
+        raise UserError(mixup)
+    return parse_lora(state, header, sd, str(path)), None
+
+
+def refuse_non_weights(path: Path) -> None:
+    """A --lora that is neither safetensors nor a torch file (zip or pickle): say what it is in one line, before
+    torch.load's unpickler answers with a paragraph about weights_only."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch.save's zip; a pickle's PROTO opcode
+        return
+    try:
+        head.decode("utf-8")
+        what = "a text file" if head else "empty"
+    except UnicodeDecodeError as e:
+        what = ("a text file" if e.start > len(head) - 4  # only a character cut at the 4096th byte
+                else "not a readable .safetensors or torch weight file (corrupt, cut short, or another format)")
+    raise UserError(f"--lora {path} is {what}, not a LoRA; {WANTED['lora']}")
 
 
 def delta_weight(u: LoRAUpdate, shape: torch.Size) -> torch.Tensor:
@@ -185,6 +211,9 @@ def merge_updates(sd, updates: list[LoRAUpdate], scale: float, source: str) -> N
             raise UserError(f"{source} adapts {u.network} layer {u.path} ({e}), which this SD v1 model does not have "
                             "in that shape; is it a LoRA of another model (SD 2.x, SDXL)?") from None
         layer.weight += (scale * delta).to(layer.weight.dtype)
+        if not torch.isfinite(layer.weight).all():  # a huge --lora-scale, or an fp16 overflow
+            raise UserError(f"{source} at --lora-scale {scale} makes {u.network} layer {u.path} overflow (inf or "
+                            f"NaN weights); use a smaller --lora-scale")
 
 
 def apply_lora(sd, path, scale: float = 1.0) -> dict:

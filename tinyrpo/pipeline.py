@@ -67,8 +67,9 @@ def check_args(n, steps, guidance, scheduler, eta, height, width, factor, batch_
         raise UserError(f"--n must be at least 1 (got {n})")
     if steps < 1:
         raise UserError(f"--steps must be at least 1 (got {steps})")
-    if not guidance >= 0:  # also catches NaN
-        raise UserError(f"--guidance must be >= 0 (got {guidance}); 1 means no guidance, 7.5 is SD's usual value")
+    if not 0 <= guidance < math.inf:  # also catches NaN
+        raise UserError(f"--guidance must be >= 0 and finite (got {guidance}); 1 means no guidance, 7.5 is SD's "
+                        "usual value")
     if scheduler not in SCHEDULERS:
         raise UserError(f"--scheduler must be one of {', '.join(SCHEDULERS)} (got {scheduler!r})")
     if not 0.0 <= eta <= 1.0:
