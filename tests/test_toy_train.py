@@ -55,3 +55,15 @@ def test_python_train_py_runs_the_toy_world_and_sample_py_draws_from_it(tmp_path
     scores = score_images([Image.open(p).convert("RGB") for p in pictures],
                           ["a sks toy on a red background"] * 2, SubjectTruth.from_json(meta["toy"]))
     assert 0 <= scores["identity"] <= 1
+
+
+def test_lora_on_the_toy_world_warns_with_the_measured_numbers(tmp_path):
+    """--lora on a toy subject says, before anything loads, that it learns almost nothing there (measured)."""
+    import pytest
+    import train
+    from tinyrpo.errors import UserError
+    with pytest.warns(UserWarning, match=r"--lora on the toy world learns almost nothing .*identity 0.25 flat"):
+        with pytest.raises(UserError):  # missing weights: the warning came first, nothing was trained
+            train.main(["--subject", str(ROOT / "refs" / "toy"), "--lora", "4", "--out", str(tmp_path / "run"),
+                        "--weights", str(tmp_path / "missing")])
+    assert not (tmp_path / "run").exists()

@@ -148,6 +148,17 @@ class JsonlLog:
         atomic_write_bytes(self.path, b"")
 
 
+def peek_last(path: Path) -> dict:
+    """last.pt's step and counters without reading its weights (memory-mapped: cheap even for SD's 10 GB)."""
+    import torch
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return {k: state[k] for k in ("step", "bad_vals")}
+    except Exception as e:  # a truncated or foreign file: say so instead of a traceback
+        raise UserError(f"cannot resume from {path} ({e.__class__.__name__}: {e}); delete it to start the "
+                        f"run over from its cached images") from None
+
+
 class RunFolder:
     """One run's folder, with the rules of the module docstring."""
 
@@ -197,6 +208,29 @@ class RunFolder:
                             f"only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} may "
                             f"change on resume: start a new run with --out DIR instead")
         return allowed
+
+    def check_resume(self, steps: int, patience: int | None) -> str | None:
+        """-> the message of a finished run, which a resume must leave as it is (None: there is work left); refuse
+        --steps below the step last.pt holds; say so when there is no last.pt (training starts at step 0)."""
+        last = self.path / "last.pt"
+        if not last.exists():
+            logged = [r["step"] for r in JsonlLog(self.path / "log.jsonl").records() if not r.get("val")]
+            redone = f"; the {max(logged)} steps it logged are redone" if logged else ""
+            print(f"resuming {self.path}: it has no last.pt yet (it stopped before its first save), so training "
+                  f"starts at step 0 with the images it has cached{redone}")
+            return None
+        state = peek_last(last)
+        done = state["step"]
+        if steps < done:
+            raise UserError(f"--steps {steps} is fewer than the {done} steps {self.path} has trained (last.pt); "
+                            f"pass --steps {done} or more to continue it, or start a new run with --out DIR")
+        summary = read_json(self.path / "summary.json") if (self.path / "summary.json").exists() else {}
+        stopped = patience is not None and state.get("bad_vals", 0) >= patience
+        if summary.get("steps_run") == done and (done >= steps or stopped):  # summary.json: written last
+            more = "a larger --patience" if stopped else f"--steps N above {done}"
+            return (f"{self.path} is finished at step {done}{' (stopped early)' if stopped else ''}; nothing to do "
+                    f"(pass {more} with --resume to train further)")
+        return None
 
     def resume_command(self) -> str:
         return shlex.join(["python", "train.py", "--out", str(self.path), "--resume"])
