@@ -121,6 +121,8 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
                                                 "(default: 0.9986)")
     a("--dpg-weight", type=float, default=None, help="λ, the weight of γ^t·Q_φ in the U-Net's loss (default: 1.0)")
     a("--critic-lr", type=float, default=None, help="SGD learning rate of the critic (default: 0.01)")
+    a("--critic-clip", type=float, default=None,
+      help="gradient-norm clip of the critic's SGD step; 0: unclipped, the authors' step (default: 1.0)")
     a("--dino", default=None, help="DINO ViT-S/16 for --dpg-reward dino (default: weights/dino-vits16)")
 
     a = group("machine and run")

@@ -120,7 +120,7 @@ def test_help_shows_each_methods_defaults():
     options = {n: METHODS[n].Options() for n in NAMES}
     assert f"dreambooth {options['dreambooth'].num_class_images}, dpg {options['dpg'].num_class_images})" in text
     o = options["dpg"]
-    for value in (o.gamma, o.critic_lr, o.dpg_weight, o.prior_weight, o.dpg_reward, o.dino):
+    for value in (o.gamma, o.critic_lr, o.critic_clip, o.dpg_weight, o.prior_weight, o.dpg_reward, o.dino):
         assert f"(default: {value})" in text, value
 
 
