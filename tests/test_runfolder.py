@@ -342,6 +342,13 @@ def test_patience_stops_on_time_and_select_best_keeps_the_argmax(models, finishe
     assert capsys.readouterr().out.strip() == (f"{run} is finished at step 4 (stopped early); nothing to do (pass a "
                                                f"larger --patience with --resume to train further)")
     assert snapshot(run) == before
+    # its summary.json lost (a full disk at the very end): the resume writes it again and trains nothing
+    (run / "summary.json").unlink()
+    log = (run / "log.jsonl").read_text()
+    assert train.main(["--out", str(run), "--resume"]) == 0
+    assert (run / "log.jsonl").read_text() == log
+    again = json.loads((run / "summary.json").read_text())
+    assert again["stopped_early"] is True and again["steps_run"] == 4 and again["chosen_step"] == 2
 
 
 def test_resume_between_saves_cuts_the_log_back(models, finished_run, tmp_path, monkeypatch):
