@@ -1,6 +1,8 @@
 """DreamBench evaluation: the metrics on hand-made cases, against transformers, and the command end to end."""
+import errno
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -319,3 +321,78 @@ def test_cli_reports_user_errors_without_traceback(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error:") and "clip-b32" in r.stderr
+
+
+# ------------------------------------------------------------------------------------------------- odd input, full disks (issue 19)
+
+@pytest.mark.parametrize("extra, says", [
+    (["--guidance", "inf"], "--guidance and --lambda-val must be finite numbers (got inf, 0.5)"),
+    (["--guidance", "nan"], "--guidance and --lambda-val must be finite numbers (got nan, 0.5)"),
+    (["--lambda-val", "nan"], "--guidance and --lambda-val must be finite numbers (got 7.5, nan)"),
+    (["--threads", "0"], "--threads must be at least 1 (got 0)"),
+    (["--out", "A_FILE"], "is a file, not a folder"),
+    (["--weights", "PIPE"], "--weights PIPE is a named pipe (FIFO), not a regular file"),
+    (["--ckpt", "PIPE"], "--ckpt PIPE is a named pipe (FIFO), not a regular file"),
+    (["--dino", "PIPE"], "--dino PIPE is a named pipe (FIFO), not a regular file"),
+])
+def test_odd_input(models, tmp_path, extra, says):
+    subject = make_subject(tmp_path / "refs" / "dog", n=2)
+    fifo, a_file = tmp_path / "fifo", tmp_path / "a_file"
+    os.mkfifo(fifo)
+    a_file.write_text("x")
+    extra = [str(fifo) if a == "PIPE" else str(a_file) if a == "A_FILE" else a for a in extra]
+    args = ["--subject", str(subject), "--weights", str(models["sd"]), *common(models), "--out", str(tmp_path / "o"),
+            *extra]
+    with pytest.raises(UserError) as e:
+        main(args)
+    assert says.replace("PIPE", str(fifo)) in str(e.value), e.value
+    assert not (tmp_path / "o").exists()
+
+
+def test_threads_from_subject_json(models, tmp_path, monkeypatch):
+    """The toy world's subject.json says 1 thread: evaluate uses it, and --threads wins over it."""
+    subject = make_subject(tmp_path / "refs" / "dog", n=2)
+    (subject / "subject.json").write_text(json.dumps({"class_noun": "dog", "train_defaults": {"threads": 1}}))
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    main(["--subject", str(subject), "--real", *common(models), "--out", str(tmp_path / "a")])
+    assert calls == [1]
+    main(["--subject", str(subject), "--real", *common(models), "--out", str(tmp_path / "b"), "--threads", "3"])
+    assert calls == [1, 3]
+
+
+def eval_listing(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("at", [1, 3])
+def test_write_failing_halfway_keeps_the_earlier_evaluation(models, tmp_path, monkeypatch, at):
+    subject = make_subject(tmp_path / "refs" / "dog", n=2)
+    out = tmp_path / "eval"
+    args = ["--subject", str(subject), "--weights", str(models["sd"]), *common(models), "--out", str(out)]
+    main(args)
+    before = eval_listing(out)
+    assert "eval.json" in before and len([k for k in before if k.startswith("grids/")]) == 25
+    real, count = Image.Image.save, [0]
+
+    def save(self, fp, *a, **kw):  # the at-th grid: part of a PNG, then a full disk
+        count[0] += 1
+        if count[0] == at:
+            fp.write(b"\x89PNG half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, fp, *a, **kw)
+    monkeypatch.setattr(Image.Image, "save", save)
+    with pytest.raises(UserError, match="no space left on the device"):
+        main(args + ["--seed", "3"])
+    assert eval_listing(out) == before  # no partial grid, no temporary, the earlier eval.json and grids as they were
+
+
+def test_full_disk_and_read_only_out(models, tmp_path, small_disk, read_only_folder):
+    subject = make_subject(tmp_path / "refs" / "dog", n=2)
+    (small_disk / "filler").write_bytes(b"\0" * (64 * 1024 - 2 * 4096))
+    args = ["--subject", str(subject), "--weights", str(models["sd"]), *common(models)]
+    with pytest.raises(UserError, match="no space left on the device"):
+        main(args + ["--out", str(small_disk / "eval")])
+    assert not [p for p in (small_disk / "eval").rglob("*") if p.is_file()]
+    with pytest.raises(UserError, match="read-only or no permission"):
+        main(args + ["--out", str(read_only_folder / "eval")])

@@ -32,21 +32,29 @@ subject into OUT/<method>/<subject>/seed<S>/ (resumably) and writes the table wi
 """
 import argparse
 import gc
-import json
+import math
 import os
 import re
 import shlex
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+# Waiting OpenMP threads sleep instead of spinning (see tinyrpo/toy/__main__.py). It takes effect when this
+# module is the program (python -m tinyrpo.evaluate), as OpenMP reads it when torch starts.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from tinyrpo import dreambench
+from tinyrpo.atomic import atomic_save_image, atomic_write_json, atomic_write_text, write_error
 from tinyrpo.checkpoint import apply_checkpoint, load_checkpoint
+from tinyrpo.cli import check_input, check_out_folder
 from tinyrpo.data import load_subject, read_subject_file, resolve_class
 from tinyrpo.download import DEFAULT_DINO, DEFAULT_EVAL_CLIP, DEFAULT_SD, missing_weights_message
 from tinyrpo.dino import DINO, dino_preprocess
@@ -200,16 +208,20 @@ class EvalSettings:
     batch_size: int | None = None   # images per U-Net pass (pipeline default: 8)
     device: str = "auto"
     dtype: str = "auto"             # the SD model's; the evaluation networks always run in float32
+    threads: int | None = None      # CPU threads for torch; None: subject.json's train_defaults, else torch's
     progress: bool = True
 
     def validate(self):
-        checks = [(self.images_per_prompt >= 1,
+        checks = [(all(math.isfinite(v) for v in (self.guidance, self.lambda_val)),
+                   f"--guidance and --lambda-val must be finite numbers (got {self.guidance}, {self.lambda_val})"),
+                  (self.images_per_prompt >= 1,
                    f"--images-per-prompt must be at least 1 (got {self.images_per_prompt})"),
                   (self.steps >= 1, f"--steps must be at least 1 (got {self.steps})"),
                   (self.guidance >= 0, f"--guidance must be >= 0 (got {self.guidance})"),
                   (0.0 <= self.lambda_val <= 1.0, f"--lambda-val must be in [0, 1] (got {self.lambda_val})"),
                   (self.resolution is None or self.resolution >= 8,
                    f"--resolution must be at least 8 (got {self.resolution})"),
+                  (self.threads is None or self.threads >= 1, f"--threads must be at least 1 (got {self.threads})"),
                   (self.batch_size is None or self.batch_size >= 1,
                    f"--batch-size must be at least 1 (got {self.batch_size})"),
                   (self.dtype in ("auto", *DTYPES), f"--dtype must be auto, {', '.join(DTYPES)} (got {self.dtype})")]
@@ -248,6 +260,11 @@ def evaluate_subject(subject_dir, out=None, ckpt=None, weights=None, eval_clip=N
     if not subject_dir.is_dir():
         raise UserError(f"subject folder {subject_dir} does not exist; pass --subject DIR, the folder of the "
                         f"reference photos (e.g. refs/dog after `python -m tinyrpo.download dreambench`)")
+    for flag, path in (("--ckpt", ckpt), ("--weights", weights), ("--eval-clip", eval_clip), ("--dino", dino)):
+        if path is not None:
+            check_input(path, flag)
+    if out is not None:
+        check_out_folder(out)
     meta = {}
     if ckpt is not None:
         if mixup := checkpoint_mixup(ckpt):
@@ -257,6 +274,12 @@ def evaluate_subject(subject_dir, out=None, ckpt=None, weights=None, eval_clip=N
     named = file.get("weights", {}) if isinstance(file.get("weights"), dict) else {}
     eval_clip, dino = eval_models(subject_dir, eval_clip, dino)
     weights = None if real else (weights or meta.get("base") or named.get("sd") or DEFAULT_SD)
+    for flag, path in (("--weights", weights), ("--eval-clip", eval_clip), ("--dino", dino)):  # subject.json's too
+        if path is not None:
+            check_input(path, flag)
+    threads = s.threads or (file.get("train_defaults") or {}).get("threads")
+    if isinstance(threads, int) and threads >= 1:  # the toy world's: 1, for its tiny models
+        torch.set_num_threads(threads)
     if weights is not None and not Path(weights).exists():
         raise UserError(missing_weights_message("sd15", weights, "--weights"))
     if weights is not None and (mixup := wrong_kind(weights, "sd")):  # before the photos are scored
@@ -273,9 +296,12 @@ def evaluate_subject(subject_dir, out=None, ckpt=None, weights=None, eval_clip=N
     if out is None:
         out = Path(ckpt).parent / "eval" if ckpt else Path("runs") / f"{kind}-{subject.name}" / "eval"
     out = Path(out)
+    check_out_folder(out)
     try:
         (out if real else out / "grids").mkdir(parents=True, exist_ok=True)
     except OSError as e:
+        if (err := write_error(out, e)) is not e:
+            raise err from None
         raise UserError(f"cannot write to --out {out}: {e.strerror}; choose a folder you can write to") from None
 
     reward_model = meta.get("reward_model")
@@ -285,7 +311,7 @@ def evaluate_subject(subject_dir, out=None, ckpt=None, weights=None, eval_clip=N
 
     templates = subject.eval_prompts or (dreambench.LIVE_PROMPTS if subject.live else dreambench.OBJECT_PROMPTS)
     prompts = dreambench.fill(templates, subject.token, subject.class_noun)
-    per_prompt, overall = [], None
+    per_prompt, overall, grids = [], None, []
     if real:
         overall = {k: reference[k] for k in METRICS}
     else:
@@ -299,7 +325,7 @@ def evaluate_subject(subject_dir, out=None, ckpt=None, weights=None, eval_clip=N
         for p, (prompt, text) in enumerate(zip(prompts, texts)):
             rows = slice(p * n, (p + 1) * n)
             grid = Path("grids") / f"p{p:02d}-{slug(prompt)}.png"
-            image_grid(images[rows], cols=min(n, 4)).save(out / grid)
+            grids.append((grid, image_grid(images[rows], cols=min(n, 4))))
             per_prompt.append({"prompt": prompt, "scored_text": text, "seed": s.seed + p, "grid": str(grid),
                                **mean_scores(scores, rows),
                                "per_image": {k: list(map(none_if_nan, v[rows].tolist())) for k, v in scores.items()}})
@@ -315,11 +341,29 @@ def evaluate_subject(subject_dir, out=None, ckpt=None, weights=None, eval_clip=N
         "out": str(out), "notes": notes, "overall": overall, "reference": reference, "prompts": per_prompt,
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    (out / "eval.md").write_text(markdown(result))
-    tmp = out / "eval.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out / "eval.json")  # last: its presence marks a finished evaluation
+    write_outputs(out, grids, result)
     return result
+
+
+def write_outputs(out: Path, grids: list, result: dict) -> None:
+    """The grids, eval.md and eval.json, all or none: each is written into a hidden folder inside `out` first
+    and moved in only once all are (a rename needs no space), so a full disk, a read-only folder or Ctrl-C
+    leaves an earlier evaluation in `out` as it was. eval.json comes last: its presence marks a finished one."""
+    try:
+        stage = Path(tempfile.mkdtemp(prefix=".eval-", dir=out))
+    except OSError as e:
+        raise write_error(out, e) from None
+    try:
+        for rel, image in grids:
+            atomic_save_image(image, stage / rel)
+        atomic_write_text(stage / "eval.md", markdown(result))
+        atomic_write_json(stage / "eval.json", result)
+        (out / "eval.json").unlink(missing_ok=True)  # from here until the last rename, `out` is unfinished
+        for rel in [rel for rel, _ in grids] + [Path("eval.md"), Path("eval.json")]:
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(stage / rel, out / rel)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def generate_images(weights, ckpt, prompts, s: EvalSettings, device, dtype, resolution):
@@ -399,6 +443,9 @@ def add_eval_arguments(p: argparse.ArgumentParser, seed_help: str | None = None)
     a("--device", default=None, help="auto, cpu, cuda or cuda:N (default: auto)")
     a("--dtype", default="auto", choices=["auto", *DTYPES],
       help="SD's dtype; auto is fp16 on CUDA, else fp32 (CLIP and DINO always run in fp32)")
+    a("--threads", type=int, default=None,
+      help="CPU threads for torch (default: the subject.json's train_defaults threads, 1 for the toy world, "
+           "else torch's, one per core)")
     a("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
 
 
@@ -407,7 +454,8 @@ def settings_from(args) -> EvalSettings:
     args.device_given, args.device = args.device, args.device or "auto"
     return EvalSettings(images_per_prompt=args.images_per_prompt, seed=args.seed, steps=args.steps,
                         guidance=args.guidance, resolution=args.resolution, lambda_val=args.lambda_val,
-                        batch_size=args.batch_size, device=args.device, dtype=args.dtype, progress=args.progress)
+                        batch_size=args.batch_size, device=args.device, dtype=args.dtype, threads=args.threads,
+                        progress=args.progress)
 
 
 def parse_args(argv):
