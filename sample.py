@@ -83,7 +83,7 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (slow start, faster steps)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: 1 for a model as small as the toy world's, where more "
-                        "threads only wait for each other, else torch's default, one per core)")
+                        "threads only wait for each other, else torch's, one per core)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     return p.parse_args(argv)
 
