@@ -113,7 +113,8 @@ def run_cli(args, cwd=ROOT):
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "no_image", "unknown_class", "steps0", "lambda",
-                                  "no_weights", "no_reward", "unwritable", "exists", "resume_nothing"])
+                                  "no_weights", "no_reward", "unwritable", "exists", "resume_nothing",
+                                  "guidance_inf", "beta_nan"])
 def test_bad_input(models, tmp_path, case):
     subject = make_subject(tmp_path / "subject", n=2)
     out = tmp_path / "run"
@@ -121,7 +122,8 @@ def test_bad_input(models, tmp_path, case):
     expect = {"missing": "does not exist", "empty": "is empty", "no_image": "no readable image",
               "unknown_class": "--class-noun", "steps0": "--steps", "lambda": "--lambda-val",
               "no_weights": "tinyrpo.download", "no_reward": "tinyrpo.download", "unwritable": "cannot write",
-              "exists": "--resume", "resume_nothing": "holds no run"}[case]
+              "exists": "--resume", "resume_nothing": "holds no run",
+              "guidance_inf": "--guidance must be a finite number", "beta_nan": "--beta must be a finite number"}[case]
     if case == "missing":
         args[1] = str(tmp_path / "nope")
     elif case == "empty":
@@ -151,6 +153,10 @@ def test_bad_input(models, tmp_path, case):
         (out / "last.pt").write_bytes(b"x")
     elif case == "resume_nothing":
         args.append("--resume")
+    elif case == "guidance_inf":
+        args += ["--guidance", "inf"]
+    elif case == "beta_nan":
+        args += ["--beta", "nan"]
     r = run_cli(args)
     assert r.returncode != 0
     assert "Traceback" not in r.stderr, r.stderr

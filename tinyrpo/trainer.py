@@ -105,6 +105,7 @@ class TrainConfig:
             if not ok:
                 raise UserError(msg)
         need(self.method in METHODS, f"--method {self.method} is not available; choose one of {', '.join(METHODS)}")
+        need_finite(self, need)
         need(self.steps is None or self.steps >= 1, f"--steps must be at least 1 (got {self.steps})")
         need(0.0 <= self.lambda_val <= 1.0, f"--lambda-val must be in [0, 1] (got {self.lambda_val})")
         need(self.mean in REWARDS, f"--mean must be one of {', '.join(REWARDS)} (got {self.mean!r})")
@@ -200,6 +201,7 @@ class Trainer:
         self.given = given
         self.method_cls = METHODS[cfg.method]
         self.options = self.method_cls.Options.from_dict(cfg.options)
+        need_finite(self.options, _need)
         self.options.validate(_need)
         self.times = {}
         self.device = resolve_device(cfg.device)
@@ -611,6 +613,15 @@ class Log(JsonlLog):
 def _need(ok, msg):
     if not ok:
         raise UserError(msg)
+
+
+def need_finite(settings, need) -> None:
+    """Every float setting (of TrainConfig or a method's options) is a number: nan or inf passes checks like
+    `guidance >= 0` and then trains on nonsense."""
+    for f in fields(settings):
+        value = getattr(settings, f.name)
+        if isinstance(value, float):
+            need(math.isfinite(value), f"--{f.name.replace('_', '-')} must be a finite number (got {value})")
 
 
 def flush(pending: list, hint: str = "lower --lr or use --precision fp32") -> list[dict]:
