@@ -103,7 +103,8 @@ def test_sample_through_the_pipeline(sd):
                                width=32, progress=False)
     assert images.shape == (4, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
     again, _ = generate(sd, ["a sks toy on a red background"], n=1, steps=10, height=32, width=32, progress=False)
-    assert torch.allclose(again[0], images[0], atol=1e-5)  # seeded per prompt (batch size changes only rounding)
+    # seeded per prompt: the batch size changes only float rounding (measured 1.6e-5 at 1 thread, 2.0e-5 at 2)
+    assert torch.allclose(again[0], images[0], atol=1e-4)
 
 
 def test_toy_clip_and_dino_measure_what_they_are_for():
