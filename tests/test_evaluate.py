@@ -369,7 +369,8 @@ def eval_listing(folder: Path) -> dict:
 def test_write_failing_halfway_keeps_the_earlier_evaluation(models, tmp_path, monkeypatch, at):
     subject = make_subject(tmp_path / "refs" / "dog", n=2)
     out = tmp_path / "eval"
-    args = ["--subject", str(subject), "--weights", str(models["sd"]), *common(models), "--out", str(out)]
+    args = ["--subject", str(subject), "--weights", str(models["sd"]), "--resolution", str(RES), *common(models),
+            "--out", str(out)]
     main(args)
     before = eval_listing(out)
     assert "eval.json" in before and len([k for k in before if k.startswith("grids/")]) == 25
@@ -390,7 +391,7 @@ def test_write_failing_halfway_keeps_the_earlier_evaluation(models, tmp_path, mo
 def test_full_disk_and_read_only_out(models, tmp_path, small_disk, read_only_folder):
     subject = make_subject(tmp_path / "refs" / "dog", n=2)
     (small_disk / "filler").write_bytes(b"\0" * (64 * 1024 - 2 * 4096))
-    args = ["--subject", str(subject), "--weights", str(models["sd"]), *common(models)]
+    args = ["--subject", str(subject), "--weights", str(models["sd"]), "--resolution", str(RES), *common(models)]
     with pytest.raises(UserError, match="no space left on the device"):
         main(args + ["--out", str(small_disk / "eval")])
     assert not [p for p in (small_disk / "eval").rglob("*") if p.is_file()]
