@@ -18,15 +18,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from tinyrpo.errors import UserError
+from tinyrpo.errors import REASONS, UserError, write_failure
 
-REASONS = {
-    errno.ENOSPC: ("no space left on the device", "free some space"),
-    errno.EDQUOT: ("the disk quota is used up", "free some space"),
-    errno.EROFS: ("the file system is read-only", "choose a writable folder"),
-    errno.EACCES: ("permission denied", "choose a folder you can write to"),
-    errno.EPERM: ("operation not permitted", "choose a folder you can write to"),
-}
 # How libraries that do their own I/O (safetensors' Rust writer, C extensions) word the same errors.
 WORDING = {"no space left on device": errno.ENOSPC, "os error 28": errno.ENOSPC, "disk quota exceeded": errno.EDQUOT,
            "read-only file system": errno.EROFS, "os error 30": errno.EROFS, "permission denied": errno.EACCES,
@@ -37,9 +30,8 @@ class WriteError(UserError):
     """A file could not be written for a reason outside the program (disk full, read-only, permission)."""
 
     def __init__(self, path, code: int):
-        reason, action = REASONS[code]
         self.path, self.errno = Path(path), code
-        super().__init__(f"cannot write {path}: {reason}; {action} and run the command again")
+        super().__init__(write_failure(path, code))
 
 
 def machine_errno(e: BaseException | None) -> int | None:

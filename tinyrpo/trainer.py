@@ -26,11 +26,11 @@ import torch
 from tqdm import tqdm
 
 from tinyrpo import dreambench
-from tinyrpo.atomic import REASONS, WriteError, atomic_save_image, atomic_torch_save, atomic_write_json
+from tinyrpo.atomic import WriteError, atomic_save_image, atomic_torch_save, atomic_write_json
 from tinyrpo.checkpoint import BEST, LAST, save_checkpoint
 from tinyrpo.data import Subject, load_subject, read_prompt_file
 from tinyrpo.download import DEFAULT_REWARD_CLIP, DEFAULT_SD
-from tinyrpo.errors import UserError
+from tinyrpo.errors import REASONS, UserError
 from tinyrpo.methods import METHODS
 from tinyrpo.grids import labelled_grid
 from tinyrpo.lora import DEFAULT_TARGETS, _matches, add_lora, load_lora_state_dict, lora_config, lora_disabled, lora_state_dict
