@@ -17,16 +17,21 @@ torch.set_num_threads(1)
 
 # A full disk and a read-only target, for the tests of writing (test_atomic.py, test_export.py)
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 64 KiB tmpfs, or a skip where mounting is not allowed."""
-    mnt = tmp_path / "disk"
+def mounted_tmpfs(mnt, size: str):
+    """Mount a tmpfs of `size` (e.g. "64k") on the new folder `mnt` and yield it, or skip where mounting is not
+    allowed (it needs root on Linux, as in CI); unmounted afterwards. For fixtures: `yield from`."""
     mnt.mkdir()
-    if sys.platform != "linux" or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
+    if sys.platform != "linux" or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
                                                  capture_output=True).returncode != 0:
         pytest.skip("cannot mount a small tmpfs here (needs root on Linux)")
     yield mnt
     subprocess.run(["umount", str(mnt)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KiB tmpfs, or a skip where mounting is not allowed."""
+    yield from mounted_tmpfs(tmp_path / "disk", "64k")
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import torch
 
 import train
 from tests.test_train import ROOT, base_args, make_subject, models, run_cli  # noqa: F401  (models: fixture)
+from tests.conftest import mounted_tmpfs
 from tinyrpo import trainer as trainer_module
 from tinyrpo.runfolder import RunLock
 
@@ -406,13 +407,7 @@ class _WatchLog:
 def small_disk(tmp_path):
     """An 8 MB tmpfs (root on Linux), else a skip: the tiny model's last.pt (weights and AdamW's moments, 14 MB)
     does not fit, its cached images and config do."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    if sys.platform != "linux" or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)],
-                                                 capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here (needs root on Linux)")
-    yield mnt
-    subprocess.run(["umount", str(mnt)], check=False)
+    yield from mounted_tmpfs(tmp_path / "disk", "8m")
 
 
 def test_real_full_disk_then_space_freed_resumes(models, finished_run, small_disk):
