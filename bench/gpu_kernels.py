@@ -60,7 +60,7 @@ def kernels_section(sec: Section):
     def rpo_case(B, shape, dtype):
         model_pred, ref_pred, eps, y = _pairs(B, shape, dtype, dev)
         model_pred.requires_grad_()
-        out = kernels.rpo_loss(model_pred, ref_pred, eps, y, beta, fused=True)
+        out = rpo.RPOLoss(*kernels.fused_rpo_loss(model_pred, ref_pred, eps, y, beta))
         _objective(out).backward()
         ref_in = model_pred.detach().double().requires_grad_()  # the reference on the same inputs, float64
         ref = rpo.rpo_loss(ref_in, ref_pred.double(), eps.double(), y.double(), beta)
@@ -75,7 +75,7 @@ def kernels_section(sec: Section):
         pred, target, _, _ = _pairs(B, shape, dtype, dev)
         w = (torch.rand(pred.shape[0], generator=torch.Generator().manual_seed(2)) * 3).to(dev)
         pred.requires_grad_()
-        out = kernels.weighted_mse(pred, target, w, fused=True)
+        out = kernels.fused_weighted_mse(pred, target, w)
         (0.7 * out).backward()
         ref_in = pred.detach().double().requires_grad_()
         ref = losses.weighted_mse(ref_in, target.double(), w.double())
@@ -101,8 +101,8 @@ def _verdict(rel_err, grad_err, dtype, tol):
 def _kernels_compiled(sec: Section, beta: float):
     """One training loss (RPO loss + a weighted MSE) compiled with fullgraph=True: a graph break raises."""
     def step(model_pred, ref_pred, eps, y, prior_pred, prior_target, w):
-        out = kernels.rpo_loss(model_pred, ref_pred, eps, y, beta, fused=True)
-        return out.loss + kernels.weighted_mse(prior_pred, prior_target, w, fused=True), out.delta
+        out = rpo.RPOLoss(*kernels.fused_rpo_loss(model_pred, ref_pred, eps, y, beta))
+        return out.loss + kernels.fused_weighted_mse(prior_pred, prior_target, w), out.delta
 
     L = sec.sizes.latent
     model_pred, ref_pred, eps, y = _pairs(2, (4, L, L), torch.bfloat16, sec.device)
@@ -145,15 +145,15 @@ def _kernels_compiled(sec: Section, beta: float):
 
 
 def _kernels_timing(sec: Section, B: int, beta: float):
-    """Fused kernels vs the PyTorch reference (fused=False), forward + backward, as the train step calls them."""
+    """Fused kernels vs the PyTorch reference (rpo.rpo_loss), forward + backward, as the train step calls them."""
     L = sec.sizes.latent
     model_pred, ref_pred, eps, y = _pairs(B, (4, L, L), torch.bfloat16, sec.device)
     model_pred.requires_grad_()
     n = 50 if sec.cuda else 2
     res = {}
-    for name, fused in (("fused", True), ("reference", False)):
-        def once():  # autograd.grad: no .grad accumulation inside the timing
-            torch.autograd.grad(kernels.rpo_loss(model_pred, ref_pred, eps, y, beta, fused=fused).loss, model_pred)
+    for name, loss_fn in (("fused", kernels.fused_rpo_loss), ("reference", rpo.rpo_loss)):
+        def once():  # autograd.grad: no .grad accumulation inside the timing (the loss is output 0 of both)
+            torch.autograd.grad(loss_fn(model_pred, ref_pred, eps, y, beta)[0], model_pred)
         timed(once, sec.device, 3 if sec.cuda else 1)
         res[f"{name}_us"] = 1e6 * statistics.median(timed(once, sec.device, n))
     res["speedup"] = res["reference_us"] / res["fused_us"]

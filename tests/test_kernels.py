@@ -7,6 +7,7 @@ really what happens. The interpreter is slow, so every tensor here is tiny.
 """
 import importlib.util
 import math
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 
 from tests.util import max_rel_err
 from tinyrpo import kernels, losses, rpo
+from tinyrpo.dreambooth import dreambooth_loss, row_weights
 from tinyrpo.errors import UserError
 
 needs_triton = pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton is not installed")
@@ -39,6 +41,11 @@ def make_pairs(B, shape, dtype, seed=0):
     ref_pred = eps + 0.5 * torch.randn(2 * B, *shape, generator=g)
     y = torch.tensor([(i + 1) % 2 for i in range(B)], dtype=torch.float32)  # 1, 0, 1, ...
     return model_pred.to(dtype), ref_pred.to(dtype), eps.to(dtype), y
+
+
+def fused_rpo(*args) -> rpo.RPOLoss:
+    """The fused op's outputs under RPOLoss's names, as its call site (rpo.rpo_forward) wraps them."""
+    return rpo.RPOLoss(*kernels.fused_rpo_loss(*args))
 
 
 def objective(out: rpo.RPOLoss, seed=1):
@@ -67,7 +74,7 @@ def test_kernels_run_in_interpreter():
 
     assert kernels.INTERPRET and isinstance(kernels._sq_err_partials_kernel, InterpretedFunction)
     x = torch.randn(2, 3, 4, requires_grad=True)
-    out = kernels.rpo_loss(x, torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.ones(1), 1.0, fused=True)
+    out = fused_rpo(x, torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.ones(1), 1.0)
     assert "tinyrpo_rpo_loss" in type(out.loss.grad_fn).__name__  # the op ran, not the reference
 
 
@@ -76,7 +83,7 @@ def test_kernels_run_in_interpreter():
 def test_rpo_loss_matches_reference(B, shape, dtype):
     model_pred, ref_pred, eps, y = make_pairs(B, shape, dtype)
     model_pred.requires_grad_()
-    out = kernels.rpo_loss(model_pred, ref_pred, eps, y, BETA, fused=True)
+    out = fused_rpo(model_pred, ref_pred, eps, y, BETA)
     objective(out).backward()
 
     # The reference on the same (bf16) inputs upcast: the kernels upcast on load the same way.
@@ -98,7 +105,7 @@ def test_rpo_loss_awkward_inputs():
     model_pred, ref_pred, eps, y = make_pairs(B, (5, 7, 4), torch.float32)
     model_pred = model_pred.to(torch.bfloat16).permute(0, 3, 1, 2).requires_grad_()  # [2B, 4, 5, 7], strided
     ref_pred, eps, y = ref_pred.permute(0, 3, 1, 2), eps.permute(0, 3, 1, 2), y.long()
-    out = kernels.rpo_loss(model_pred, ref_pred, eps, y, BETA, fused=True)
+    out = fused_rpo(model_pred, ref_pred, eps, y, BETA)
     objective(out).backward()
     ref_in = model_pred.detach().float().requires_grad_()
     ref = rpo.rpo_loss(ref_in, ref_pred, eps, y, BETA)
@@ -108,7 +115,7 @@ def test_rpo_loss_awkward_inputs():
     assert model_pred.grad.shape == model_pred.shape
     assert_grad_close(model_pred.grad, ref_in.grad)
     with pytest.raises(RuntimeError, match="shape"):
-        kernels.rpo_loss(model_pred, ref_pred[:, :3], eps, y, BETA, fused=True)
+        fused_rpo(model_pred, ref_pred[:, :3], eps, y, BETA)
 
 
 @needs_triton
@@ -117,7 +124,7 @@ def test_rpo_backward_is_the_hand_derived_formula():
     B, shape = 2, (3, 4, 5)
     model_pred, ref_pred, eps, y = make_pairs(B, shape, torch.float32, seed=3)
     model_pred.requires_grad_()
-    out = kernels.rpo_loss(model_pred, ref_pred, eps, y, BETA, fused=True)
+    out = fused_rpo(model_pred, ref_pred, eps, y, BETA)
     out.loss.backward()
 
     D = math.prod(shape)
@@ -143,7 +150,7 @@ def test_weighted_mse_matches_reference(B, shape, dtype):
     weights = torch.rand(N, generator=g) * 3  # e.g. (1 − ᾱ_t)/ᾱ_t, which exceeds 1 at large t
     weights[0] = 0.0  # a sample switched off
     pred.requires_grad_()
-    out = kernels.weighted_mse(pred, target, weights, fused=True)
+    out = kernels.fused_weighted_mse(pred, target, weights)
     (0.7 * out).backward()
 
     ref_in = pred.detach().float().requires_grad_()
@@ -168,39 +175,41 @@ def test_reference_gradcheck():
 
 
 def test_dispatch(monkeypatch):
+    """The call sites choose: CPU tensors (even under TRITON_INTERPRET=1) run the readable reference, bit for bit."""
     model_pred, ref_pred, eps, y = make_pairs(2, (2, 3, 3), torch.float32)
-    weights = torch.rand(4)
-    # CPU tensors with fused=None or False: the reference itself, bit for bit.
-    for fused in (None, False):
-        out = kernels.rpo_loss(model_pred, ref_pred, eps, y, BETA, fused=fused)
-        ref = rpo.rpo_loss(model_pred, ref_pred, eps, y, BETA)
-        assert all(torch.equal(a, b) for a, b in zip(out, ref))
-        assert torch.equal(kernels.weighted_mse(model_pred, ref_pred, weights, fused=fused),
-                           losses.weighted_mse(model_pred, ref_pred, weights))
-    # fused=True with CPU tensors and no interpreter cannot work: say so instead of crashing in Triton.
+    assert not kernels.available(model_pred)
+    out = rpo.rpo_forward(lambda *a: model_pred, lambda *a: ref_pred, None, None, None, eps, y, BETA, nullcontext())
+    ref = rpo.rpo_loss(model_pred, ref_pred, eps, y, BETA)
+    assert all(torch.equal(a, b) for a, b in zip(out, ref))
+    w = row_weights(2, 2, 0.5)
+    assert torch.equal(dreambooth_loss(model_pred, ref_pred, 2, 0.5).loss, losses.weighted_mse(model_pred, ref_pred, w))
+    # The kernels with CPU tensors and no interpreter cannot work: say so instead of crashing in Triton.
     monkeypatch.setattr(kernels, "INTERPRET", False)
     if kernels.HAS_TRITON:
         with pytest.raises(UserError, match="CUDA"):
-            kernels.rpo_loss(model_pred, ref_pred, eps, y, BETA, fused=True)
+            kernels.fused_rpo_loss(model_pred, ref_pred, eps, y, BETA)
 
 
 def test_imports_without_triton(monkeypatch):
-    """A CPU install has no Triton: the module must import and fall back to the reference."""
+    """A CPU install has no Triton: the module must import, and the call sites then run the reference."""
     monkeypatch.setitem(__import__("sys").modules, "triton", None)  # makes `import triton` fail
     spec = importlib.util.spec_from_file_location("kernels_without_triton", kernels.__file__)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # a separate copy: registers no ops, leaves tinyrpo.kernels alone
     assert not module.HAS_TRITON
     model_pred, ref_pred, eps, y = make_pairs(1, (2, 3, 3), torch.float32)
-    out = module.rpo_loss(model_pred, ref_pred, eps, y, BETA)
-    assert torch.equal(out.loss, rpo.rpo_loss(model_pred, ref_pred, eps, y, BETA).loss)
+    assert not module.available(model_pred.cuda() if torch.cuda.is_available() else model_pred)
     with pytest.raises(UserError, match="pip install triton"):
-        module.weighted_mse(model_pred, ref_pred, torch.ones(2), fused=True)
+        module.fused_weighted_mse(model_pred, ref_pred, torch.ones(2))
 
 
 def _train_step_loss(model_pred, ref_pred, eps, y, prior_pred, prior_target, weights, fused):
-    out = kernels.rpo_loss(model_pred, ref_pred, eps, y, BETA, fused=fused)
-    prior = kernels.weighted_mse(prior_pred, prior_target, weights, fused=fused)
+    if fused:
+        out = fused_rpo(model_pred, ref_pred, eps, y, BETA)
+        prior = kernels.fused_weighted_mse(prior_pred, prior_target, weights)
+    else:  # the readable reference, what the call sites run on the CPU
+        out = rpo.rpo_loss(model_pred, ref_pred, eps, y, BETA)
+        prior = losses.weighted_mse(prior_pred, prior_target, weights)
     return out.loss + prior, out.delta
 
 
@@ -266,10 +275,10 @@ def test_compile_traces_fused_ops_without_graph_break():
 
 @pytest.mark.slow
 def test_compile_reference_path_with_inductor():
-    """On CPU, fused=None is the reference: torch.compile (Inductor, fullgraph) must match eager (~15 s)."""
+    """On CPU the reference runs: torch.compile (Inductor, fullgraph) must match eager (~15 s)."""
     torch._dynamo.reset()
     inputs = _step_inputs()
-    step = torch.compile(lambda *a: _train_step_loss(*a, fused=None), fullgraph=True)
+    step = torch.compile(lambda *a: _train_step_loss(*a, fused=False), fullgraph=True)
     compiled = _run(step, inputs)
-    eager = _run(lambda *a: _train_step_loss(*a, fused=None), inputs)
+    eager = _run(lambda *a: _train_step_loss(*a, fused=False), inputs)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)

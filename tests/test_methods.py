@@ -59,7 +59,7 @@ def test_weighted_mse_kernel_equals_the_readable_loss():
     pred = pred + 0.1 * torch.randn(pred.shape, generator=torch.Generator().manual_seed(2))
     w = row_weights(2, 2, 0.7)
     a, b = pred.clone().requires_grad_(True), pred.clone().requires_grad_(True)
-    fused = kernels.weighted_mse(a, eps, w, fused=True)
+    fused = kernels.fused_weighted_mse(a, eps, w)
     ref = weighted_mse(b, eps, w)
     fused.backward()
     ref.backward()
@@ -250,7 +250,7 @@ def exact_critic(critic: Critic, channels: int, side: int) -> None:
 def test_look_forward_step(models, oracles, dino_path, tmp_path, reward):
     """The look-forward step on the tensors the U-Net sees, its loss and the critic's target. With a critic that
     computes its target exactly, the loss must be DreamBooth's with the instance term weighted γ^t(1−ᾱ)/ᾱ
-    (look forward), or kept and that term added (dino): an oracle through kernels.weighted_mse."""
+    (look forward), or kept and that term added (dino): an oracle through losses.weighted_mse."""
     subject = make_subject(tmp_path / "subject", n=3)
     tr = make_trainer(models, subject, tmp_path / "run", "dpg", "--batch-size", "2", "--num-class-images", "3",
                       "--prior-weight", "0.7", "--gamma", "0.999", "--dpg-weight", "1.5", "--dpg-reward", reward,

@@ -16,7 +16,7 @@ look-forward MSE ‖x̂_0 − x_0‖², the mean over the latent's elements (F.m
 there), and Q_φ(r) takes the place of DreamBooth's instance loss. Since x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε,
 ‖x̂_0 − x_0‖² = (1−ᾱ_t)/ᾱ_t · ‖ε̂ − ε‖² (`lookforward_mse`): a critic that learned its target exactly
 would make L DreamBooth's loss with the instance term weighted by γ^t (1−ᾱ_t)/ᾱ_t, which is what the
-tests check the loss against (kernels.weighted_mse).
+tests check the loss against (losses.weighted_mse).
 
 `--dpg-reward dino` (the paper's DINO reward; its code was never released, see the README's Todo in the
 authors' repository): the cost is 1 − cos(DINO(decode(x̂_0)), DINO(x_0's photo)), and the U-Net keeps

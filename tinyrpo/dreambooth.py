@@ -27,7 +27,8 @@ from typing import NamedTuple
 
 import torch
 
-from tinyrpo.losses import per_sample_mse
+from tinyrpo import kernels
+from tinyrpo.losses import per_sample_mse, weighted_mse
 from tinyrpo.method import Method, MethodOptions, StepOutput, encode_images, generated_images
 
 CLASS_PROMPT = "a photo of a {}"  # the class prompt c_pr (the subject's is dreambench.REFERENCE_PROMPT)
@@ -44,7 +45,7 @@ def prior_preservation_loss(e_instance: torch.Tensor, e_class: torch.Tensor, pri
 def row_weights(n_instance: int, n_class: int, prior_weight: float, instance_weight: float = 1.0,
                 device=None) -> torch.Tensor:
     """Per-row weights w such that mean_n w_n·e_n over the rows [instances..., class images...] is eq. (2):
-    the form the fused kernel (kernels.weighted_mse) takes. w = N/n_instance on instance rows and
+    the form of losses.weighted_mse (and of its fused kernel). w = N/n_instance on instance rows and
     λ·N/n_class on class rows, N = n_instance + n_class. (instance_weight scales the instance term: the
     look-forward method replaces it by its critic, tinyrpo/dpg.py, with instance_weight 0.)"""
     n = n_instance + n_class
@@ -60,12 +61,12 @@ class DreamBoothLoss(NamedTuple):
 
 def dreambooth_loss(model_pred: torch.Tensor, noise: torch.Tensor, n_instance: int, prior_weight: float,
                     instance_weight: float = 1.0) -> DreamBoothLoss:
-    """Eq. (2) for rows [instances..., class images...], through the fused weighted-MSE kernel on a GPU."""
-    from tinyrpo import kernels  # kernels imports the loss modules: import late
-
+    """Eq. (2) for rows [instances..., class images...], as one weighted MSE over the rows."""
     n_class = model_pred.shape[0] - n_instance
     w = row_weights(n_instance, n_class, prior_weight, instance_weight, device=model_pred.device)
-    loss = kernels.weighted_mse(model_pred, noise, w)
+    # On a GPU the same arithmetic runs fused into Triton kernels (tinyrpo/kernels.py, tested equal).
+    loss_fn = kernels.fused_weighted_mse if kernels.available(model_pred) else weighted_mse
+    loss = loss_fn(model_pred, noise, w)
     with torch.no_grad():
         e = per_sample_mse(model_pred, noise)
     return DreamBoothLoss(loss, e[:n_instance].mean(), e[n_instance:].mean())

@@ -36,22 +36,24 @@ The weighted MSE, mean_n w_n·e_n (L_sim alone, DreamBooth's prior loss, per-tim
 
 Both are `torch.library.triton_op`s (`torch.ops.tinyrpo.rpo_loss`, `torch.ops.tinyrpo.weighted_mse`)
 with `register_autograd`, so `torch.compile(fullgraph=True)` traces through them without a graph
-break and Inductor sees the kernels. `rpo_loss` / `weighted_mse` below pick the kernels for CUDA
-tensors when Triton is installed and the PyTorch reference otherwise; both give the same numbers.
-Under TRITON_INTERPRET=1 the kernels also run on CPU tensors (that is how the tests run them).
+break and Inductor sees the kernels. This module only holds the kernels: the losses are written once, in
+PyTorch (`tinyrpo.rpo.rpo_loss`, `tinyrpo.losses.weighted_mse`), and their call sites
+(`tinyrpo.rpo.rpo_forward`, `tinyrpo.dreambooth.dreambooth_loss`) run `fused_rpo_loss` / `fused_weighted_mse`
+instead where `available(tensor)` says so (CUDA tensors, Triton installed); both give the same numbers.
+Under TRITON_INTERPRET=1 the kernels also run on CPU tensors when called by name (that is how the tests
+run them).
 """
 import os
 
 import torch
 
-from tinyrpo import losses, rpo
 from tinyrpo.errors import UserError
 
 try:
     import triton
     import triton.language as tl
     from torch.library import triton_op, wrap_triton
-except ImportError:  # a CPU-only install has no Triton: everything falls back to the reference code
+except ImportError:  # a CPU-only install has no Triton: the call sites run the PyTorch reference
     triton = None
 
 HAS_TRITON = triton is not None
@@ -62,37 +64,35 @@ BLOCK = 1024  # elements per program: 4 warps × 32 threads × 8 contiguous elem
 FINISH_ROWS = 16  # samples per step of the single-program finishing loop
 
 
-def _use_triton(t: torch.Tensor, fused: bool | None) -> bool:
-    if fused is None:
-        return HAS_TRITON and t.is_cuda
-    if fused and not HAS_TRITON:
-        raise UserError("fused=True needs Triton: `pip install triton` (or pass fused=None to use PyTorch)")
-    if fused and not (t.is_cuda or INTERPRET):
-        raise UserError("fused=True needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels on the CPU)")
-    return fused
+def available(t: torch.Tensor) -> bool:
+    """Whether a loss on `t` should run the fused kernels: a CUDA tensor, with Triton installed. (Under
+    TRITON_INTERPRET=1 the kernels also run on CPU tensors, but only the tests ask for that, by name.)"""
+    return HAS_TRITON and t.is_cuda
 
 
-def rpo_loss(model_pred: torch.Tensor, ref_pred: torch.Tensor, noise: torch.Tensor,
-             y: torch.Tensor, beta: float, fused: bool | None = None) -> rpo.RPOLoss:
-    """`tinyrpo.rpo.rpo_loss` (eq. 9), fused into Triton kernels on the GPU.
+def _check_runnable(t: torch.Tensor) -> None:
+    if not HAS_TRITON:
+        raise UserError("the fused kernels need Triton: `pip install triton` (or call the PyTorch reference, "
+                        "tinyrpo.rpo.rpo_loss or tinyrpo.losses.weighted_mse)")
+    if not (t.is_cuda or INTERPRET):
+        raise UserError("the fused kernels need CUDA tensors (or TRITON_INTERPRET=1 to run them on the CPU)")
 
-    fused=None: the kernels for CUDA tensors when Triton is installed, else the PyTorch reference.
-    fused=True forces the kernels, fused=False the reference.
+
+def fused_rpo_loss(model_pred: torch.Tensor, ref_pred: torch.Tensor, noise: torch.Tensor,
+                   y: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`tinyrpo.rpo.rpo_loss` (eq. 9) fused into Triton kernels: -> (loss, l_sim, l_pref, delta), the fields
+    of `tinyrpo.rpo.RPOLoss` in its order."""
+    _check_runnable(model_pred)
+    return torch.ops.tinyrpo.rpo_loss(model_pred, ref_pred, noise, y, float(beta))
+
+
+def fused_weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """`tinyrpo.losses.weighted_mse`, mean_n w_n·e_n, fused into Triton kernels.
+
+    Only `pred` gets a gradient (targets and weights are data, not parameters).
     """
-    if _use_triton(model_pred, fused):
-        return rpo.RPOLoss(*torch.ops.tinyrpo.rpo_loss(model_pred, ref_pred, noise, y, float(beta)))
-    return rpo.rpo_loss(model_pred, ref_pred, noise, y, beta)
-
-
-def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor,
-                 fused: bool | None = None) -> torch.Tensor:
-    """`tinyrpo.losses.weighted_mse`, mean_n w_n·e_n, fused into Triton kernels on the GPU (see rpo_loss).
-
-    Only `pred` gets a gradient on the fused path (targets and weights are data, not parameters).
-    """
-    if _use_triton(pred, fused):
-        return torch.ops.tinyrpo.weighted_mse(pred, target, weights)
-    return losses.weighted_mse(pred, target, weights)
+    _check_runnable(pred)
+    return torch.ops.tinyrpo.weighted_mse(pred, target, weights)
 
 
 if HAS_TRITON:
