@@ -15,8 +15,8 @@ h_λ; exact metrics too where the evaluation reports them). Every cell sees the 
 (--seed), so methods are compared on the same draws. The runner resumes: a cell with a finished eval.json
 is skipped, a training run that was interrupted continues with --resume, a finished one is only evaluated.
 
-The table (compare.md and compare.json, in the schema of tinyrpo/report_compare.py; report.html beside them):
-per method and metric, the mean ± sample standard deviation over all its cells (subjects × seeds, each
+The table (compare.md and compare.json, in the schema of tinyrpo.report.write_comparison_report; report.html
+beside them): per method and metric, the mean ± sample standard deviation over all its cells (subjects × seeds, each
 cell weighted equally) and their number, with the published DreamBench figures under it. Those are means
 over DreamBench's 30 subjects: they compare with a --dreambench run, not with other subjects.
 
@@ -404,7 +404,7 @@ def compare(cells: list[Cell], out: Path, train_args: list[str], args, settings,
             local_rank: int = 0) -> dict | None:
     """Run this rank's cells, collect every rank's results on rank 0 and write the table there.
     -> compare.json's content on rank 0, None on the others."""
-    from tinyrpo.report_compare import write_comparison_report
+    from tinyrpo.report import write_comparison_report
     from tinyrpo.atomic import atomic_write_bytes, atomic_write_json
 
     methods = list(dict.fromkeys(c.method for c in cells))
