@@ -9,7 +9,7 @@ import pytest
 
 import sample
 from tests.fixtures import make_tiny_sd
-from tinyrpo import download, evaluate
+from tinyrpo import compare, download, evaluate
 from tinyrpo.errors import run_cli
 from tinyrpo.pipeline import MAX_SEED
 
@@ -95,7 +95,7 @@ def test_evaluate_hint_quotes_paths(tmp_path, capsys, sd):
                                            "--weights", sd])
     assert code == 2, err
     assert command_in(err) == ["python", "-m", "tinyrpo.download", "dino", "--dir", str(tmp_path / "my weights")]
-    code, err = run(capsys, evaluate.main, ["--dreambench", tmp_path / "my refs" / "none"])
+    code, err = run(capsys, compare.main, ["--dreambench", tmp_path / "my refs" / "none"])
     assert command_in(err)[-2:] == ["--refs", str(tmp_path / "my refs" / "none")]
 
 

@@ -3,6 +3,8 @@ with two gloo processes giving the same table as one process."""
 import json
 import math
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -100,14 +102,30 @@ def test_user_errors(tmp_path, case):
         main(args)
 
 
-def test_evaluate_dreambench_is_the_runner(monkeypatch, capsys):
-    calls = []
-    monkeypatch.setattr(compare, "main", lambda argv: calls.append(argv) or 0)
-    assert evaluate.main(["--dreambench", "refs", "--subjects", "dog", "--steps", "10", "--", "--lr", "1e-4",
-                          "--method", "dreambooth", "--seed=3"]) == 0
-    assert calls == [["--dreambench", "refs", "--subjects", "dog", "--steps", "10", "--out", "runs/dreambench",
-                      "--methods", "dreambooth", "--seeds", "3", "--", "--lr", "1e-4"]]
-    assert "python -m tinyrpo.compare --dreambench refs" in capsys.readouterr().out
+def test_evaluate_dreambench_names_the_runner(capsys):
+    """`evaluate --dreambench` (the older spelling) says which tinyrpo.compare command runs it, and runs nothing."""
+    with pytest.raises(UserError) as e:
+        evaluate.main(["--dreambench", "refs", "--subjects", "dog", "--steps", "10", "--", "--lr", "1e-4",
+                       "--method", "dreambooth", "--seed=3"])
+    assert shlex.split(re.search(r"`([^`]+)`", str(e.value))[1]) == [
+        "python", "-m", "tinyrpo.compare", "--dreambench", "refs", "--subjects", "dog", "--steps", "10", "--out",
+        "runs/dreambench", "--methods", "dreambooth", "--seeds", "3", "--", "--lr", "1e-4"]
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "unknown_subject"])
+def test_dreambench_user_errors(tmp_path, case):
+    root = tmp_path / "refs"
+    (root / "my_photos").mkdir(parents=True)  # not a DreamBench subject: ignored
+    if case != "empty":
+        make_subject(root / "dog", n=2)
+    args = ["--dreambench", str(root if case != "missing" else tmp_path / "nowhere"), "--eval-clip", str(tmp_path),
+            "--dino", str(tmp_path)]
+    expect = {"missing": "python -m tinyrpo.download dreambench", "empty": "python -m tinyrpo.download dreambench",
+              "unknown_subject": "cat2 not found"}[case]
+    if case == "unknown_subject":
+        args += ["--subjects", "dog,cat2"]
+    with pytest.raises(UserError, match=expect):
+        main(args)
 
 
 # ------------------------------------------------------------------------------------------ end to end

@@ -294,20 +294,15 @@ def test_user_errors(models, tmp_path, case):
         main(args)
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "unknown_subject", "dreambench_and_subject",
-                                  "dreambench_and_live"])
+@pytest.mark.parametrize("case", ["dreambench_and_subject", "dreambench_and_live", "moved"])
 def test_dreambench_user_errors(models, tmp_path, case):
+    """--dreambench here is the older spelling of python -m tinyrpo.compare --dreambench: it names that command."""
     root = tmp_path / "refs"
-    (root / "my_photos").mkdir(parents=True)  # not a DreamBench subject: ignored
-    if case != "empty":
-        make_subject(root / "dog", n=2)
-    args = ["--dreambench", str(root if case != "missing" else tmp_path / "nowhere"), *common(models)]
-    expect = {"missing": "python -m tinyrpo.download dreambench", "empty": "python -m tinyrpo.download dreambench",
-              "unknown_subject": "cat2 not found", "dreambench_and_subject": "--subjects",
-              "dreambench_and_live": "--live/--object"}[case]
-    if case == "unknown_subject":
-        args += ["--subjects", "dog,cat2"]
-    elif case == "dreambench_and_subject":
+    make_subject(root / "dog", n=2)
+    args = ["--dreambench", str(root), *common(models)]
+    expect = {"dreambench_and_subject": "--subjects", "dreambench_and_live": "--live/--object",
+              "moved": "tinyrpo.compare's job; run `python -m tinyrpo.compare --dreambench"}[case]
+    if case == "dreambench_and_subject":
         args += ["--subject", str(root / "dog")]
     elif case == "dreambench_and_live":
         args += ["--object"]

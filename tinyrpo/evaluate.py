@@ -3,9 +3,7 @@
     python -m tinyrpo.evaluate --ckpt runs/dog/best.safetensors --subject refs/dog   # fine-tuned by train.py
     python -m tinyrpo.evaluate --subject refs/dog                             # the base model
     python -m tinyrpo.evaluate --real --subject refs/dog                      # the reference photos themselves
-    python -m tinyrpo.evaluate --dreambench refs --out runs/dreambench -- --steps 400 --lr 5e-6
-                                     # train (train.py gets everything after --) and evaluate every subject:
-                                     # python -m tinyrpo.compare with one method and one seed
+    python -m tinyrpo.compare --dreambench refs --methods rpo --seeds 0 -- --steps 400   # every subject, trained
 
 For each of the 25 official prompts of the subject's set (live for dogs and cats, object otherwise) the model
 draws --images-per-prompt images (DDIM, seed + p for prompt p, as sample.py), and each image is scored:
@@ -26,9 +24,9 @@ Writes into --out (default <ckpt folder>/eval, or runs/base-<subject>/eval, runs
 eval.json (per prompt and overall, with the settings and the model paths; written last, so it marks a
 finished evaluation), eval.md (the table printed at the end) and grids/pNN-<prompt>.png.
 
---dreambench ROOT is `python -m tinyrpo.compare --dreambench ROOT --methods M --seeds S` with M and S the
---method and --seed given after `--` (rpo and 0 by default): the comparison runner trains and evaluates every
-subject into OUT/<method>/<subject>/seed<S>/ (resumably) and writes the table with the published rows.
+Training and evaluating every DreamBench subject is the comparison runner's job, `python -m tinyrpo.compare
+--dreambench ROOT` (it builds on this module). `--dreambench ROOT` given here, the older spelling, prints that
+command with the same options (--method and --seed after `--` become --methods and --seeds) and stops.
 """
 import argparse
 import gc
@@ -247,7 +245,7 @@ def evaluate_subject(subject_dir, out=None, ckpt=None, weights=None, eval_clip=N
     """Generate, score and write eval.json / eval.md / grids for one subject. Returns eval.json's content.
 
     ckpt None evaluates the base model (`weights`); `real` scores only the reference photos.
-    `embedder` lets --dreambench load the evaluation networks once. A subject folder's subject.json may name
+    `embedder` lets tinyrpo.compare load the evaluation networks once. A subject folder's subject.json may name
     the prompts, the resolution and the models to use (the toy subjects name the toy weights); a toy subject
     also gets the exact metrics of tinyrpo/toy/metrics.py (identity, fidelity, leak) beside the others.
     """
@@ -462,7 +460,7 @@ def parse_args(argv):
     examples = __doc__.split("\n\n")[1]
     p = argparse.ArgumentParser(
         prog="python -m tinyrpo.evaluate", description=__doc__.split("\n\n")[0],
-        epilog=f"examples:\n{examples}\n\nWith --dreambench every argument after `--` goes to train.py.\n"
+        epilog=f"examples:\n{examples}\n\n"
                "The metrics and outputs are described in `python -m pydoc tinyrpo.evaluate`.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -471,11 +469,11 @@ def parse_args(argv):
     a("--subject", default=None, help="folder of the subject's reference photos, e.g. refs/dog")
     a("--real", action="store_true", help="score the reference photos against each other (no model)")
     a("--dreambench", default=None, metavar="ROOT",
-      help="train and evaluate every DreamBench subject folder in ROOT (train.py gets the args after --): "
-           "python -m tinyrpo.compare with one method and one seed")
+      help="every DreamBench subject in ROOT, trained and evaluated, is python -m tinyrpo.compare --dreambench "
+           "ROOT: given here, prints that command with these options (train.py's after --)")
     a("--subjects", default=None, help="with --dreambench: only these subjects, comma-separated (e.g. dog,cat2)")
     a("--out", default=None, help="output folder (default: <ckpt folder>/eval, runs/base-<subject>/eval or "
-                                  "runs/real-<subject>/eval; runs/dreambench with --dreambench)")
+                                  "runs/real-<subject>/eval)")
     a("--class-noun", default=None, help="the subject's class (default: the checkpoint's, or DreamBench's table)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--live", dest="live", action="store_true", default=None,
@@ -487,7 +485,8 @@ def parse_args(argv):
 
 def dreambench_command(own: list[str], train_args: list[str]) -> list[str]:
     """`evaluate --dreambench ROOT [options] -- [train.py args]` as tinyrpo.compare's arguments: the --method
-    and --seed given to train.py become the comparison's one method and one seed (rpo and 0 by default)."""
+    and --seed given to train.py become the comparison's one method and one seed (rpo and 0 by default),
+    and the outputs go to runs/dreambench unless --out says otherwise."""
     picked, rest, i = {"--method": "rpo", "--seed": "0"}, [], 0
     while i < len(train_args):
         a = train_args[i]
@@ -504,7 +503,7 @@ def dreambench_command(own: list[str], train_args: list[str]) -> list[str]:
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    # Everything after the first `--` belongs to train.py (with --dreambench).
+    # Everything after the first `--` belongs to train.py (--dreambench's, through tinyrpo.compare).
     train_args = argv[argv.index("--") + 1:] if "--" in argv else []
     own = argv[:argv.index("--")] if "--" in argv else argv
     args = parse_args(own)
@@ -515,17 +514,18 @@ def main(argv=None):
             if value is not None:
                 raise UserError(f"{flag} evaluates one subject; --dreambench takes each subject of ROOT "
                                 f"(choose them with --subjects)")
-        from tinyrpo import compare
-        command = dreambench_command(own, train_args)
-        print(f"evaluate --dreambench runs: python -m tinyrpo.compare {shlex.join(command)}", flush=True)
-        return compare.main(command)
+        # Training every subject is tinyrpo.compare's job, and compare builds on this module: calling it from
+        # here made the two import each other. The older spelling names the exact command instead.
+        raise UserError(f"training and evaluating every subject is tinyrpo.compare's job; run "
+                        f"`python -m tinyrpo.compare {shlex.join(dreambench_command(own, train_args))}`")
     if train_args:
         raise UserError(f"arguments after `--` ({shlex.join(train_args)}) are for train.py and only "
-                        f"used with --dreambench")
+                        f"used by python -m tinyrpo.compare --dreambench")
     if args.subjects:
-        raise UserError("--subjects selects DreamBench subjects; use it with --dreambench ROOT")
+        raise UserError("--subjects selects DreamBench subjects; use it with python -m tinyrpo.compare --dreambench ROOT")
     if args.subject is None:
-        raise UserError("pass --subject DIR (the reference photos, e.g. refs/dog) or --dreambench ROOT")
+        raise UserError("pass --subject DIR (the reference photos, e.g. refs/dog); for every DreamBench subject, "
+                        "python -m tinyrpo.compare --dreambench ROOT")
     if args.real and args.ckpt:
         raise UserError("--real scores the reference photos, not a model; drop --ckpt")
     result = evaluate_subject(args.subject, out=args.out, ckpt=args.ckpt, weights=args.weights,
