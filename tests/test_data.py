@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from tests.fixtures import make_tiny_clip, make_tiny_dino
-from tinyrpo.data import load_rgb, load_subject_images, read_prompt_file, read_subject_file
+from tinyrpo.data import (exact_metrics_hook, load_rgb, load_subject, load_subject_images, read_prompt_file,
+                          read_subject_file)
 from tinyrpo.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -284,3 +285,22 @@ def test_subject_file_errors(tmp_path, content, says):
     with pytest.raises(UserError) as e:
         read_subject_file(tmp_path)
     assert says in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value), e.value
+
+
+@pytest.mark.parametrize("spec, says", [
+    ("os:system", "must name a function of tinyrpo as module:function"),  # a downloaded folder runs no code
+    ("tinyrpo.toy.metrics", "must name a function of tinyrpo as module:function"),
+    ("tinyrpo.toy.nothing:f", "cannot be loaded (No module named 'tinyrpo.toy.nothing')"),
+    ("tinyrpo.toy.metrics:nothing", "cannot be loaded"),
+    ("tinyrpo.toy.metrics:EXACT_COLUMNS", "is not a function"),
+])
+def test_exact_metrics_hook_errors(tmp_path, spec, says):
+    """subject.json's exact_metrics names the scorer by module:function; anything else is one line."""
+    with pytest.raises(UserError) as e:
+        exact_metrics_hook(spec, tmp_path / "subject.json")
+    assert says in str(e.value) and "\n" not in str(e.value), e.value
+
+
+def test_exact_metrics_hook_of_the_toy_subject():
+    from tinyrpo.toy.metrics import exact_columns
+    assert load_subject(ROOT / "refs" / "toy", resolution=32).exact_metrics is exact_columns

@@ -2,11 +2,19 @@
 
 A subject folder may hold a `subject.json` (the toy subjects do, see tinyrpo/toy/subjects.py) with any of
     {"class_noun": "toy", "live": false,
-     "train_prompts": ["a {0} {1} on the moon", ...], "eval_prompts": [...]}
+     "train_prompts": ["a {0} {1} on the moon", ...], "eval_prompts": [...],
+     "exact_metrics": "tinyrpo.toy.metrics:exact_columns"}
 ({0} the token, {1} the class noun, as in tinyrpo.dreambench); flags given explicitly win over it.
+"exact_metrics" names a function of tinyrpo's own, `f(meta, images, prompts, token) -> {name: float tensor
+[N]}` (meta: the whole subject.json; NaN where a prompt does not ask what a column checks), for a subject
+whose images can be scored exactly: the toy world's, whose truth is in its subject.json. The trainer logs
+its means at every validation and tinyrpo.evaluate reports it beside DINO and CLIP, without either of them
+knowing the world it comes from.
 """
+import importlib
 import json
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,14 +177,32 @@ def read_subject_file(folder) -> dict:
         raise UserError(f"cannot read {path} ({e.strerror}); fix it or delete it") from None
     if not isinstance(meta, dict):
         raise UserError(f"{path} is not a JSON object ({{...}}); fix it or delete it")
-    kinds = {"class_noun": str, "live": bool, "train_prompts": list, "eval_prompts": list}
+    kinds = {"class_noun": str, "live": bool, "train_prompts": list, "eval_prompts": list, "exact_metrics": str}
     bad = [k for k, kind in kinds.items() if k in meta and not isinstance(meta[k], kind)]
     bad += [k for k in ("train_prompts", "eval_prompts") if k in meta and k not in bad
             and not (meta[k] and all(isinstance(t, str) and "{0}" in t for t in meta[k]))]
     if bad:
         raise UserError(f"{path}: {bad[0]} is not valid (class_noun: a string, live: true/false, *_prompts: "
-                        "lists of prompts with {0} for the token); fix it or delete it")
+                        "lists of prompts with {0} for the token, exact_metrics: module:function); fix it or "
+                        "delete it")
     return meta
+
+
+def exact_metrics_hook(spec: str, path) -> Callable:
+    """subject.json's "exact_metrics", "module:function", as the function it names."""
+    module, _, name = spec.partition(":")
+    # tinyrpo's own modules only: a subject folder is data, often downloaded, and must not make train.py
+    # import (run) code of its choosing.
+    if module.split(".")[0] != "tinyrpo" or not name:
+        raise UserError(f"{path}: exact_metrics must name a function of tinyrpo as module:function, e.g. "
+                        f"tinyrpo.toy.metrics:exact_columns (got {spec!r}); fix it or delete it")
+    try:
+        hook = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise UserError(f"{path}: exact_metrics {spec!r} cannot be loaded ({e}); fix it or delete it") from None
+    if not callable(hook):
+        raise UserError(f"{path}: exact_metrics {spec!r} is not a function; fix it or delete it")
+    return hook
 
 
 @dataclass
@@ -189,6 +215,7 @@ class Subject:
     train_prompts: list | None = None  # templates from subject.json, else the trainer's (DreamBench) defaults
     eval_prompts: list | None = None
     meta: dict = field(default_factory=dict)  # the whole subject.json
+    exact_metrics: Callable | None = None  # subject.json's scorer, f(meta, images, prompts, token) (see above)
 
     def prompt(self, template: str) -> str:
         return template.format(self.token, self.class_noun)
@@ -220,8 +247,9 @@ def load_subject(folder, token: str = "sks", class_noun: str | None = None, live
     meta = read_subject_file(folder)
     images = load_subject_images(folder, resolution)
     live = meta.get("live", dreambench.is_live(cls)) if live is None else live
+    hook = exact_metrics_hook(meta["exact_metrics"], Path(folder) / SUBJECT_FILE) if "exact_metrics" in meta else None
     return Subject(Path(folder).name, token, cls, live, images, meta.get("train_prompts"), meta.get("eval_prompts"),
-                   meta)
+                   meta, hook)
 
 
 def read_prompt_file(path) -> list[str]:

@@ -61,7 +61,6 @@ from tinyrpo.identify import checkpoint_mixup, wrong_kind
 from tinyrpo.pipeline import check_seed, generate, image_grid, resolve_device, to_pil
 from tinyrpo.reward import CLIPScorer
 from tinyrpo.rpo import harmonic_reward
-from tinyrpo.toy.metrics import exact_columns
 from tinyrpo.weights import load_clip, load_dino, load_sd
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -246,8 +245,8 @@ def evaluate_subject(subject_dir, out=None, ckpt=None, weights=None, eval_clip=N
 
     ckpt None evaluates the base model (`weights`); `real` scores only the reference photos.
     `embedder` lets tinyrpo.compare load the evaluation networks once. A subject folder's subject.json may name
-    the prompts, the resolution and the models to use (the toy subjects name the toy weights); a toy subject
-    also gets the exact metrics of tinyrpo/toy/metrics.py (identity, fidelity, leak) beside the others.
+    the prompts, the resolution and the models to use (the toy subjects name the toy weights), and a scorer of
+    exact metrics reported beside the others (the toy world's identity, fidelity, leak; tinyrpo.data).
     """
     s = settings or EvalSettings()
     s.validate()
@@ -318,7 +317,8 @@ def evaluate_subject(subject_dir, out=None, ckpt=None, weights=None, eval_clip=N
         gen = embedder.images(images, desc="scoring images", progress=s.progress)
         texts = [scoring_prompt(p, subject.token) for p in prompts]
         scores = image_scores(gen, refs, embedder.texts([t for t in texts for _ in range(n)]), s.lambda_val)
-        scores |= exact_columns(subject.meta, images, [p for p in prompts for _ in range(n)], subject.token)
+        if subject.exact_metrics is not None:  # a subject that can be scored exactly (the toy world's)
+            scores |= subject.exact_metrics(subject.meta, images, [p for p in prompts for _ in range(n)], subject.token)
         overall = mean_scores(scores)
         for p, (prompt, text) in enumerate(zip(prompts, texts)):
             rows = slice(p * n, (p + 1) * n)

@@ -19,10 +19,11 @@ from tinyrpo.data import read_subject_file
 from tinyrpo.errors import UserError
 from tinyrpo.methods import METHODS
 
-# What a subject.json may hold (tinyrpo.data reads the prompts and the class; the toy world's "world" and "toy"
-# are its truth, tinyrpo/toy/metrics.py); anything else is a typo the user must hear about.
+# What a subject.json may hold (tinyrpo.data reads the prompts, the class and the exact_metrics scorer; the toy
+# world's "world" and "toy" are its truth, tinyrpo/toy/metrics.py); anything else is a typo the user must hear
+# about.
 SUBJECT_KEYS = ("world", "class_noun", "live", "train_prompts", "eval_prompts", "resolution", "weights",
-                "train_defaults", "toy")
+                "train_defaults", "exact_metrics", "toy")
 SUBJECT_WEIGHTS = ("sd", "clip", "dino")
 NOT_PRESETS = ("subject", "out", "resume", "options")  # what a subject's train_defaults cannot set
 

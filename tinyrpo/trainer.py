@@ -38,7 +38,6 @@ from tinyrpo.pipeline import generate, resolve_device, to_pil
 from tinyrpo.report import write_report
 from tinyrpo.reward import CLIPScorer, Scores, score
 from tinyrpo.rpo import REWARDS
-from tinyrpo.toy.metrics import score_images, subject_truth
 from tinyrpo.tracking import LOG_WITH, Tracker, make_tracker
 from tinyrpo.presets import subject_defaults
 from tinyrpo.runfolder import JsonlLog, RunFolder, read_json
@@ -266,8 +265,7 @@ class Trainer:
             templates = self.subject.train_prompts
         else:
             templates = dreambench.LIVE_TRAIN_PROMPTS if self.subject.live else dreambench.OBJECT_TRAIN_PROMPTS
-        self.truth = subject_truth(self.subject.meta)  # a toy subject: its images can be scored exactly
-        if cfg.lora and self.truth is not None:
+        if cfg.lora and self.subject.exact_metrics is not None:  # the toy world's subjects are scored exactly
             warnings.warn(TOY_LORA)
         self.prompts = [self.subject.prompt(t) for t in templates]
         with self.phase("load"):
@@ -332,9 +330,10 @@ class Trainer:
         atomic_save_image(grid, self.out / "val" / f"step_{step:05d}.png")
         self.tracker.log_images(step, {"val/grid": grid})
         record = {"step": step, "val": True, **s.mean()}
-        if self.truth is not None:  # the toy world: identity and prompt fidelity, read off the pixels
-            exact = score_images(pils, prompts, self.truth, cfg.token)
-            record["exact"] = {k: v for k, v in exact.items() if k != "per_image" and v == v}
+        if self.subject.exact_metrics is not None:  # the toy world: identity and prompt fidelity, off the pixels
+            columns = self.subject.exact_metrics(self.subject.meta, pils, prompts, cfg.token)
+            means = {k: torch.nanmean(v.double()).item() for k, v in columns.items()}
+            record["exact"] = {k: m for k, m in means.items() if m == m}  # NaN: no prompt asks what k checks
         return record
 
     # ---------------------------------------------------------------- checkpoints

@@ -100,6 +100,8 @@ def subject_json(name: str, refs: list[Reference]) -> dict:
         "world": WORLD, "class_noun": subject.thing.cls, "live": False,
         "train_prompts": TRAIN_PROMPTS, "eval_prompts": eval_prompts(subject),
         "resolution": RESOLUTION, "weights": WEIGHTS, "train_defaults": TRAIN_DEFAULTS,
+        # the scorer the trainer and tinyrpo.evaluate call by this name (tinyrpo.data): they never import the toy world
+        "exact_metrics": "tinyrpo.toy.metrics:exact_columns",
         "toy": {**subject.to_json(),
                 "references": [{"file": r.file, "x": r.picture.x, "y": r.picture.y, "size": r.picture.size}
                                for r in refs]},
