@@ -40,6 +40,7 @@ from tinyrpo.identify import checkpoint_mixup
 from tinyrpo.infotext import infotext, lora_hash, model_hash, model_name
 from tinyrpo.lora_files import apply_lora, tinyrpo_lora_meta
 from tinyrpo.pipeline import check_args, check_seed, generate, image_grid, resolve_device, to_pil
+from tinyrpo.toy.subjects import WEIGHTS as TOY_WEIGHTS
 from tinyrpo.weights import load_sd
 
 SMALL_UNET = 20_000_000  # parameters: the toy world's U-Net has 4.2M, SD v1.5's 860M
@@ -212,6 +213,13 @@ def main(argv=None):
                         "pass it once (--ckpt or --lora) and set its strength with --lora-scale")
     if args.lora is not None and weights is None:
         weights = (tinyrpo_lora_meta(args.lora) or {}).get("base")  # a tinyrpo LoRA names its base
+    toy_sd = Path(TOY_WEIGHTS["sd"])
+    if weights is None and not Path(DEFAULT_SD).exists() and toy_sd.exists():
+        # A fresh checkout has the toy model and not SD v1.5: say how to draw with what is there.
+        raise UserError(f"no Stable Diffusion v1.5 weights at {DEFAULT_SD}: draw with the toy model that ships "
+                        f"with tinyrpo (`python sample.py --weights {toy_sd} --prompt \"a toy on the beach\"`, or "
+                        "--ckpt runs/toy/best.safetensors after `python train.py`), or get SD v1.5 with "
+                        "`python -m tinyrpo.download sd15` (about 4.3 GB)")
     weights = weights or DEFAULT_SD
     check_input(weights, "--weights")  # also the base a checkpoint names
     sd = load_sd(weights, device, dtype)

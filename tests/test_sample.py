@@ -549,3 +549,17 @@ def test_merge_refuses_overflowing_weights():
     merge_updates(model, [u], 1.0, "x.safetensors")  # large, but a float32
     with pytest.raises(UserError, match=r"at --lora-scale 10000000000\.0 makes unet layer 0 overflow"):
         merge_updates(model, [u], 1e10, "x.safetensors")
+
+
+def test_without_sd15_a_checkout_is_told_how_to_draw_with_the_toy_model(tmp_path, monkeypatch):
+    """A fresh clone has weights/toy and no weights/sd15: the one line names the toy model's command."""
+    (tmp_path / "weights" / "toy" / "sd").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"no Stable Diffusion v1.5 weights at weights/sd15: draw with the toy "
+                                        r"model .*`python sample.py --weights weights/toy/sd --prompt"):
+        sample.main(["--prompt", "a toy", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+    # without the toy model either, the download is what is said
+    (tmp_path / "weights" / "toy" / "sd").rmdir()
+    with pytest.raises(UserError, match=r"run `python -m tinyrpo.download sd15`"):
+        sample.main(["--prompt", "a toy", "--out", str(tmp_path / "out")])

@@ -134,10 +134,12 @@ def test_pretrain_end_to_end_tiny(tmp_path):
     """Every stage for a couple of steps, then the exported folders through the normal loaders."""
     from tinyrpo.toy.pretrain import PretrainConfig, pretrain
     cfg = PretrainConfig(out=str(tmp_path / "toy"), threads=1, vae_steps=2, vae_batch=4, clip_steps=2, clip_batch=8,
-                         unet_pictures=16, unet_steps=2, unet_batch=4, dino_steps=2, dino_batch=4, check_pictures=16,
-                         check_prompts=2)
+                         unet_pictures=16, unet_steps=2, unet_batch=4, clip_image_steps=3, dino_steps=3,
+                         tower_groups=2, tower_k=2, tower_supervised_steps=1, tower_big_steps=1, check_pictures=16,
+                         check_prompts=2, probe_pictures=4)
     report = pretrain(cfg, ["--out", cfg.out])
-    assert set(report["stages"]) == {"vae", "clip", "unet", "dino"}
+    assert set(report["stages"]) == {"vae", "clip", "unet", "clip_image", "dino"}
+    assert json.loads((tmp_path / "toy" / "probe.json").read_text())["n"] == 4
     assert all(s["wall_s"] > 0 and s["cpu_s"] > 0 for s in report["stages"].values())
     sd = load_sd(tmp_path / "toy" / "sd")
     assert sd.vae.cfg.scaling_factor == report["stages"]["vae"]["scaling_factor"]

@@ -1,6 +1,7 @@
 """The toy world: reproducible pictures and captions, its rules, and the exact metrics on hand-made pictures
 whose answers are known."""
 import json
+from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +87,7 @@ def test_every_picture_reads_back_as_its_truth():
         assert (r.found.x, r.found.y, r.found.w, r.found.h) == (p.x, p.y, p.size, p.size), p
         if not p.bw:
             assert r.colour == p.thing.colour, p
-        assert identity(img, p.thing) == 1.0, p
+        assert metrics.agreement(metrics.read_cells(img, p.thing), p.thing.pattern) == 1.0, p
         assert r.grey == (p.bw or metrics.is_grey(render(Picture(p.thing, p.x, p.y, p.size, p.background)))), p
 
 
@@ -94,33 +95,61 @@ def test_reading_tolerates_generation_noise():
     g = np.random.default_rng(0)
     for bg in ("red", "beach", "moon"):
         img = np.clip(picture(background=bg) + g.normal(0, 8, (SIZE, SIZE, 3)), 0, 255).astype(np.uint8)
-        assert identity(img, TOY.thing) == 1.0
+        assert identity(img, TOY.thing) == pytest.approx(1.0)
         assert fidelity(img, f"a sks toy {BACKGROUNDS[bg].phrase}", "sks") == 1.0
 
 
 # ------------------------------------------------------------------------------------------------- exact metrics
 
-def test_identity_on_constructed_pictures():
+def test_identity_is_the_chance_corrected_pattern_score_on_constructed_pictures():
+    """The oracle is counted by hand: the teddy shows 8 cells, its pattern is 3 of them (55 other 3-cell
+    layouts: 10 share no cell with it, 30 one, 15 two). A reading R agrees with a layout L on 8 − |L Δ R|
+    cells. For the teddy itself the other layouts agree on (10·2 + 30·4 + 15·6) / (55·8) = 23/44 on average,
+    so the score is (agreement − chance) / (1 − 23/44)."""
     t = TOY.thing
     assert visible_cells("toy") == (0, 2, 3, 4, 5, 6, 7, 8)  # cell 1 is the notch
-    # the subject anywhere, any size, any background: 1
-    assert identity(picture(), t) == 1.0
-    assert identity(picture(x=12, y=2, size=14, background="snow"), t) == 1.0
-    # another pattern, (0, 4, 8) instead of (2, 3, 7): only cells 5 and 6 agree -> 2 of 8
-    assert identity(picture(Thing("toy", "yellow", (0, 4, 8), "black")), t) == 2 / 8
-    # the pattern in another colour: the three pattern cells are wrong -> 5 of 8
-    assert identity(picture(Thing("toy", "yellow", (2, 3, 7), "blue")), t) == 5 / 8
-    # a red body: the five body cells are wrong, unless the prompt asked for a red one
+    z = 1 - 23 / 44
+    for bg in ("sofa", "red", "snow", "beach"):
+        # the subject anywhere, any size, any background: 1
+        assert identity(picture(background=bg), t) == pytest.approx(1.0)
+        assert identity(picture(x=12, y=2, size=14, background=bg), t) == pytest.approx(1.0)
+        # a plain yellow teddy agrees with every layout alike: 0 (the old cell score gave it 5/8)
+        assert identity(picture(Thing("toy", "yellow", (), "black"), background=bg), t) == pytest.approx(0.0)
+        # the layout (0, 4, 8), no cell shared: agrees on 2 of 8. All 56 layouts agree with it on
+        # (1·8 + 15·6 + 30·4 + 10·2) / 8 = 238/8 in sum; without the subject's 2/8: mean 236/440 = 59/110
+        assert identity(picture(Thing("toy", "yellow", (0, 4, 8), "black"), background=bg), t) == \
+            pytest.approx((2 / 8 - 59 / 110) / z)
+        # the right layout in another pattern colour: the 5 body cells agree, the 3 pattern cells show
+        # neither colour; others agree on (10·2 + 30·3 + 15·4) / 440 = 17/44
+        assert identity(picture(Thing("toy", "yellow", (2, 3, 7), "blue"), background=bg), t) == \
+            pytest.approx((5 / 8 - 17 / 44) / z)
+    # every other 3-cell layout, averaged: exactly −1/55 (all 56 layouts, the subject's included, sum to 0)
+    others = [L for L in combinations(visible_cells("toy"), 3) if L != t.pattern]
+    scores = [identity(picture(Thing("toy", "yellow", L, "black"), background="blue"), t) for L in others]
+    assert np.mean(scores) == pytest.approx(-1 / 55)
+    # a red body: the 5 body cells show neither colour, unless the prompt asked for a red one
     red = picture(Thing("toy", "red", (2, 3, 7), "black"), background="blue")
-    assert identity(red, t) == 3 / 8
-    assert identity(red, t, colour="red") == 1.0
-    assert identity(picture(background="blue"), t, colour="red") == 3 / 8  # asked red, drew yellow
+    assert identity(red, t) == pytest.approx((3 / 8 - 6 / 44) / z)  # others share (30·1 + 15·2) / 440
+    assert identity(red, t, colour="red") == pytest.approx(1.0)
     # black and white: read in grey levels (yellow's luma 195 vs black's 20)
-    assert identity(picture(bw=True), t) == 1.0
-    assert identity(picture(Thing("toy", "yellow", (0, 4, 8), "black"), bw=True), t) == 2 / 8
+    assert identity(picture(bw=True), t) == pytest.approx(1.0)
+    assert identity(picture(Thing("toy", "yellow", (), "black"), bw=True), t) == pytest.approx(0.0)
     # no object at all
     assert identity(render_background("red"), t) == 0.0
     assert read_picture(render_background("red")).cls is None
+
+
+def test_body_colour_is_scored_apart_from_the_pattern():
+    t = TOY.thing
+    score = lambda img, prompt: score_images([Image.fromarray(img)], [prompt], TOY)["per_image"][0]  # noqa: E731
+    plain = score(picture(Thing("toy", "yellow", (), "black"), background="blue"), "a sks toy on a blue background")
+    assert plain["body"] == 1.0 and plain["identity"] == pytest.approx(0.0)
+    red = picture(Thing("toy", "red", (2, 3, 7), "black"), background="blue")
+    assert score(red, "a sks toy on a blue background")["body"] == 0.0
+    assert score(red, "a red sks toy on a blue background")["body"] == 1.0
+    assert score(red, "a red sks toy on a blue background")["identity"] == pytest.approx(1.0)
+    assert np.isnan(score(picture(bw=True), "a sks toy in black and white")["body"])
+    assert t.colour == "yellow"
 
 
 def test_fidelity_on_constructed_pictures():

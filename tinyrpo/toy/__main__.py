@@ -2,6 +2,7 @@
 
     python -m tinyrpo.toy subjects                     # (re)write the subject folders refs/toy and refs/ball
     python -m tinyrpo.toy pretrain --out weights/toy   # pretrain the toy VAE, CLIP, U-Net and DINO (≤ 1 h on 2 cores)
+    python -m tinyrpo.toy probe                        # do the toy CLIP and DINO see the subject? (AUC table)
     python -m tinyrpo.toy quality                      # how often the toy SD draws the asked background/colour/class
     python -m tinyrpo.toy score runs/toy               # exact identity/fidelity/leak of a run's validations
     python -m tinyrpo.toy show --n 64                  # a grid of pretraining pictures and their captions
@@ -52,6 +53,22 @@ def cmd_quality(args):
     print(f"wrote {out}")
 
 
+def cmd_probe(args):
+    import torch
+
+    from tinyrpo.toy.probe import main_text, run_probe
+    torch.set_num_threads(args.threads)
+    for kind in ("clip", "dino"):
+        if not (Path(args.weights) / kind).exists():
+            raise UserError(f"no toy {kind.upper()} at {Path(args.weights) / kind}; run `python -m tinyrpo.toy "
+                            "pretrain` first, or name the folder holding clip/ and dino/ with --weights")
+    if args.pictures < 2:
+        raise UserError(f"--pictures must be at least 2 (got {args.pictures})")
+    out = Path(args.out) if args.out else Path(args.weights) / "probe.json"
+    print(main_text(run_probe(args.weights, args.pictures, out)))
+    print(f"wrote {out}")
+
+
 def cmd_score(args):
     from tinyrpo.toy.runs import score_run, table
     for run in args.runs:
@@ -91,6 +108,13 @@ def parse_args(argv):
     for f in dataclasses.fields(PretrainConfig):
         s.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
                        help=f"({f.name})")
+
+    s = sub.add_parser("probe", help="ROC AUCs: do the toy CLIP-I and DINO tell the subject from another "
+                       "layout? (tinyrpo/toy/probe.py)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("--weights", default="weights/toy", help="the folder holding clip/ and dino/")
+    s.add_argument("--pictures", type=int, default=200, help="pictures per set (subject / impostor, each row)")
+    s.add_argument("--threads", type=int, default=2, help="torch threads")
+    s.add_argument("--out", default=None, help="where to write the JSON (default: WEIGHTS/probe.json)")
 
     s = sub.add_parser("quality", help="score the toy SD on the held-out prompts",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -141,6 +165,8 @@ def main(argv=None):
         run_experiment(args.name, args.out, seeds, args.subjects.split(","), args.lambda_val, args.train_args)
     elif args.command == "score":
         cmd_score(args)
+    elif args.command == "probe":
+        cmd_probe(args)
     else:
         cmd_show(args)
     return 0

@@ -27,9 +27,14 @@ from tinyrpo.vae import AutoencoderKL, VAEConfig
 from tinyrpo.toy.world import SIZE
 
 TEXT = CLIPTextConfig(hidden_size=64, intermediate_size=256, num_layers=2, num_heads=2)
-VISION = CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_layers=4, num_heads=2, image_size=SIZE,
+# The shipped CLIP's image tower is 96 wide: 64 wide, it did not learn to see the subject's pattern layout
+# (tinyrpo/toy/towers.py). The text tower was trained with a 64-wide partner (FIRST_CLIP, pretraining stage 2).
+VISION = CLIPVisionConfig(hidden_size=96, intermediate_size=384, num_layers=4, num_heads=3, image_size=SIZE,
                           patch_size=4)
 CLIP = CLIPConfig(text=TEXT, vision=VISION, projection_dim=64)
+FIRST_CLIP = CLIPConfig(text=TEXT, vision=CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_layers=4,
+                                                           num_heads=2, image_size=SIZE, patch_size=4),
+                        projection_dim=64)
 # 32 px -> 8×8×4 latents. (A 16×16 latent, factor 2, reconstructs better but its U-Net learned far slower in
 # the pilots: with the same steps, background right 48 % vs 71 %, and noisy pictures.)
 VAE = VAEConfig(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=32, sample_size=SIZE)
@@ -42,7 +47,18 @@ SCHEDULER = SchedulerConfig()  # SD v1's schedule
 def new_models(seed: int = 0) -> dict:
     """Freshly initialized toy networks (PyTorch's default initializations), seeded."""
     torch.manual_seed(seed)
-    return {"vae": AutoencoderKL(VAE), "clip": CLIPModel(CLIP), "unet": UNet(UNET), "dino": DINO(DINO_CFG)}
+    return {"vae": AutoencoderKL(VAE), "clip": CLIPModel(FIRST_CLIP), "unet": UNet(UNET), "dino": DINO(DINO_CFG)}
+
+
+def with_new_image_tower(clip: CLIPModel) -> CLIPModel:
+    """A CLIP of the shipped shape (CLIP) with `clip`'s text tower, text projection and temperature and a
+    freshly initialized image tower."""
+    new = CLIPModel(CLIP)
+    new.text_model.load_state_dict(clip.text_model.state_dict())
+    new.text_projection.load_state_dict(clip.text_projection.state_dict())
+    with torch.no_grad():
+        new.logit_scale.copy_(clip.logit_scale)
+    return new
 
 
 def n_params(module: torch.nn.Module) -> int:

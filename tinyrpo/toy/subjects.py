@@ -31,6 +31,16 @@ SUBJECTS = {
     "ball": SubjectTruth(Thing("ball", "purple", (0, 5, 7), "yellow"), "floor"),
 }
 HELD_OUT_PATTERNS = tuple(s.thing.pattern for s in SUBJECTS.values())
+# Four more "subjects" that only `python -m tinyrpo.toy probe` uses: 3-cell layouts the image towers never see
+# in pretraining either (tinyrpo/toy/pretrain.py, `tower_rules`), so the probe measures whether the towers
+# see layout in general, not whether they learned two.
+PROBE_SUBJECTS = {
+    "red toy": SubjectTruth(Thing("toy", "red", (0, 5, 6), "black"), "beach"),
+    "green box": SubjectTruth(Thing("box", "green", (1, 3, 8), "white"), "moon"),
+    "blue ball": SubjectTruth(Thing("ball", "blue", (2, 4, 6), "yellow"), "snow"),
+    "white box": SubjectTruth(Thing("box", "white", (0, 4, 7), "purple"), "red"),
+}
+PROBE_PATTERNS = tuple(s.thing.pattern for s in PROBE_SUBJECTS.values())
 N_REFERENCES = 5
 
 # RPO's eight training prompts, in the toy world: like the authors' object set (a style, a property, six
@@ -78,8 +88,11 @@ class Reference:
 
 def references(name: str, seed: int = 0) -> list[Reference]:
     """The subject's reference pictures: sizes spread over the world's range, places spread over the frame."""
-    subject = SUBJECTS[name]
-    rng = np.random.default_rng([seed, sorted(SUBJECTS).index(name)])
+    if name in SUBJECTS:
+        subject, k = SUBJECTS[name], sorted(SUBJECTS).index(name)
+    else:  # a probe subject
+        subject, k = PROBE_SUBJECTS[name], len(SUBJECTS) + list(PROBE_SUBJECTS).index(name)
+    rng = np.random.default_rng([seed, k])
     sizes = np.linspace(SIZES[0], SIZES[1], N_REFERENCES).round().astype(int)
     out, centres = [], []
     for k, size in enumerate(rng.permutation(sizes)):
