@@ -34,7 +34,7 @@ from PIL.PngImagePlugin import PngInfo
 from tinyrpo.atomic import atomic_save_image, atomic_write_json, fsync_dir, write_error
 from tinyrpo.cli import HelpFormatter, check_input, check_out_folder
 from tinyrpo.checkpoint import BEST, apply_checkpoint, load_checkpoint
-from tinyrpo.download import DEFAULT_SD
+from tinyrpo.paths import DEFAULT_SD
 from tinyrpo.errors import UserError, run_cli
 from tinyrpo.identify import checkpoint_mixup
 from tinyrpo.infotext import infotext, lora_hash, model_hash, model_name

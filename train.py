@@ -22,7 +22,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from tinyrpo.download import DEFAULT_REWARD_CLIP, DEFAULT_SD
+from tinyrpo.paths import DEFAULT_REWARD_CLIP, DEFAULT_SD
 from tinyrpo.errors import run_cli
 
 # What `python train.py` trains with no --subject: the toy world's subject, whose subject.json names the toy

@@ -19,6 +19,7 @@ import pytest
 
 import tinyrpo.download as dl
 import tinyrpo.fetch as fe
+from tinyrpo import paths
 from tinyrpo.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -500,13 +501,13 @@ def test_dreambench_not_a_zip(server, tmp_path):
 
 
 def test_missing_weights_message():
-    m = dl.missing_weights_message("sd15", dl.DEFAULT_SD)
+    m = dl.missing_weights_message("sd15", paths.DEFAULT_SD)
     assert "`python -m tinyrpo.download sd15`" in m and "--weights PATH" in m and "4.3 GB" in m
     m = dl.missing_weights_message("clip-l14", "/data/w/clip-vit-large-patch14", flag="--reward-clip")
     assert "download clip-l14 --dir /data/w`" in m and "--reward-clip PATH" in m
-    assert "download dino`" in dl.missing_weights_message("dino", dl.DEFAULT_DINO)
-    assert "download dreambench`" in dl.missing_weights_message("dreambench", dl.DEFAULT_REFS)
-    assert dl.DEFAULT_EVAL_CLIP.endswith(dl.MODELS["clip-b32"][1])
+    assert "download dino`" in dl.missing_weights_message("dino", paths.DEFAULT_DINO)
+    assert "download dreambench`" in dl.missing_weights_message("dreambench", paths.DEFAULT_REFS)
+    assert paths.DEFAULT_EVAL_CLIP.endswith(dl.MODELS["clip-b32"][1])
 
 
 def _cli(*args, cwd):

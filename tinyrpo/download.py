@@ -23,14 +23,7 @@ from pathlib import Path
 
 from tinyrpo.errors import UserError, run_cli
 from tinyrpo.fetch import NotFound, fetch, hf_token, host_of, make_folder, write_error
-
-# Where the other commands look by default (relative to the working directory, like --dir).
-DEFAULT_DIR = "weights"
-DEFAULT_SD = "weights/sd15"
-DEFAULT_REWARD_CLIP = "weights/clip-vit-large-patch14"  # the reward model (image-text and image-image scores)
-DEFAULT_EVAL_CLIP = "weights/clip-vit-base-patch32"  # evaluation: CLIP-T and CLIP-I
-DEFAULT_DINO = "weights/dino-vits16"  # evaluation: DINO score
-DEFAULT_REFS = "refs"  # DreamBench: refs/<subject>/*.jpg + refs/prompts_and_classes.txt
+from tinyrpo.paths import DEFAULT_DIR, DEFAULT_REFS  # where the other commands look by default
 
 # HF_ENDPOINT is the variable huggingface_hub reads for a mirror; honouring it costs nothing.
 HF_URL = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")

@@ -57,7 +57,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tinyrpo.download import DEFAULT_DINO, missing_weights_message
+from tinyrpo.download import missing_weights_message
+from tinyrpo.paths import DEFAULT_DINO
 from tinyrpo.dreambooth import DreamBooth, DreamBoothOptions, dreambooth_loss
 from tinyrpo.errors import UserError
 from tinyrpo.method import StepOutput

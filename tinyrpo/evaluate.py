@@ -54,7 +54,8 @@ from tinyrpo.atomic import atomic_save_image, atomic_write_json, atomic_write_te
 from tinyrpo.checkpoint import apply_checkpoint, load_checkpoint
 from tinyrpo.cli import check_input, check_out_folder
 from tinyrpo.data import load_subject, read_subject_file, resolve_class
-from tinyrpo.download import DEFAULT_DINO, DEFAULT_EVAL_CLIP, DEFAULT_SD, missing_weights_message
+from tinyrpo.download import missing_weights_message
+from tinyrpo.paths import DEFAULT_DINO, DEFAULT_EVAL_CLIP, DEFAULT_SD
 from tinyrpo.dino import DINO, dino_preprocess
 from tinyrpo.errors import UserError, run_cli
 from tinyrpo.identify import checkpoint_mixup, wrong_kind

@@ -29,7 +29,7 @@ from tinyrpo import dreambench
 from tinyrpo.atomic import WriteError, atomic_save_image, atomic_torch_save, atomic_write_json
 from tinyrpo.checkpoint import BEST, LAST, save_checkpoint
 from tinyrpo.data import Subject, load_subject, read_prompt_file
-from tinyrpo.download import DEFAULT_REWARD_CLIP, DEFAULT_SD
+from tinyrpo.paths import DEFAULT_REWARD_CLIP, DEFAULT_SD
 from tinyrpo.errors import REASONS, UserError
 from tinyrpo.methods import METHODS
 from tinyrpo.grids import labelled_grid
