@@ -151,18 +151,15 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args, given = parse_args(argv)
-    from tinyrpo.trainer import Trainer, TrainConfig  # heavy imports after --help
+    from tinyrpo.config import TrainConfig  # heavy imports after --help
+    from tinyrpo.trainer import Trainer
 
-    settings = vars(args)
-    if settings["subject"] is None and not (settings["resume"] and settings["out"]):
-        settings["subject"] = TOY_SUBJECT
+    if args.subject is None and not (args.resume and args.out):
+        args.subject = TOY_SUBJECT
         print(f"no --subject: training on the toy world's subject ({TOY_SUBJECT}) with its tiny models, a few "
               f"minutes on a CPU; for Stable Diffusion v1.5: python -m tinyrpo.download, then "
               f"python train.py --subject refs/dog")
-    # The method's own flags (all default None: the method's dataclass holds their defaults).
-    options = {k: settings.pop(k) for k in list(settings) if k not in TrainConfig.__dataclass_fields__}
-    options = {k: v for k, v in options.items() if v is not None}
-    trainer = Trainer(TrainConfig(**settings, options=options), given)
+    trainer = Trainer(TrainConfig.from_args(args), given)
     summary = trainer.run()
     if summary is not None:  # None: a finished run resumed with nothing to do (it said so)
         print_summary(summary, trainer.out)

@@ -36,7 +36,8 @@ from tinyrpo.pipeline import generate
 from tinyrpo.rpo import RPOOptions, rpo_forward
 from tinyrpo.schedulers import NoiseSchedule, SchedulerConfig
 from tinyrpo.tokenizer import CLIPTokenizer
-from tinyrpo.trainer import Trainer, TrainConfig, optimizer_step, resolve_config
+from tinyrpo.config import TrainConfig, resolve_config
+from tinyrpo.trainer import Trainer, optimizer_step
 from tinyrpo.unet import UNet
 from tinyrpo.vae import AutoencoderKL
 

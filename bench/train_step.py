@@ -61,7 +61,8 @@ from tinyrpo import dreambench  # noqa: E402
 from tinyrpo.lora import add_lora, lora_disabled  # noqa: E402
 from tinyrpo.schedulers import NoiseSchedule, SchedulerConfig  # noqa: E402
 from tinyrpo.rpo import RPOOptions, rpo_forward  # noqa: E402
-from tinyrpo.trainer import TrainConfig, optimizer_step, resolve_config  # noqa: E402
+from tinyrpo.config import TrainConfig, resolve_config  # noqa: E402
+from tinyrpo.trainer import optimizer_step  # noqa: E402
 from tinyrpo.unet import UNet, UNetConfig  # noqa: E402
 
 VARIANTS = ("eager", "compile", "diffusers", "diffusers-compile", "lora", "lora-compile")

@@ -22,7 +22,8 @@ from tinyrpo.dpg import (Critic, critic_loss, dino_cost, discount, look_forward,
 from tinyrpo.dreambooth import dreambooth_loss, prior_preservation_loss, row_weights
 from tinyrpo.losses import weighted_mse
 from tinyrpo.schedulers import NoiseSchedule
-from tinyrpo.trainer import Trainer, TrainConfig
+from tinyrpo.config import TrainConfig
+from tinyrpo.trainer import Trainer
 
 ONE_PROMPT = "a [V] {cls} on the beach\n"
 
@@ -158,9 +159,7 @@ def method_args(models, subject, out, method, *extra, prompts=None):
 
 def make_trainer(models, subject, out, method, *extra) -> Trainer:
     args, given = train.parse_args(method_args(models, subject, out, method, "--steps", "2", *extra))
-    settings = vars(args)
-    options = {k: settings.pop(k) for k in list(settings) if k not in TrainConfig.__dataclass_fields__}
-    tr = Trainer(TrainConfig(**settings, options={k: v for k, v in options.items() if v is not None}), given)
+    tr = Trainer(TrainConfig.from_args(args), given)
     tr.check_run_folder()
     tr.load()
     tr.start_run_folder()

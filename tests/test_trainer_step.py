@@ -17,7 +17,8 @@ from tests.test_train import RES, base_args, make_subject, models  # noqa: F401 
 from tinyrpo.data import to_tensor
 from tinyrpo.grids import grid_cells
 from tinyrpo.reward import score
-from tinyrpo.trainer import Trainer, TrainConfig
+from tinyrpo.config import TrainConfig
+from tinyrpo.trainer import Trainer
 
 import train
 
@@ -36,9 +37,7 @@ class Recorder:
 
 def make_trainer(models, subject, out, *extra) -> Trainer:
     args, given = train.parse_args(base_args(models, subject, out, "--steps", "2", *extra))
-    settings = vars(args)
-    options = {k: settings.pop(k) for k in list(settings) if k not in TrainConfig.__dataclass_fields__}
-    tr = Trainer(TrainConfig(**settings, options={k: v for k, v in options.items() if v is not None}), given)
+    tr = Trainer(TrainConfig.from_args(args), given)
     tr.check_run_folder()
     tr.load()
     tr.start_run_folder()

@@ -169,21 +169,15 @@ def option_dests(train_args: list[str]) -> list[tuple[list[str], str | None]]:
 def method_args(train_args: list[str], method: str) -> list[str]:
     """The train.py arguments for `method`'s cells: another method's own options (--beta for dreambooth, say)
     are left out; shared settings (--lr, --steps, ...) go to every method."""
-    from dataclasses import fields
-
-    from tinyrpo.methods import METHODS
-    from tinyrpo.trainer import TrainConfig
-    keep = set(TrainConfig.__dataclass_fields__) | {f.name for f in fields(METHODS[method].Options)}
+    from tinyrpo.config import setting_names
+    keep = setting_names(method)
     return [a for flags, dest in option_dests(train_args) if dest is None or dest in keep for a in flags]
 
 
 def check_method_options(train_args: list[str], methods: list[str]) -> None:
     """An option that none of the compared methods has is a mistake (a typo, or the wrong --methods)."""
-    from dataclasses import fields
-
-    from tinyrpo.methods import METHODS
-    from tinyrpo.trainer import TrainConfig
-    known = set(TrainConfig.__dataclass_fields__) | {f.name for m in methods for f in fields(METHODS[m].Options)}
+    from tinyrpo.config import setting_names
+    known = set().union(*(setting_names(m) for m in methods))
     foreign = [flags[0].split("=")[0] for flags, dest in option_dests(train_args) if dest and dest not in known]
     if foreign:
         raise UserError(f"{', '.join(foreign)} {'is' if len(foreign) == 1 else 'are'} not a setting of "

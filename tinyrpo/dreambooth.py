@@ -32,7 +32,7 @@ from tinyrpo.losses import per_sample_mse, weighted_mse
 from tinyrpo.method import Method, MethodOptions, StepOutput, encode_images, generated_images
 
 CLASS_PROMPT = "a photo of a {}"  # the class prompt c_pr (the subject's is dreambench.REFERENCE_PROMPT)
-MAX_CLASS_IMAGES = 5000  # class image k uses seed + k; the seed bound leaves 10,000 (tinyrpo.trainer.MAX_SEED)
+MAX_CLASS_IMAGES = 5000  # class image k uses seed + k; the seed bound leaves 10,000 (tinyrpo.config.MAX_SEED)
 
 
 # ---------------------------------------------------------------- the loss (eq. 2)

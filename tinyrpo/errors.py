@@ -24,6 +24,12 @@ class UserError(Exception):
     """Something the user can fix; the message says how."""
 
 
+def need(ok, message: str) -> None:
+    """Raise UserError(message) unless `ok`: how settings are checked (TrainConfig, a method's options)."""
+    if not ok:
+        raise UserError(message)
+
+
 def format_warning(message, category, filename, lineno, line=None) -> str:
     """`warning: <message>` for the warnings a user should read (UserWarning: about their input); other
     categories (a library's DeprecationWarning, ...) keep their name and origin, still on one line."""

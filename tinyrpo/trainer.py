@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -28,8 +28,8 @@ from tqdm import tqdm
 from tinyrpo import dreambench
 from tinyrpo.atomic import WriteError, atomic_save_image, atomic_torch_save, atomic_write_json
 from tinyrpo.checkpoint import BEST, LAST, save_checkpoint
+from tinyrpo.config import TrainConfig, method_options, resolve_config
 from tinyrpo.data import Subject, load_subject, read_prompt_file
-from tinyrpo.paths import DEFAULT_REWARD_CLIP, DEFAULT_SD
 from tinyrpo.errors import REASONS, UserError
 from tinyrpo.methods import METHODS
 from tinyrpo.grids import labelled_grid
@@ -38,14 +38,10 @@ from tinyrpo.pipeline import generate, resolve_device, to_pil
 from tinyrpo.report import write_report
 from tinyrpo.reward import CLIPScorer, Scores, score
 from tinyrpo.rpo import REWARDS
-from tinyrpo.tracking import LOG_WITH, Tracker, make_tracker
-from tinyrpo.presets import subject_defaults
-from tinyrpo.runfolder import JsonlLog, RunFolder, read_json
+from tinyrpo.tracking import Tracker, make_tracker
+from tinyrpo.runfolder import JsonlLog, RunFolder
 from tinyrpo.weights import load_clip, load_sd
 
-# With --lora and no --lr: diffusers' LoRA DreamBooth example (train_dreambooth_lora.py's README) trains at
-# 1e-4; full fine-tunes use 5e-6, which would barely move adapters that start at B = 0.
-LORA_LR = 1e-4
 # Measured on refs/toy at its preset (800 steps, β 0.1; exact identity of the validation images, 0.25 = the base
 # model): --lora 4 stays at 0.24-0.26 with the preset's lr 1e-4 (= LORA_LR), 0.21-0.29 at 1e-3 and peaks at 0.34
 # at 3e-3, while the full fine-tune reaches 0.45-0.50 (README, the toy world). Rank 32 at 3e-3 peaks at 0.37
@@ -55,124 +51,6 @@ LORA_LR = 1e-4
 TOY_LORA = ("--lora on the toy world learns almost nothing (measured over its 800 steps: identity 0.25 flat at the "
             "preset's lr 1e-4, at most 0.34 at lr 3e-3, vs 0.45-0.50 fully fine-tuned); drop --lora for the toy "
             "world: LoRA is meant for SD v1.5's large U-Net")
-MAX_SEED = 2**63 - 1 - 10_000  # the seed + offsets drawn from it (validation uses seed + 1000) must fit a generator
-
-
-@dataclass
-class TrainConfig:
-    subject: str | None = None             # the photos' folder (with --resume, the run's own by default)
-    out: str | None = None                 # default runs/<subject folder name>
-    weights: str = DEFAULT_SD
-    reward_model: str = DEFAULT_REWARD_CLIP
-    method: str = "rpo"
-    token: str = "sks"
-    class_noun: str | None = None
-    live: bool | None = None               # None: from the class (dogs and cats are live subjects)
-    prompts: str | None = None             # a file of training prompts replacing the authors' eight
-    resolution: int = 512
-    sample_steps: int = 50
-    guidance: float = 7.5
-    lambda_val: float = 0.3                # RPO paper's default for checkpoint selection
-    mean: str = "harmonic"                 # the reward's mean: harmonic (eq. 5) or arithmetic (Table 6)
-    lr: float | None = None                # None: the method's default (RPO, DreamBooth 5e-6; look-forward 1e-6)
-    steps: int | None = None               # None: the method's default (400, 800, 1000)
-    batch_size: int = 1                    # pairs (RPO) or instance images (DreamBooth) per step
-    grad_clip: float = 1.0
-    val_every: int = 40
-    val_images_per_prompt: int = 4
-    select: str | None = None              # "best" (validation argmax) or "last"; None: the method's default
-    patience: int | None = None
-    save_every: int = 200                  # last.pt (10 GB for SD v1.5 with AdamW) every N steps, and at the end
-    train_text_encoder: bool | None = None  # None: the method's default
-    lora: int | None = None                # rank of LoRA adapters on the U-Net (None: fine-tune every weight)
-    lora_alpha: float | None = None        # α of eq. (3) of Hu et al.; None: = rank (scaling 1)
-    lora_targets: str | None = None        # comma-separated module names; None: to_q,to_k,to_v,to_out.0
-    seed: int = 0
-    device: str = "auto"
-    threads: int | None = None             # CPU threads for torch; None: torch's default (tiny models: 1 is fastest)
-    precision: str = "auto"                # bf16 autocast on CUDA, fp32 on CPU
-    compile: bool = False
-    gradient_checkpointing: bool = False
-    gen_batch_size: int = 16               # images per U-Net pass when generating (×2 for guidance)
-    log_every: int = 10
-    log_with: str = "none"                 # also send the log to: none, tensorboard
-    resume: bool = False
-    options: dict = field(default_factory=dict)  # the method's own settings (its Options dataclass)
-
-    def validate(self):
-        def need(ok, msg):
-            if not ok:
-                raise UserError(msg)
-        need(self.method in METHODS, f"--method {self.method} is not available; choose one of {', '.join(METHODS)}")
-        need_finite(self, need)
-        need(self.steps is None or self.steps >= 1, f"--steps must be at least 1 (got {self.steps})")
-        need(0.0 <= self.lambda_val <= 1.0, f"--lambda-val must be in [0, 1] (got {self.lambda_val})")
-        need(self.mean in REWARDS, f"--mean must be one of {', '.join(REWARDS)} (got {self.mean!r})")
-        need(self.lr is None or self.lr > 0, f"--lr must be positive (got {self.lr})")
-        need(self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})")
-        need(self.val_every >= 1, f"--val-every must be at least 1 (got {self.val_every})")
-        need(self.val_images_per_prompt >= 1,
-             f"--val-images-per-prompt must be at least 1 (got {self.val_images_per_prompt})")
-        need(self.sample_steps >= 1, f"--sample-steps must be at least 1 (got {self.sample_steps})")
-        need(self.guidance >= 0, f"--guidance must be >= 0 (got {self.guidance})")
-        need(self.resolution >= 8, f"--resolution must be at least 8 (got {self.resolution})")
-        need(self.grad_clip > 0, f"--grad-clip must be positive (got {self.grad_clip})")
-        need(self.select in (None, "best", "last"), f"--select must be best or last (got {self.select!r})")
-        need(self.patience is None or self.patience >= 1, f"--patience must be at least 1 (got {self.patience})")
-        need(self.save_every >= 1, f"--save-every must be at least 1 (got {self.save_every})")
-        need(0 <= self.seed <= MAX_SEED, f"--seed must be between 0 and {MAX_SEED} (got {self.seed})")
-        need(self.precision in ("auto", "bf16", "fp16", "fp32"),
-             f"--precision must be bf16, fp16, fp32 or auto (got {self.precision})")
-        need(self.log_with in LOG_WITH, f"--log-with must be one of {', '.join(LOG_WITH)} (got {self.log_with!r})")
-        need(self.log_every >= 1, f"--log-every must be at least 1 (got {self.log_every})")
-        need(self.lora is None or self.lora >= 1, f"--lora rank must be at least 1 (got {self.lora})")
-        need(self.lora_alpha is None or self.lora_alpha > 0, f"--lora-alpha must be positive (got {self.lora_alpha})")
-        need(self.lora is not None or (self.lora_alpha is None and self.lora_targets is None),
-             "--lora-alpha and --lora-targets need --lora RANK")
-        need(not (self.lora and self.train_text_encoder),
-             "--train-text-encoder with --lora is not supported: LoRA adapts the U-Net only; drop one of them")
-        need(self.threads is None or self.threads >= 1, f"--threads must be at least 1 (got {self.threads})")
-        need(self.gen_batch_size >= 1, f"--gen-batch-size must be at least 1 (got {self.gen_batch_size})")
-
-
-def resolve_config(cfg: TrainConfig, given: set[str] | None = None) -> TrainConfig:
-    """Fill the method's defaults (lr, steps, select, ...) and, for --resume, the run's own settings.
-
-    A resumed run takes every setting from its config.json except the flags given on the command line
-    (`given`; None means all of them), which are then checked against it in Trainer.
-    """
-    if not cfg.resume:  # a resumed run is checked once its own settings are in (its --lora counts)
-        cfg.validate()
-    if cfg.subject is None and not (cfg.resume and cfg.out):
-        raise UserError("pass --subject DIR, a folder with 3-6 photos of your subject (e.g. refs/dog), "
-                        "or --out RUN --resume to continue a run")
-    if cfg.resume:
-        out = Path(cfg.out or Path("runs") / Path(cfg.subject).name)
-        if (out / "config.json").exists():
-            old = read_json(out / "config.json")
-            names = {f.name for f in fields(TrainConfig)} - {"options"}
-            keep = {k: old[k] for k in names if k in old and (given is not None and k not in given)}
-            method = METHODS.get(keep.get("method", cfg.method), METHODS[cfg.method])
-            opts = {f.name: old[f.name] for f in fields(method.Options) if f.name in old}
-            opts |= {k: v for k, v in cfg.options.items() if given is None or k in given}
-            cfg = TrainConfig(**(asdict(cfg) | keep | {"options": opts, "out": str(out), "resume": True}))
-        cfg.validate()
-    elif given is not None:
-        cfg = subject_defaults(cfg, given)
-    method = METHODS[cfg.method]
-    if cfg.lora:  # adapters train at a LoRA learning rate, and on the U-Net alone
-        cfg.lr = LORA_LR if cfg.lr is None else cfg.lr
-        cfg.train_text_encoder = False
-    for key, value in method.defaults.items():
-        if getattr(cfg, key) is None:
-            setattr(cfg, key, value)
-    unknown = set(cfg.options) - {f.name for f in fields(method.Options)}
-    if unknown:
-        flags = ", ".join("--" + k.replace("_", "-") for k in sorted(unknown))
-        raise UserError(f"{flags} {'is' if len(unknown) == 1 else 'are'} not a setting of --method {cfg.method}")
-    return cfg
-
-
 def optimizer_step(loss, params: list, opt, grad_clip: float, scaler=None) -> torch.Tensor:
     """Backward, gradient-norm clip (really applied), AdamW step; returns the pre-clip norm (no host sync)."""
     if scaler is not None:  # fp16: scale the loss so small gradients don't underflow
@@ -199,9 +77,7 @@ class Trainer:
         self.cfg = cfg = resolve_config(cfg, given)
         self.given = given
         self.method_cls = METHODS[cfg.method]
-        self.options = self.method_cls.Options.from_dict(cfg.options)
-        need_finite(self.options, _need)
-        self.options.validate(_need)
+        self.options = method_options(cfg)
         self.times = {}
         self.device = resolve_device(cfg.device)
         if cfg.threads:
@@ -607,20 +483,6 @@ class Log(JsonlLog):
         super().write(records)
         if self.tracker is not None:
             self.tracker.log_records(records)
-
-
-def _need(ok, msg):
-    if not ok:
-        raise UserError(msg)
-
-
-def need_finite(settings, need) -> None:
-    """Every float setting (of TrainConfig or a method's options) is a number: nan or inf passes checks like
-    `guidance >= 0` and then trains on nonsense."""
-    for f in fields(settings):
-        value = getattr(settings, f.name)
-        if isinstance(value, float):
-            need(math.isfinite(value), f"--{f.name.replace('_', '-')} must be a finite number (got {value})")
 
 
 def flush(pending: list, hint: str = "lower --lr or use --precision fp32") -> list[dict]:
