@@ -28,7 +28,7 @@ from tinyrpo.errors import run_cli
 # What `python train.py` trains with no --subject: the toy world's subject, whose subject.json names the toy
 # models (weights/toy) and a CPU-sized preset (see tinyrpo/toy and README's quick start).
 TOY_SUBJECT = "refs/toy"
-from tinyrpo.methods import NAMES
+from tinyrpo.methods import METHODS
 
 
 def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
@@ -59,7 +59,7 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     a("--prompts", default=None, help="file of training prompts, one per line: '[V]' = token, '{cls}' = class")
 
     a = group("training (defaults that depend on --method are the method's)")
-    a("--method", default="rpo", choices=NAMES,
+    a("--method", default="rpo", choices=list(METHODS),
       help="rpo (Miao et al.), dreambooth (prior preservation, Ruiz et al.) or dpg (look forward, Wei et al.) "
            "(default: rpo)")
     a("--lr", type=float, default=None,

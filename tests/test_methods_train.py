@@ -9,7 +9,7 @@ from tests.test_methods import ONE_PROMPT, method_args
 from tests.test_train import make_subject, models  # noqa: F401  (models is a fixture)
 from tinyrpo.checkpoint import apply_checkpoint, load_checkpoint, save_checkpoint
 from tinyrpo.errors import UserError
-from tinyrpo.methods import METHODS, NAMES
+from tinyrpo.methods import METHODS
 from tinyrpo.weights import load_sd
 
 # look forward at its default critic step (lr 0.01, gradient norm clipped to 1): on these random networks the
@@ -110,14 +110,14 @@ def test_rpo_ablations_end_to_end(models, setup, tmp_path):
 
 def test_help_shows_each_methods_defaults():
     text = " ".join(train.build_parser().format_help().split())
-    assert "{" + ",".join(NAMES) + "}" in text
-    defaults = {n: METHODS[n].defaults for n in NAMES}
+    assert "{" + ",".join(METHODS) + "}" in text
+    defaults = {n: METHODS[n].defaults for n in METHODS}
     for key, flag in (("lr", "--lr"), ("steps", "--steps"), ("select", "--select")):
-        shown = ", ".join(f"{n} " + f"{defaults[n][key]:g}".replace("e-0", "e-") if key == "lr" else f"{n} {defaults[n][key]}" for n in NAMES)
+        shown = ", ".join(f"{n} " + f"{defaults[n][key]:g}".replace("e-0", "e-") if key == "lr" else f"{n} {defaults[n][key]}" for n in METHODS)
         assert shown in text, (flag, shown)
     assert "on for dpg, off for rpo and dreambooth" in text
-    assert [n for n in NAMES if defaults[n]["train_text_encoder"]] == ["dpg"]
-    options = {n: METHODS[n].Options() for n in NAMES}
+    assert [n for n in METHODS if defaults[n]["train_text_encoder"]] == ["dpg"]
+    options = {n: METHODS[n].Options() for n in METHODS}
     assert f"dreambooth {options['dreambooth'].num_class_images}, dpg {options['dpg'].num_class_images})" in text
     o = options["dpg"]
     for value in (o.gamma, o.critic_lr, o.critic_clip, o.dpg_weight, o.prior_weight, o.dpg_reward, o.dino):

@@ -334,14 +334,14 @@ def resolve_subjects(args) -> list[Path]:
 
 def parse_args(argv):
     from tinyrpo.evaluate import add_eval_arguments
-    from tinyrpo.methods import NAMES as METHOD_NAMES
+    from tinyrpo.methods import METHODS
     doc = __doc__.split("\n\n")
     p = argparse.ArgumentParser(prog="python -m tinyrpo.compare", description=doc[0],
                                 epilog="examples:\n" + doc[1] + "\n\n" + doc[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--methods", default="rpo,dreambooth,dpg",
-      help=f"methods to compare, comma-separated, of {', '.join(METHOD_NAMES)} (default: %(default)s)")
+      help=f"methods to compare, comma-separated, of {', '.join(METHODS)} (default: %(default)s)")
     a("--subjects", default=None, help="subject photo folders, comma-separated; with --dreambench, names of ROOT's "
                                        "subjects (default there: all)")
     a("--dreambench", default=None, metavar="ROOT", help="every DreamBench subject folder in ROOT")

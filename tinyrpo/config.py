@@ -14,7 +14,7 @@ from tinyrpo.errors import UserError, need
 from tinyrpo.methods import METHODS
 from tinyrpo.paths import DEFAULT_REWARD_CLIP, DEFAULT_SD
 from tinyrpo.presets import subject_defaults
-from tinyrpo.rpo import REWARDS
+from tinyrpo.rpo import REWARD_MEANS
 from tinyrpo.runfolder import read_json
 from tinyrpo.tracking import LOG_WITH
 
@@ -80,7 +80,7 @@ class TrainConfig:
         need_finite(self)
         need(self.steps is None or self.steps >= 1, f"--steps must be at least 1 (got {self.steps})")
         need(0.0 <= self.lambda_val <= 1.0, f"--lambda-val must be in [0, 1] (got {self.lambda_val})")
-        need(self.mean in REWARDS, f"--mean must be one of {', '.join(REWARDS)} (got {self.mean!r})")
+        need(self.mean in REWARD_MEANS, f"--mean must be one of {', '.join(REWARD_MEANS)} (got {self.mean!r})")
         need(self.lr is None or self.lr > 0, f"--lr must be positive (got {self.lr})")
         need(self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})")
         need(self.val_every >= 1, f"--val-every must be at least 1 (got {self.val_every})")

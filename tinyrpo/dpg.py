@@ -197,7 +197,7 @@ class LookForward(DreamBooth):
             pred = tr.policy_fwd(x_t, t, cond)
         # DreamBooth's eq. 2 without its instance term (look forward: the critic replaces it), or with it (dino)
         db = dreambooth_loss(pred, eps, B, opt.prior_weight, instance_weight=float(opt.dpg_reward == "dino"))
-        ab = tr.schedule.alpha_bar(t[:B], pred.device)
+        ab = tr.sd.scheduler.alpha_bar(t[:B], pred.device)
         x0_hat = look_forward(x_t[:B], pred[:B], ab)
         r = residual(x0_hat, x0[:B])
         with torch.autocast(tr.device.type, enabled=False):

@@ -119,7 +119,7 @@ class DreamBooth(Method):
     def draw(self, gen):
         tr = self.trainer
         i, k, t, eps = draw_instance_and_class(gen, len(self.instance_latents), len(self.class_latents),
-                                               tr.cfg.batch_size, tr.schedule.cfg.num_train_timesteps,
+                                               tr.cfg.batch_size, tr.sd.scheduler.cfg.num_train_timesteps,
                                                self.instance_latents.shape[1:])
         return {"i": i, "k": k, "t": t, "eps": eps}
 
@@ -133,7 +133,7 @@ class DreamBooth(Method):
         x0 = torch.cat([self.instance_latents[i], self.class_latents[k]])
         states = tr.text_states([tr.subject.reference_prompt, self.class_prompt])
         cond = torch.cat([states[0:1].expand(len(i), -1, -1), states[1:2].expand(len(k), -1, -1)])
-        return tr.schedule.add_noise(x0, eps, t), t, cond, eps, x0
+        return tr.sd.scheduler.add_noise(x0, eps, t), t, cond, eps, x0
 
     def loss(self, batch):
         tr = self.trainer

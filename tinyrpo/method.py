@@ -1,6 +1,6 @@
 """What a training method is, to the shared loop in tinyrpo/trainer.py.
 
-A method decides three things, and nothing else:
+A method is a class with these methods, and nothing else is asked of it:
 
     load()           (optional) networks it needs beyond the shared ones (the DINO reward of tinyrpo/dpg.py),
                      loaded with the shared models, before anything is written to the run folder
@@ -9,10 +9,17 @@ A method decides three things, and nothing else:
     draw(gen)        what one step samples (image indices, timesteps, noise, labels), drawn on the CPU from
                      the run's one generator, so a resumed run continues the exact same sequence
     loss(batch)      the loss of one step, from the U-Net predictions, as pure functions of its own module
+    after_step(batch, out), state_dict(), load_state_dict(state)
+                     (optional) a method with a state of its own (look forward's critic) updates it after the
+                     optimizer step and saves it in last.pt, for an exact --resume
 
+Of the trainer, a method uses: `cfg` (the shared settings; its own are `self.opt`), `device`, `out` (the run
+folder), `subject`, `prompts` (the training prompts), `sd` (the base model: its VAE and scheduler),
+`policy_fwd` and `ref_fwd` (the trained and the frozen U-Net, as callables), `text_states(prompts)`,
+`reward(images, prompts, λ)` (eq. 5), and the contexts `autocast()` and `phase(name)` (timing).
 The loop, validation, checkpoints, logging, LoRA, precision and resume are the trainer's and the same for
 every method. Each method lives in its own module next to its equations (tinyrpo/rpo.py,
-tinyrpo/dreambooth.py, tinyrpo/dpg.py) and is registered in tinyrpo/methods.py.
+tinyrpo/dreambooth.py, tinyrpo/dpg.py) and is listed in tinyrpo/methods.py.
 """
 import json
 from dataclasses import dataclass, fields

@@ -11,7 +11,7 @@ from PIL import Image
 
 from tinyrpo.clip import CLIPModel, clip_preprocess
 from tinyrpo.dreambench import remove_token
-from tinyrpo.rpo import align_i, align_t, harmonic_reward
+from tinyrpo.rpo import REWARD_MEANS, align_i, align_t
 from tinyrpo.tokenizer import CLIPTokenizer
 
 
@@ -60,8 +60,9 @@ class CLIPScorer:
 
 
 def score(scorer: CLIPScorer, images: list[Image.Image], prompts: list[str], ref_embs: torch.Tensor,
-          token: str, lam: float, image_embs: torch.Tensor | None = None) -> Scores:
-    """λ-Harmonic reward of each image (eq. 5) against the reference embeddings and its own prompt.
+          token: str, lam: float, image_embs: torch.Tensor | None = None, mean: str = "harmonic") -> Scores:
+    """λ-Harmonic reward of each image (eq. 5) against the reference embeddings and its own prompt (or the
+    λ-Arithmetic one with mean="arithmetic", the paper's Table 6).
 
     The subject token is removed from the prompt first: CLIP has never seen "sks", so keeping it would
     only add noise to ALIGN-T.
@@ -71,4 +72,4 @@ def score(scorer: CLIPScorer, images: list[Image.Image], prompts: list[str], ref
     text_embs = scorer.embed_texts([remove_token(p, token) for p in prompts])
     a_i = align_i(image_embs, ref_embs.to(image_embs.device))
     a_t = align_t(image_embs, text_embs)
-    return Scores(a_i, a_t, harmonic_reward(a_i, a_t, lam))
+    return Scores(a_i, a_t, REWARD_MEANS[mean](a_i, a_t, lam))

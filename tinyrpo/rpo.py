@@ -48,7 +48,7 @@ def arithmetic_reward(a_i: torch.Tensor, a_t: torch.Tensor, lam: float) -> torch
     return lam * a_i + (1.0 - lam) * a_t
 
 
-REWARDS = {"harmonic": harmonic_reward, "arithmetic": arithmetic_reward}
+REWARD_MEANS = {"harmonic": harmonic_reward, "arithmetic": arithmetic_reward}  # train.py --mean
 
 
 # ---------------------------------------------------------------- preference labels (eq. 6)
@@ -209,7 +209,7 @@ class RPO(Method):
     def draw(self, gen):
         tr, B = self.trainer, self.trainer.cfg.batch_size
         i, j, t, eps = draw_pairs(gen, len(self.w_latents), len(self.l_latents), B,
-                                  tr.schedule.cfg.num_train_timesteps, self.w_latents.shape[1:],
+                                  tr.sd.scheduler.cfg.num_train_timesteps, self.w_latents.shape[1:],
                                   self.opt.noise == "shared")
         h_w = self.h_w[i] if self.h_w.ndim == 1 else self.h_w[i, self.l_prompt[j]]
         y = sample_label(h_w, self.h_l[j], generator=gen)  # eq. (6), re-drawn every time a pair is used
@@ -224,7 +224,7 @@ class RPO(Method):
         x0 = torch.cat([self.w_latents[i], self.l_latents[j]])
         states = tr.text_states([tr.subject.reference_prompt] + tr.prompts)
         cond = torch.cat([states[0:1].expand(len(i), -1, -1), states[1:][self.l_prompt.to(tr.device)[j]]])
-        return tr.schedule.add_noise(x0, eps, t), t, cond, eps
+        return tr.sd.scheduler.add_noise(x0, eps, t), t, cond, eps
 
     def loss(self, batch):
         tr, opt = self.trainer, self.opt

@@ -13,6 +13,7 @@ What a method is: tinyrpo/method.py; the methods: tinyrpo/rpo.py, tinyrpo/dreamb
 calls them, plus what a user needs from it: a run folder nobody can corrupt (tinyrpo/runfolder.py), a log,
 atomic checkpoints and an exact resume.
 """
+import contextlib
 import copy
 import math
 import signal
@@ -37,7 +38,6 @@ from tinyrpo.lora import DEFAULT_TARGETS, _matches, add_lora, load_lora_state_di
 from tinyrpo.pipeline import generate, resolve_device, to_pil
 from tinyrpo.report import write_report
 from tinyrpo.reward import CLIPScorer, Scores, score
-from tinyrpo.rpo import REWARDS
 from tinyrpo.tracking import Tracker, make_tracker
 from tinyrpo.runfolder import JsonlLog, RunFolder
 from tinyrpo.weights import load_clip, load_sd
@@ -96,16 +96,14 @@ class Trainer:
         before = self.seconds_before
         return {k: round(before.get(k, 0.0) + now.get(k, 0.0), 2) for k in [*before, *now] if k in before or k in now}
 
+    @contextlib.contextmanager
     def phase(self, name):
-        trainer = self
-
-        class _Timer:
-            def __enter__(self):
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                trainer.times[name] = trainer.times.get(name, 0.0) + time.perf_counter() - self.t0
-        return _Timer()
+        """Add the time spent inside the block to phase `name` (summary.json's "seconds")."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -181,8 +179,8 @@ class Trainer:
         """The reward of each image (eq. 5, or the arithmetic mean with --mean arithmetic), always in fp32
         and outside autocast, so training and validation rewards are on the same scale."""
         with torch.autocast(self.device.type, enabled=False):
-            s = score(self.scorer, images, prompts, self.ref_embs, self.cfg.token, lam, image_embs=image_embs)
-        return Scores(s.align_i, s.align_t, REWARDS[self.cfg.mean](s.align_i, s.align_t, lam))
+            return score(self.scorer, images, prompts, self.ref_embs, self.cfg.token, lam, image_embs=image_embs,
+                         mean=self.cfg.mean)
 
     # ---------------------------------------------------------------- validation
     @torch.no_grad()
@@ -331,6 +329,44 @@ class Trainer:
         return self.folder.check_resume(self.cfg.steps, self.cfg.patience) if self.cfg.resume else None
 
     def _run(self) -> dict:
+        """The training loop: a step, the log, validation and early stopping, last.pt; -> the summary."""
+        cfg = self.cfg
+        log, start, end = self.set_up()
+        pending = []  # per-step values stay on the device until the next log flush (no host sync per step)
+        stopped_early, step = end < cfg.steps, start
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        bar = tqdm(range(start + 1, end + 1), initial=start, total=cfg.steps, desc="training", unit="step")
+        try:
+            for step in bar:
+                pending.append(self.train_step(step))
+                validating = step % cfg.val_every == 0 or step == cfg.steps
+                if step % cfg.log_every == 0 or validating or self.stop_signal is not None:
+                    records = flush(pending, self.method.diverged_hint)
+                    log.write(records)
+                    bar.set_postfix(loss=f"{records[-1]['loss']:.4f}")
+                stop = False
+                if validating:
+                    stop = self.validation(step, log)
+                    bar.set_postfix(loss=f"{records[-1]['loss']:.4f}", reward=f"{self.last_val['reward']:.4f}",
+                                    best=f"{self.best['reward']:.4f}@{self.best['step']}")
+                if step % cfg.save_every == 0 or step == cfg.steps or stop or self.stop_signal is not None:
+                    self.save_last(step)
+                if self.stop_signal is not None:
+                    raise TrainingInterrupted(f"interrupted at step {step}; saved {self.out / LAST}. "
+                                              f"Continue with: {self.folder.resume_command()}")
+                if stop:
+                    stopped_early = True
+                    tqdm.write(f"stopping early: {cfg.patience} validations without improvement")
+                    break
+        finally:
+            bar.close()
+            for s, h in handlers.items():
+                signal.signal(s, h)
+        return self.finish(step, stopped_early)
+
+    def set_up(self) -> tuple["Log", int, int]:
+        """Everything before the first step: the method's data, the optimizer and the run's one generator, or
+        for a resumed run their state from last.pt; -> (the log, the last step done, the last step to run)."""
         cfg = self.cfg
         with self.phase("rewards"):
             self.ref_embs = self.scorer.embed_images(self.subject.images)  # ALIGN-I's references
@@ -358,53 +394,32 @@ class Trainer:
             print(f"resuming {self.out} at step {start} ({best})")
         else:
             log.reset()
-            v = self.validate(0)
-            log.write([v])
-            self.after_validation(v)
-            self.write_report()
+            self.validation(0, log)
+        return log, start, end
 
-        pending = []  # per-step values stay on the device until the next log flush (no host sync per step)
-        stopped_early, step = end < cfg.steps, start
-        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        bar = tqdm(range(start + 1, end + 1), initial=start, total=cfg.steps, desc="training", unit="step")
-        try:
-            for step in bar:
-                with self.phase("train"):
-                    batch = self.method.draw(self.gen)
-                    out = self.method.loss(batch)
-                    grad_norm = optimizer_step(out.loss, self.params, self.opt, cfg.grad_clip, self.scaler)
-                    self.method.after_step(batch, out)
-                    pending.append({"step": step, "loss": out.loss.detach(), "grad_norm": grad_norm.detach(),
-                                    **{k: v.detach() for k, v in out.terms.items()}})
-                validating = step % cfg.val_every == 0 or step == cfg.steps
-                if step % cfg.log_every == 0 or validating or self.stop_signal is not None:
-                    records = flush(pending, self.method.diverged_hint)
-                    log.write(records)
-                    bar.set_postfix(loss=f"{records[-1]['loss']:.4f}")
-                stop = False
-                if validating:
-                    v = self.validate(step)
-                    log.write([v])
-                    stop = self.after_validation(v)
-                    self.write_report()
-                    bar.set_postfix(loss=f"{records[-1]['loss']:.4f}", reward=f"{v['reward']:.4f}",
-                                    best=f"{self.best['reward']:.4f}@{self.best['step']}")
-                if step % cfg.save_every == 0 or step == cfg.steps or stop or self.stop_signal is not None:
-                    self.save_last(step)
-                if self.stop_signal is not None:
-                    raise TrainingInterrupted(f"interrupted at step {step}; saved {self.out / LAST}. "
-                                              f"Continue with: {self.folder.resume_command()}")
-                if stop:
-                    stopped_early = True
-                    tqdm.write(f"stopping early: {cfg.patience} validations without improvement")
-                    break
-        finally:
-            bar.close()
-            for s, h in handlers.items():
-                signal.signal(s, h)
+    def train_step(self, step: int) -> dict:
+        """One optimizer step on the method's loss; -> the step's log values, still on the device."""
+        with self.phase("train"):
+            batch = self.method.draw(self.gen)
+            out = self.method.loss(batch)
+            grad_norm = optimizer_step(out.loss, self.params, self.opt, self.cfg.grad_clip, self.scaler)
+            self.method.after_step(batch, out)
+        return {"step": step, "loss": out.loss.detach(), "grad_norm": grad_norm.detach(),
+                **{k: v.detach() for k, v in out.terms.items()}}
+
+    def validation(self, step: int, log: "Log") -> bool:
+        """Validate, log it, keep the best checkpoint and rebuild report.html; True when patience runs out."""
+        v = self.validate(step)
+        log.write([v])
+        stop = self.after_validation(v)
+        self.write_report()
+        return stop
+
+    def finish(self, step: int, stopped_early: bool) -> dict:
+        """The kept checkpoint (--select last: the final step's), summary.json and the final report."""
+        cfg = self.cfg
         if cfg.select == "last":
             self.save_best(step, None)
-
         chosen = self.best if cfg.select == "best" else self.last_val
         summary = {"method": cfg.method, "select": cfg.select, "chosen_step": chosen["step"],
                    "best_step": self.best["step"], "best_reward": self.best["reward"],
@@ -412,7 +427,7 @@ class Trainer:
                    "steps_run": step, "stopped_early": stopped_early,
                    "seconds": self.seconds(),
                    "best_ckpt": str(self.out / BEST), "example_prompt": self.prompts[0]}
-        if "exact" in chosen:  # a toy subject: the exact metrics of the kept checkpoint's validation images
+        if "exact" in chosen:  # a subject scored exactly (the toy world): the kept checkpoint's validation images
             summary["chosen_exact"] = chosen["exact"]
         atomic_write_json(self.out / "summary.json", summary)
         self.write_report()
