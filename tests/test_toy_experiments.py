@@ -61,3 +61,31 @@ def test_at_the_runs_own_lambda_the_kept_step_is_the_trainers(tmp_path):
     vals = ex.read_vals(run)
     assert ex.early_stop(vals, 0.3)["step"] == 40 and ex.h_val(vals[2], 0.3) == 0.65
     assert ex.early_stop(vals, 0.5)["step"] == ex.early_stop(RUN_A, 0.5)["step"]
+
+
+def test_a_pattern_identity_below_chance_counts_as_zero_in_the_exact_score():
+    assert ex.exact_score(val(0, 0.6, 0.7, -0.2, 0.9)) == 0.0
+    assert ex.exact_score(val(0, 0.6, 0.7, 0.5, 0.5)) == pytest.approx(0.5)
+
+
+def test_leaks_counts_runs_not_validations():
+    runs = {"lsim": {"a": RUN_A, "b": [val(0, 0.6, 0.7, 0.1, 0.9)]}, "rpo": {"a": RUN_B}}
+    text, data = ex.leaks(runs)
+    assert data["runs"] == 3 and data["runs_with_leak"] == 2 and data["max"] == 1.0
+    assert data["max_at"] == ["rpo", "a", 40]
+    assert text.startswith("- leak: 2 of 3 runs")
+
+
+def test_labels_read_the_rewards_of_the_runs(tmp_path):
+    """Δh of every (reference, negative) pair against the negative's own prompt, from rewards.json."""
+    import json
+    run = ex.run_dir(tmp_path, "rpo", "refs/toy", 0)
+    run.mkdir(parents=True)
+    # 2 references × 2 prompts; 4 negatives, 2 per prompt
+    (run / "rewards.json").write_text(json.dumps({"reference": [[0.9, 0.5], [0.7, 0.3]],
+                                                  "negatives": [0.4, 0.6, 0.2, 0.1]}))
+    (run / "config.json").write_text(json.dumps({"images_per_prompt": 2}))
+    text, data = ex.labels(tmp_path, {"rpo": {"toy/seed0": []}})
+    deltas = [0.9 - 0.4, 0.9 - 0.6, 0.5 - 0.2, 0.5 - 0.1, 0.7 - 0.4, 0.7 - 0.6, 0.3 - 0.2, 0.3 - 0.1]
+    assert data["pairs"] == 8 and data["delta_mean"] == pytest.approx(sum(deltas) / 8)
+    assert data["p_max"] == pytest.approx(1 / (1 + math.exp(-0.5)))

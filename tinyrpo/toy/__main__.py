@@ -128,7 +128,8 @@ def parse_args(argv):
 
     s = sub.add_parser("experiment", help="train RPO variants on both toy subjects and write the paper's tables",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    s.add_argument("name", choices=["overfit", "table2", "lambda", "choices", "all"], help="which experiment")
+    s.add_argument("name", choices=["overfit", "table2", "lambda", "choices", "all", "default"],
+                   help="which experiment (default: the default run at --seeds, evaluated against the base model)")
     s.add_argument("--out", default="runs/toy-experiments", help="parent folder of the runs and the tables")
     s.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     s.add_argument("--subjects", default="refs/toy,refs/ball", help="comma-separated toy subject folders")

@@ -49,12 +49,16 @@ VARIANTS = {
     "independent": ["--noise", "independent"],          # ε and t drawn for w and l separately (paper, eq. 4)
     "beta": ["--beta", "0.1"],                          # RPO at the toy preset's β
 }
-# Every variant runs at the paper's β = 1 (the toy preset's 0.1 would otherwise apply), but "beta".
+# Every variant runs at the paper's β = 1 (the toy preset's β would otherwise apply), but "beta" and the
+# default run ("default": `python train.py` as it is, the toy preset, at other seeds).
 PAPER = ["--beta", "1.0"]
+PRESET = ("beta", "default")
+VARIANTS["default"] = []
 EXPERIMENTS = {"overfit": ["lsim", "rpo"], "table2": ["lsim", "rpo", "beta"], "lambda": ["rpo"],
                "choices": ["rpo", "reference", "independent"]}
 EXPERIMENTS["all"] = sorted({v for vs in EXPERIMENTS.values() for v in vs}, key=list(VARIANTS).index)
-METRICS = ("identity", "fidelity", "leak")
+EXPERIMENTS["default"] = ["default"]  # the default run, its kept checkpoint evaluated against the base model
+METRICS = ("identity", "body", "fidelity", "leak")
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -70,7 +74,8 @@ def train_cell(out: Path, variant: str, subject: str, seed: int, extra: list[str
     run = run_dir(out, variant, subject, seed)
     if (run / "summary.json").exists():
         return run
-    args = ["--subject", subject, "--out", str(run), "--seed", str(seed), *PAPER, *VARIANTS[variant], *extra]
+    args = ["--subject", subject, "--out", str(run), "--seed", str(seed),
+            *([] if variant in PRESET else PAPER), *VARIANTS[variant], *extra]
     if (run / "config.json").exists():
         args.append("--resume")
     train.main(args)
@@ -90,8 +95,9 @@ def read_vals(run: Path) -> list[dict]:
 # ---------------------------------------------------------------------------------------------- selection
 
 def exact_score(v: dict) -> float:
-    """One exact number per checkpoint: the harmonic mean of identity and fidelity (both must be high)."""
-    i, f = v["exact"].get("identity", 0.0), v["exact"].get("fidelity", 0.0)
+    """One exact number per checkpoint: the harmonic mean of identity and fidelity (both must be high). The
+    pattern identity is chance-corrected and can dip below 0 (worse than chance): counted as 0 here."""
+    i, f = max(v["exact"].get("identity", 0.0), 0.0), v["exact"].get("fidelity", 0.0)
     return 2 * i * f / (i + f) if i + f > 0 else 0.0
 
 
@@ -124,8 +130,8 @@ def fmt(xs: list[float], digits: int = 3) -> str:
     return "—" if m != m else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
-def table(rows: list[tuple[str, list[dict]]], cols=("identity", "fidelity", "leak", "score", "h", "step")) -> str:
-    names = {"identity": "identity ↑", "fidelity": "fidelity ↑", "leak": "leak ↓", "score": "exact score ↑",
+def table(rows: list[tuple[str, list[dict]]], cols=("identity", "body", "fidelity", "leak", "score", "h", "step")) -> str:
+    names = {"identity": "identity ↑", "body": "body colour", "fidelity": "fidelity ↑", "leak": "leak ↓", "score": "exact score ↑",
              "h": "h_λval", "step": "step kept"}
     lines = ["| | " + " | ".join(names[c] for c in cols) + " |", "| --- |" + " --- |" * len(cols)]
     for name, cells in rows:
@@ -152,8 +158,8 @@ def overfit(runs: dict, lam: float) -> tuple[str, dict]:
                          for s, cells in rows}
         title = "pure L_sim (--no-pref)" if variant == "lsim" else "RPO (L_sim + L_pref)"
         out.append(f"**{title}**, validation images, mean ± std over {len(runs[variant])} runs\n\n"
-                   + table([(f"step {s}", cells) for s, cells in rows], cols=("identity", "fidelity", "leak",
-                                                                               "score", "h")))
+                   + table([(f"step {s}", cells) for s, cells in rows], cols=("identity", "body", "fidelity",
+                                                                               "leak", "score", "h")))
     return "\n\n".join(out), data
 
 
@@ -209,6 +215,87 @@ def choices(runs: dict, lam: float) -> tuple[str, dict]:
     return text, {"rows": {n: cells for n, cells in rows}, "verdicts": verdicts}
 
 
+def labels(out: Path, runs: dict) -> tuple[str, dict]:
+    """What the Bradley–Terry labels (eq. 6) look like in the RPO runs at the paper's settings: the reward
+    differences h(w) − h(l) of every (reference, negative) pair, each against the negative's training prompt
+    (the runs' rewards.json), and P(w preferred) = σ(h(w) − h(l))."""
+    import torch
+    deltas = []
+    for key in runs.get("rpo", {}):
+        subject, seed = key.split("/seed")
+        run = run_dir(out, "rpo", subject, int(seed))
+        r = json.loads((run / "rewards.json").read_text())
+        per_prompt = json.loads((run / "config.json").read_text())["images_per_prompt"]
+        h_w, h_l = torch.tensor(r["reference"]), torch.tensor(r["negatives"])
+        prompt = torch.arange(len(h_l)) // per_prompt  # the negative set is generated prompt by prompt
+        deltas.append((h_w[:, prompt] if h_w.ndim == 2 else h_w[:, None]) - h_l[None, :])
+    if not deltas:
+        return "no RPO runs", {}
+    d = torch.cat([x.flatten() for x in deltas])
+    p = torch.sigmoid(d)
+    data = {"delta_mean": d.mean().item(), "delta_std": d.std().item(), "p_mean": p.mean().item(),
+            "p_min": p.min().item(), "p_max": p.max().item(), "pairs": len(d)}
+    text = (f"- reward difference h(w) − h(l) over the {len(d)} (reference, negative) pairs of the RPO runs: "
+            f"{data['delta_mean']:+.3f} ± {data['delta_std']:.3f}; P(w preferred) = σ(Δh) = "
+            f"{data['p_mean']:.3f} on average, between {data['p_min']:.3f} and {data['p_max']:.3f} (h ∈ [0, 1] keeps "
+            f"it within [0.27, 0.73])")
+    return text, data
+
+
+def leaks(runs: dict) -> tuple[str, dict]:
+    """How often the references' background showed up at any validation of any run."""
+    cells = [(variant, key, v["step"], v["exact"].get("leak", 0.0)) for variant, rs in runs.items()
+             for key, vals in rs.items() for v in vals]
+    leaky = sorted({(variant, key) for variant, key, _, leak in cells if leak > 0})
+    worst = max(cells, key=lambda c: c[3])
+    data = {"runs": sum(len(rs) for rs in runs.values()), "runs_with_leak": len(leaky), "max": worst[3],
+            "max_at": list(worst[:3])}
+    text = (f"- leak: {len(leaky)} of {data['runs']} runs leaked the references' background at some validation"
+            + (f"; the most, {worst[3]:.3f}, in {worst[0]} {worst[1]} at step {worst[2]}" if leaky else ""))
+    return text, data
+
+
+def evaluated(out: Path, ckpt: Path | None, subject: str) -> dict:
+    """`python -m tinyrpo.evaluate` of a kept checkpoint (or, with None, the base model) on the subject's
+    evaluation prompts, as a user runs it; done once (its eval.json is kept)."""
+    from tinyrpo.evaluate import main as evaluate
+    if not (out / "eval.json").exists():
+        evaluate(["--subject", subject, "--out", str(out), "--no-progress"]
+                 + (["--ckpt", str(ckpt)] if ckpt else []))
+    return json.loads((out / "eval.json").read_text())["overall"]
+
+
+def default_run(out: Path, runs: dict, subjects, seeds) -> tuple[str, dict]:
+    """The default run's kept checkpoint vs the base model, on the evaluation prompts (not the validation
+    ones the selection saw): pattern identity, body colour, fidelity; wall time of the run."""
+    rows, data = [], {}
+    cols = ("identity", "body", "fidelity", "leak")
+    for subject in subjects:
+        name = Path(subject).name
+        base = evaluated(out / "base" / name, None, subject)
+        kept = []
+        for seed in seeds:
+            run = run_dir(out, "default", subject, seed)
+            summary = json.loads((run / "summary.json").read_text())
+            kept.append(evaluated(run / "eval", run / "best.safetensors", subject)
+                        | {"step": summary["chosen_step"], "minutes": summary["seconds"]["total"] / 60})
+        rows.append((f"{name}: the base model", [base]))
+        rows.append((f"{name}: `python train.py --subject {subject}`, kept checkpoint", kept))
+        gain = [k["identity"] - base["identity"] for k in kept]
+        drop = [base["fidelity"] - k["fidelity"] for k in kept]
+        data[name] = {"base": base, "kept": kept, "identity_gain": mean_std(gain), "fidelity_drop": mean_std(drop)}
+    lines = ["| | " + " | ".join(cols) + " | step kept | minutes |", "| --- |" + " --- |" * (len(cols) + 2)]
+    for label, cells in rows:
+        lines.append(f"| {label} | " + " | ".join(fmt([c.get(k) for c in cells]) for k in cols) + " | "
+                     + " | ".join(fmt([c.get(k) for c in cells], d) if k in cells[0] else "—"
+                                  for k, d in (("step", 0), ("minutes", 1))) + " |")
+    notes = [f"- {n}: pattern identity {fmt([k['identity'] for k in d['kept']])} vs the base model's "
+             f"{d['base']['identity']:.3f} (gain {d['identity_gain'][0]:+.3f} ± {d['identity_gain'][1]:.3f}); "
+             f"fidelity {fmt([k['fidelity'] for k in d['kept']])} vs {d['base']['fidelity']:.3f} (drop "
+             f"{d['fidelity_drop'][0]:+.3f} ± {d['fidelity_drop'][1]:.3f})" for n, d in data.items()]
+    return "\n".join(lines) + "\n\n" + "\n".join(notes), data
+
+
 TABLES = {"overfit": overfit, "table2": table2, "lambda": lambda runs, lam: lambda_table(runs), "choices": choices}
 
 
@@ -227,11 +314,21 @@ def run_experiment(name: str, out="runs/toy-experiments", seeds=(0, 1, 2), subje
         print(f"[{i + 1}/{len(cells)}] {variant} {subject} seed {seed}", flush=True)
         run = train_cell(out, variant, subject, seed, extra)
         runs.setdefault(variant, {})[f"{Path(subject).name}/seed{seed}"] = read_vals(run)
-    names = [n for n in TABLES if n != "all"] if name == "all" else [name]
-    sections, data = [], {}
+    if name == "default":
+        text, data = default_run(out, runs, subjects, seeds)
+        sections = [text]
+        names = []
+    else:
+        names = [n for n in TABLES if n != "all"] if name == "all" else [name]
+        sections, data = [], {}
     for n in names:
         text, data[n] = TABLES[n](runs, lam)
         sections.append(f"### {n}\n\n{text}")
+    notes = [leaks(runs)]
+    if "rpo" in runs:
+        notes.append(labels(out, runs))
+    sections.append("### notes\n\n" + "\n".join(text for text, _ in notes))
+    data["leak"], data["labels"] = notes[0][1], notes[1][1] if len(notes) > 1 else {}
     # The runs' own clocks (summary.json), not this call's: finished runs are skipped, not retrained.
     per_run = [json.loads((run_dir(out, *c) / "summary.json").read_text())["seconds"]["total"] / 60 for c in cells]
     minutes = sum(per_run)
