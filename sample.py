@@ -1,19 +1,19 @@
 """Generate images with Stable Diffusion v1, optionally with a U-Net fine-tuned by train.py.
 
     python sample.py --prompt "a photo of a dog on the beach"                     # base SD v1.5, 4 images
-    python sample.py --ckpt runs/dog/best.safetensors --prompt "a sks dog in the snow" --n 8
+    python sample.py --ckpt runs/dog/best.safetensors --prompt "a sks dog in the snow" --images-per-prompt 8
     python sample.py --lora my_style.safetensors --lora-scale 0.8 --prompt "a castle"  # a kohya/diffusers LoRA
     python sample.py --weights runs/dog/dog.safetensors --prompt "a sks dog"       # an exported single file
     python sample.py --prompt "a cat" --prompt "a sks dog" --negative-prompt "blurry" --seed 7
-    python sample.py --prompt "a castle" --scheduler ddpm --steps 100 --out samples/ddpm
-    python sample.py --prompt "a dog" --device cpu --steps 10 --height 256 --width 256  # a quick CPU run
+    python sample.py --prompt "a castle" --scheduler ddpm --sample-steps 100 --out samples/ddpm
+    python sample.py --prompt "a dog" --device cpu --sample-steps 10 --height 256 --width 256  # a quick CPU run
 
 Each run writes into a new numbered folder (samples/0000/, samples/0001/, ...; --overwrite writes straight
 into --out instead): one PNG per image, one grid per prompt and settings.json. Every PNG carries the
 settings as text metadata, e.g. `python -c "from PIL import Image; print(Image.open('x.png').text)"`, among
 them `parameters` in AUTOMATIC1111's format (its "PNG Info" tab and civitai read it; tinyrpo/infotext.py).
 Seeds: prompt p uses --seed + p, and image k of it equals image k of diffusers' StableDiffusionPipeline
-called with that prompt, num_images_per_prompt=--n and torch.Generator().manual_seed(--seed + p).
+called with that prompt, num_images_per_prompt=--images-per-prompt and torch.Generator().manual_seed(--seed + p).
 """
 import argparse
 import hashlib
@@ -32,22 +32,22 @@ import torch
 from PIL.PngImagePlugin import PngInfo
 
 from tinyrpo.atomic import atomic_save_image, atomic_write_json, fsync_dir, write_error
-from tinyrpo.cli import HelpFormatter, check_input, check_out_folder
+from tinyrpo.cli import HelpFormatter, add_alias, check_input, check_out_folder
 from tinyrpo.checkpoint import BEST, apply_checkpoint, load_checkpoint
 from tinyrpo.paths import DEFAULT_SD
 from tinyrpo.errors import UserError, run_cli
 from tinyrpo.identify import checkpoint_mixup
 from tinyrpo.infotext import infotext, lora_hash, model_hash, model_name
 from tinyrpo.lora_files import apply_lora, tinyrpo_lora_meta
-from tinyrpo.pipeline import check_args, check_seed, generate, image_grid, resolve_device, to_pil
+from tinyrpo.pipeline import (PRECISIONS, check_args, check_seed, generate, image_grid, resolve_device,
+                              resolve_precision, to_pil)
 from tinyrpo.toy.subjects import WEIGHTS as TOY_WEIGHTS
 from tinyrpo.weights import load_sd
 
 SMALL_UNET = 20_000_000  # parameters: the toy world's U-Net has 4.2M, SD v1.5's 860M
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     description, examples = __doc__.split("\n\n")[:2]
     p = argparse.ArgumentParser(description=description, epilog=f"examples:\n{examples}", formatter_class=HelpFormatter)
     p.add_argument("--prompt", action="append", required=True, help="text prompt; repeat for several prompts")
@@ -57,19 +57,19 @@ def parse_args(argv=None):
                    help=f"base SD v1 weights: a diffusers folder or a single .safetensors/.ckpt file "
                         f"(default: the checkpoint's recorded base with --ckpt, else {DEFAULT_SD})")
     p.add_argument("--ckpt", default=None, help=f"a checkpoint written by train.py: {BEST}, a fine-tuned U-Net or a "
-                                                "LoRA (best.pt of older runs too; default: none, the base model)")
+                                                "LoRA (default: none, the base model)")
     p.add_argument("--lora", default=None, help="a LoRA file of an SD v1 model to merge in: kohya / A1111 / civitai "
                                                 "(lora_unet_*), diffusers (lora_A/lora_B), or tinyrpo's own LoRA "
                                                 "checkpoint (or its export)")
     p.add_argument("--lora-scale", type=float, default=1.0,
                    help="strength of the LoRA (--lora, or a LoRA --ckpt): 0 = base model, 1 = as trained")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps")
+    p.add_argument("--sample-steps", type=int, default=50, help="denoising steps")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--scheduler", choices=["ddim", "ddpm"], default="ddim", help="sampler")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 = deterministic, 1 = DDPM-like); "
                                                          "ignored by ddpm")
     p.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt p uses seed + p")
-    p.add_argument("--n", type=int, default=4, help="images per prompt")
+    p.add_argument("--images-per-prompt", type=int, default=4, help="images generated per prompt")
     p.add_argument("--height", type=int, default=None,
                    help="image height in pixels (a multiple of 8 for SD v1; default: the model's own size, "
                         "512 for SD v1.5, 32 for the toy world)")
@@ -78,15 +78,23 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true",
                    help="write straight into --out, replacing files of the same name, instead of a new subfolder")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: fp16 on CUDA, fp32 on CPU")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="the models' dtype; auto: fp16 on CUDA, "
+                                                                           "fp32 on CPU")
+    p.add_argument("--gen-batch-size", type=int, default=None,
                    help="images per U-Net pass, to cap memory (default: all images, at most 8)")
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (slow start, faster steps)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: 1 for a model as small as the toy world's, where more "
                         "threads only wait for each other, else torch's, one per core)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
-    return p.parse_args(argv)
+    for old, new in (("--n", "--images-per-prompt"), ("--steps", "--sample-steps"), ("--dtype", "--precision"),
+                     ("--batch-size", "--gen-batch-size")):  # the spellings before one vocabulary (cli.py)
+        add_alias(p, old, new)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def run_folder(out: Path, overwrite: bool) -> Path:
@@ -157,7 +165,7 @@ def a1111_params(args, weights, ckpt_meta) -> dict:
         loras.append(f"{Path(args.ckpt).resolve().parent.name}: {lora_hash(args.ckpt)}")
     if args.lora is not None:
         loras.append(f"{Path(args.lora).stem}: {lora_hash(args.lora)}")
-    return {"Steps": args.steps, "Sampler": args.scheduler.upper(), "CFG scale": args.guidance, "Seed": None,
+    return {"Steps": args.sample_steps, "Sampler": args.scheduler.upper(), "CFG scale": args.guidance, "Seed": None,
             "Size": f"{args.width}x{args.height}", "Model hash": None if full_ckpt else model_hash(weights),
             "Model": Path(args.ckpt).resolve().parent.name if full_ckpt else model_name(weights),
             "Eta DDIM": args.eta if args.scheduler == "ddim" and args.eta != 0 else None,
@@ -187,15 +195,15 @@ def main(argv=None):
     args = parse_args(argv)
     check_numbers(args)
     # Everything but the VAE's downsampling factor can be checked before the (slow) weight loading.
-    check_args(args.n, args.steps, args.guidance, args.scheduler, args.eta, args.height or 512, args.width or 512, 1,
-               args.batch_size)
+    check_args(args.images_per_prompt, args.sample_steps, args.guidance, args.scheduler, args.eta,
+               args.height or 512, args.width or 512, 1, args.gen_batch_size)
     check_seed(args.seed, len(args.prompt))
     check_out_folder(args.out)
     for flag in ("--weights", "--ckpt", "--lora"):
         if getattr(args, flag[2:]) is not None:
             check_input(getattr(args, flag[2:]), flag)
     device = resolve_device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.float16 if device.type == "cuda" else torch.float32)
+    dtype = resolve_precision(args.precision, device)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -235,17 +243,18 @@ def main(argv=None):
         apply_lora(sd, args.lora, args.lora_scale)
     unet = torch.compile(sd.unet) if args.compile else None
 
-    images, records = generate(sd, args.prompt, negative_prompt=args.negative_prompt, n=args.n, steps=args.steps,
+    n = args.images_per_prompt
+    images, records = generate(sd, args.prompt, negative_prompt=args.negative_prompt, n=n, steps=args.sample_steps,
                                guidance=args.guidance, scheduler=args.scheduler, eta=args.eta, seed=args.seed,
-                               height=args.height, width=args.width, batch_size=args.batch_size,
+                               height=args.height, width=args.width, batch_size=args.gen_batch_size,
                                progress=args.progress, unet=unet)
     if not torch.isfinite(images).all():  # black PNGs otherwise
         raise UserError(f"the images came out NaN or infinite: the model overflowed at --lora-scale {args.lora_scale}, "
                         f"--guidance {args.guidance} in {str(dtype).removeprefix('torch.')}; use smaller values"
-                        + (" or --dtype fp32" if dtype != torch.float32 else ""))
+                        + (" or --precision fp32" if dtype != torch.float32 else ""))
 
-    common = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
-                  scheduler=args.scheduler, eta=args.eta, height=args.height, width=args.width, n=args.n,
+    common = dict(negative_prompt=args.negative_prompt, steps=args.sample_steps, guidance=args.guidance,
+                  scheduler=args.scheduler, eta=args.eta, height=args.height, width=args.width, n=n,
                   weights=str(weights), ckpt=args.ckpt, lora=args.lora, lora_scale=args.lora_scale,
                   dtype=str(dtype).removeprefix("torch."), device=str(device))
     a1111 = a1111_params(args, weights, ckpt_meta)
@@ -257,15 +266,15 @@ def main(argv=None):
 
     for p, prompt in enumerate(args.prompt):
         stem = f"p{p:02d}-{slug(prompt)}"
-        for k in range(args.n):
-            i, r = p * args.n + k, records[p * args.n + k]
+        for k in range(n):
+            i, r = p * n + k, records[p * n + k]
             name = f"{stem}-{k:02d}.png"
             parameters = infotext(r.prompt, args.negative_prompt, {**a1111, "Seed": r.seed})
             files.append((name, png(pils[i], {"parameters": parameters, "prompt": r.prompt, "seed": r.seed,
                                               "index": r.index, **common})))
             index.append({"file": name, **vars(r)})
         parameters = infotext(prompt, args.negative_prompt, {**a1111, "Seed": args.seed + p})
-        files.append((f"{stem}-grid.png", png(image_grid(pils[p * args.n:(p + 1) * args.n]),
+        files.append((f"{stem}-grid.png", png(image_grid(pils[p * n:(p + 1) * n]),
                                               {"parameters": parameters, "prompt": prompt, "seed": args.seed + p,
                                                **common})))
     settings = {**vars(args), **common, "images": index}

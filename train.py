@@ -22,6 +22,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from tinyrpo.cli import HelpFormatter, add_alias
 from tinyrpo.paths import DEFAULT_REWARD_CLIP, DEFAULT_SD
 from tinyrpo.errors import run_cli
 
@@ -29,11 +30,12 @@ from tinyrpo.errors import run_cli
 # models (weights/toy) and a CPU-sized preset (see tinyrpo/toy and README's quick start).
 TOY_SUBJECT = "refs/toy"
 from tinyrpo.methods import METHODS
+from tinyrpo.pipeline import PRECISIONS
 
 
 def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     """The parser; with `suppress`, one whose result holds only the flags actually given (for --resume)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
 
     def group(title):
         g = p.add_argument_group(title)
@@ -89,8 +91,6 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     a("--select", default=None, choices=["best", "last"],
       help="the checkpoint kept is the validation-reward argmax (best) or the final step (last) "
            "(default: rpo best, dreambooth last, dpg last)")
-    a("--no-early-stop", dest="select", action="store_const", const="last", help="the same as --select last")
-    a("--select-best", dest="select", action="store_const", const="best", help="the same as --select best")
     a("--patience", type=int, default=None, help="stop after N validations without improvement (default: never)")
     a("--sample-steps", type=int, default=50, help="DDIM steps of every generated image (default: 50)")
     a("--guidance", type=float, default=7.5, help="classifier-free guidance of generated images (default: 7.5)")
@@ -98,7 +98,10 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     a = group("RPO (--method rpo)")
     a("--beta", type=float, default=None, help="β of the preference loss (default: 1.0)")
     a("--lambda-train", type=float, default=None, help="λ of the reward behind the labels (default: 0, text only)")
-    a("--images-per-prompt", type=int, default=None, help="negative-set images per training prompt (default: 4)")
+    # --images-per-prompt is what every command calls images generated per prompt; here they are the RPO
+    # negative set's. --val-images-per-prompt above is another count: the validation grid's.
+    a("--images-per-prompt", type=int, default=None,
+      help="negative-set images generated per training prompt (default: 4)")
     a("--no-pref", dest="pref", action="store_false", default=None, help="ablation: pure L_sim, no L_pref")
     a("--no-sim", dest="sim", action="store_false", default=None, help="ablation: L_pref alone (DPO only)")
     a("--winner-prompt", default=None, choices=["reference", "pair"],
@@ -129,7 +132,7 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     a("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     a("--threads", type=int, default=None,
       help="CPU threads for torch (default: torch's; the toy world's preset uses 1, fastest for tiny models)")
-    a("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+    a("--precision", default="auto", choices=PRECISIONS,
       help="autocast precision, master weights stay fp32 (default: auto = bf16 on a GPU, fp32 on the CPU)")
     a("--compile", action="store_true", default=False, help="torch.compile the U-Nets (GPU; slow first step)")
     a("--gradient-checkpointing", action="store_true", default=False, help="trade compute for memory")
@@ -139,6 +142,10 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
       help="also send the log and the validation grids to TensorBoard (RUN/tensorboard) (default: none)")
     a("--save-every", type=int, default=200, help="write last.pt every N steps, and at the end (default: 200)")
     a("--resume", action="store_true", default=False, help="continue the run in --out from its last.pt")
+
+    # Old spellings, for one release (the second, suppressed parse stays quiet so the note prints once).
+    add_alias(p, "--no-early-stop", "--select", value="last", note=not suppress)
+    add_alias(p, "--select-best", "--select", value="best", note=not suppress)
     return p
 
 

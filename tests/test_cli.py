@@ -33,7 +33,7 @@ def run(capsys, main, args):
 
 def sample_args(sd, out, seed, prompts=("a dog",)):
     return [x for p in prompts for x in ("--prompt", p)] + [
-        "--weights", sd, "--seed", seed, "--steps", 1, "--n", 1, "--height", 16, "--width", 16, "--out", out,
+        "--weights", sd, "--seed", seed, "--sample-steps", 1, "--images-per-prompt", 1, "--height", 16, "--width", 16, "--out", out,
         "--device", "cpu", "--no-progress"]
 
 
@@ -67,7 +67,7 @@ def test_help_has_no_wrong_defaults_and_examples_on_lines(script):
     for wrong in ("(default: True)", "(default: False)", "(default: None)", "(default: )"):
         assert wrong not in text, wrong
     assert "--no-progress hide the progress bar" in text  # a switch: no default to show
-    assert "--steps STEPS denoising steps (default: 50)" in text
+    assert "--sample-steps SAMPLE_STEPS denoising steps (default: 50)" in text
     # every option's help says its default at most once
     options = re.split(r"\s(?=--[a-z])", r.stdout.split("options:")[1].split("examples:")[0])
     assert all(o.count("default") <= 1 for o in options), [o for o in options if o.count("default") > 1]

@@ -105,10 +105,10 @@ def test_user_errors(tmp_path, case):
 def test_evaluate_dreambench_names_the_runner(capsys):
     """`evaluate --dreambench` (the older spelling) says which tinyrpo.compare command runs it, and runs nothing."""
     with pytest.raises(UserError) as e:
-        evaluate.main(["--dreambench", "refs", "--subjects", "dog", "--steps", "10", "--", "--lr", "1e-4",
+        evaluate.main(["--dreambench", "refs", "--subjects", "dog", "--sample-steps", "10", "--", "--lr", "1e-4",
                        "--method", "dreambooth", "--seed=3"])
     assert shlex.split(re.search(r"`([^`]+)`", str(e.value))[1]) == [
-        "python", "-m", "tinyrpo.compare", "--dreambench", "refs", "--subjects", "dog", "--steps", "10", "--out",
+        "python", "-m", "tinyrpo.compare", "--dreambench", "refs", "--subjects", "dog", "--sample-steps", "10", "--out",
         "runs/dreambench", "--methods", "dreambooth", "--seeds", "3", "--", "--lr", "1e-4"]
 
 
@@ -135,7 +135,7 @@ def comparison_args(models, root, out):
     prompts.write_text("a [V] {cls} on the beach\n")
     return ["--methods", "rpo,dreambooth", "--subjects", f"{root / 'dog'},{root / 'backpack'}", "--seeds", "0",
             "--out", str(out), "--weights", str(models["sd"]), "--eval-clip", str(models["clip"]),
-            "--dino", str(models["dino"]), "--steps", "1", "--images-per-prompt", "1", "--batch-size", "25",
+            "--dino", str(models["dino"]), "--sample-steps", "1", "--images-per-prompt", "1", "--gen-batch-size", "25",
             "--device", "cpu", "--no-progress", "--",
             "--reward-model", str(models["clip"]), "--prompts", str(prompts), "--resolution", str(RES),
             "--sample-steps", "1", "--val-images-per-prompt", "1", "--steps", "2", "--val-every", "2",

@@ -184,8 +184,8 @@ def test_metrics_match_transformers(models, tmp_path):
 
 def common(models, *extra):
     # one DDIM step, all 25 images in one U-Net pass: the tiny U-Net is quickest on the CPU that way
-    return ["--eval-clip", str(models["clip"]), "--dino", str(models["dino"]), "--steps", "1",
-            "--images-per-prompt", "1", "--batch-size", "25", "--device", "cpu", "--no-progress", *extra]
+    return ["--eval-clip", str(models["clip"]), "--dino", str(models["dino"]), "--sample-steps", "1",
+            "--images-per-prompt", "1", "--gen-batch-size", "25", "--device", "cpu", "--no-progress", *extra]
 
 
 def make_ckpt(models, path: Path) -> Path:

@@ -26,6 +26,7 @@ from tinyrpo.errors import run_cli
 from tinyrpo.layouts import compvis_single_file
 from tinyrpo.lora import add_lora, lora_config, lora_state_dict, merge_lora, set_lora_scale
 from tinyrpo.lora_files import apply_lora, kohya_name, to_kohya
+from tinyrpo.pipeline import DTYPES
 from tinyrpo.schedulers import SchedulerConfig, make_betas
 from tinyrpo.unet import UNet, UNetConfig
 from tinyrpo.vae import AutoencoderKL, VAEConfig
@@ -113,7 +114,7 @@ def test_diffusers_folder_loads_in_from_pretrained(runs, tmp_path, run):
     """The folder, here in fp16, holds the fine-tuned (or LoRA-merged) model rounded to fp16, and the base
     tokenizer."""
     diffusers = pytest.importorskip("diffusers")
-    path = out_of(runs, run, "diffusers", tmp_path, dtype="fp16")
+    path = out_of(runs, run, "diffusers", tmp_path, precision="fp16")
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(path, safety_checker=None, torch_dtype=torch.float32)
     ours = copy.deepcopy(runs["tuned"] if run == "dog" else runs["adapted"])
     merge_lora(ours)  # (nothing to merge for the full run)
@@ -132,7 +133,7 @@ def test_lora_files_load_in_diffusers(runs, tmp_path, fmt):
     """pipe.load_lora_weights reads both files (the kohya one through diffusers' own kohya converter) and gives
     the U-Net tinyrpo trained, at scale 1 and at a smaller one."""
     pipe = pipeline(runs)
-    path = out_of(runs, "cat", fmt, tmp_path, dtype="fp32")
+    path = out_of(runs, "cat", fmt, tmp_path, precision="fp32")
     pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="cat")
     assert_unet(pipe.unet, runs["adapted"])
     pipe.set_adapters(["cat"], adapter_weights=[0.4])
@@ -160,7 +161,7 @@ def test_kohya_file_names_and_header(runs, tmp_path):
 
 @pytest.mark.parametrize("fmt", ["lora-diffusers", "lora-kohya", "tinyrpo"])
 def test_apply_lora_files(runs, tmp_path, fmt):
-    path = runs["root"] / "cat" / BEST if fmt == "tinyrpo" else out_of(runs, "cat", fmt, tmp_path, dtype="fp32")
+    path = runs["root"] / "cat" / BEST if fmt == "tinyrpo" else out_of(runs, "cat", fmt, tmp_path, precision="fp32")
     sd = load_sd(runs["sd"])
     info = apply_lora(sd, path, scale=0.7)
     assert info["layers"] == 48 and info["networks"] == ["unet"]
@@ -224,7 +225,7 @@ def test_bad_lora_files(runs, tmp_path, capsys, tensors, says):
     save_file(tensors, tmp_path / "x.safetensors")
     with pytest.raises(SystemExit) as e:
         run_cli(sample.main, ["--weights", str(runs["sd"]), "--lora", str(tmp_path / "x.safetensors"), "--prompt", "a",
-                              "--steps", "1", "--n", "1", "--height", "32", "--width", "32",
+                              "--sample-steps", "1", "--images-per-prompt", "1", "--height", "32", "--width", "32",
                               "--out", str(tmp_path / "o"), "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and says in err, err
@@ -239,8 +240,8 @@ def test_sample_with_exported_single_file_and_lora(runs, tmp_path):
     """--weights EXPORTED.safetensors gives the images --ckpt gives; --lora EXPORTED-KOHYA gives the images of the
     LoRA checkpoint; the PNGs name the file A1111 would load, by A1111's hash."""
     single = out_of(runs, "dog", "single-file", tmp_path)
-    kohya = out_of(runs, "cat", "lora-kohya", tmp_path, dtype="fp32")
-    common = ["--prompt", "a photo of sks dog", "--steps", "2", "--n", "1", "--height", "32", "--width", "32",
+    kohya = out_of(runs, "cat", "lora-kohya", tmp_path, precision="fp32")
+    common = ["--prompt", "a photo of sks dog", "--sample-steps", "2", "--images-per-prompt", "1", "--height", "32", "--width", "32",
               "--device", "cpu", "--no-progress", "--overwrite"]
 
     def png(*args):
@@ -382,7 +383,7 @@ def test_non_sd15_exports_sample_as_the_checkpoint(odd, tmp_path, capsys):
     model's own size; the single file says in one line that its header set the architecture."""
     single = E.export(odd["run"], "single-file", out=tmp_path / "odd.safetensors")
     folder = E.export(odd["run"], "diffusers", out=tmp_path / "odd-diffusers")
-    common = ["--prompt", "a sks toy on a red background", "--steps", "3", "--n", "1", "--device", "cpu",
+    common = ["--prompt", "a sks toy on a red background", "--sample-steps", "3", "--images-per-prompt", "1", "--device", "cpu",
               "--no-progress", "--overwrite", "--seed", "1"]
 
     def pixels(*args):
@@ -420,7 +421,7 @@ def test_bad_architecture_header_is_one_line(odd, tmp_path, capsys):
         header = f.metadata()
     save_file(load_file(single), tmp_path / "bad.safetensors", {**header, "tinyrpo.vae_config": "{not json"})
     with pytest.raises(SystemExit) as e:
-        run_cli(sample.main, ["--weights", str(tmp_path / "bad.safetensors"), "--prompt", "a", "--steps", "1",
+        run_cli(sample.main, ["--weights", str(tmp_path / "bad.safetensors"), "--prompt", "a", "--sample-steps", "1",
                               "--out", str(tmp_path / "o"), "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and "tinyrpo.vae_config is not a JSON config" in err
@@ -450,7 +451,7 @@ def ldm_schedule() -> dict:
 def test_single_file_schedule_and_integer_tensors(runs, tmp_path, dtype):
     """The schedule buffers hold LatentDiffusion's values (ᾱ_prev starts at 1), position_ids stays int64 0..76 in
     either dtype, and every other tensor is in the dtype asked for."""
-    path = out_of(runs, "dog", "single-file", tmp_path, dtype=dtype)
+    path = out_of(runs, "dog", "single-file", tmp_path, precision=dtype)
     want = ldm_schedule()
     with safe_open(str(path), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -460,7 +461,7 @@ def test_single_file_schedule_and_integer_tensors(runs, tmp_path, dtype):
     assert {floating.get(t.dtype) for t in tensors.values()} == {dtype}
     for name, value in want.items():
         got = tensors[name]
-        assert got.shape == (1000,) and got.dtype == E.DTYPES[dtype], name
+        assert got.shape == (1000,) and got.dtype == DTYPES[dtype], name
         if dtype == "fp32":
             np.testing.assert_allclose(got.numpy(), value, rtol=2e-5, atol=0, err_msg=name)
     assert tensors["alphas_cumprod_prev"][0].item() == 1.0 and tensors["posterior_variance"][0].item() == 0.0

@@ -25,7 +25,7 @@ def test_lora_rpo_end_to_end(models, tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["lora"] == 4 and cfg["lr"] == 1e-3  # base_args sets --lr; without it LoRA trains at 1e-4
     import sample
-    common = ["--prompt", "a sks toy on the beach", "--steps", "2", "--n", "1", "--height", str(RES),
+    common = ["--prompt", "a sks toy on the beach", "--sample-steps", "2", "--images-per-prompt", "1", "--height", str(RES),
               "--width", str(RES), "--device", "cpu", "--seed", "3"]
     sample.main([*common, "--weights", str(models[0]), "--out", str(tmp_path / "base")])
     sample.main([*common, "--ckpt", str(out / "best.safetensors"), "--out", str(tmp_path / "tuned")])

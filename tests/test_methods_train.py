@@ -88,7 +88,7 @@ def test_rpo_ablations_end_to_end(models, setup, tmp_path):
     # pure L_sim, the arithmetic mean (Table 6), λ_train 0.5, the checkpoint = the last step
     a = tmp_path / "a"
     assert train.main(method_args(models, subject, a, "rpo", *common, "--no-pref", "--mean", "arithmetic",
-                                  "--lambda-train", "0.5", "--no-early-stop", prompts=prompts)) == 0
+                                  "--lambda-train", "0.5", "--select", "last", prompts=prompts)) == 0
     steps = [r for r in records(a) if not r.get("val")]
     assert all(r["loss"] == pytest.approx(r["l_sim"], rel=1e-6) and r["l_pref"] > 0 for r in steps)
     for v in (r for r in records(a) if r.get("val")):  # the mean of an arithmetic reward is its arithmetic mean
@@ -98,7 +98,7 @@ def test_rpo_ablations_end_to_end(models, setup, tmp_path):
     # DPO alone, the winner scored against the loser's prompt, independent noise, the checkpoint = the argmax
     b = tmp_path / "b"
     assert train.main(method_args(models, subject, b, "rpo", *common, "--no-sim", "--winner-prompt", "pair",
-                                  "--noise", "independent", "--select-best", prompts=prompts)) == 0
+                                  "--noise", "independent", "--select", "best", prompts=prompts)) == 0
     steps = [r for r in records(b) if not r.get("val")]
     assert all(r["loss"] == pytest.approx(r["l_pref"], rel=1e-6) and r["l_sim"] > 0 for r in steps)
     assert json.loads((b / "rewards.json").read_text())["winner_prompt"] == "pair"

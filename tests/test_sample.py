@@ -98,8 +98,8 @@ def images_of(paths, prompt_index):
 def test_ddim_matches_diffusers(weights, layout, tmp_path):
     """Deterministic DDIM (eta 0), two prompts with a negative prompt: prompt p uses seed + p."""
     paths = run_sample("--weights", weights[layout], "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
-                       "--negative-prompt", NEG, "--scheduler", "ddim", "--eta", 0, "--steps", STEPS, "--seed", SEED,
-                       "--n", N, "--height", SIZE, "--width", SIZE, "--out", tmp_path, "--device", "cpu")
+                       "--negative-prompt", NEG, "--scheduler", "ddim", "--eta", 0, "--sample-steps", STEPS, "--seed", SEED,
+                       "--images-per-prompt", N, "--height", SIZE, "--width", SIZE, "--out", tmp_path, "--device", "cpu")
     for p, prompt in enumerate(PROMPTS):
         want = diffusers_images(weights["diffusers"], prompt, seed=SEED + p)
         assert_same_pixels(read_pngs(images_of(paths, p)), want)
@@ -110,7 +110,7 @@ def test_stochastic_samplers_match_diffusers(weights, scheduler, eta, tmp_path):
     """DDPM and DDIM with eta > 0 draw fresh noise every step. The draws line up with diffusers': the same
     CPU generator per prompt, the initial latents of all n images first, then one (n, C, h, w) draw per step."""
     paths = run_sample("--weights", weights["single"], "--prompt", PROMPTS[0], "--negative-prompt", NEG,
-                       "--scheduler", scheduler, "--eta", eta, "--steps", STEPS, "--seed", SEED, "--n", N,
+                       "--scheduler", scheduler, "--eta", eta, "--sample-steps", STEPS, "--seed", SEED, "--images-per-prompt", N,
                        "--height", SIZE, "--width", SIZE, "--out", tmp_path, "--device", "cpu")
     want = diffusers_images(weights["diffusers"], PROMPTS[0], scheduler=scheduler, eta=eta)
     assert_same_pixels(read_pngs(images_of(paths, 0)), want)
@@ -119,7 +119,7 @@ def test_stochastic_samplers_match_diffusers(weights, scheduler, eta, tmp_path):
 def test_subprocess_run_matches_diffusers(weights, tmp_path):
     """The script as a user runs it, on the single file."""
     cmd = [sys.executable, str(ROOT / "sample.py"), "--weights", str(weights["single"]), "--prompt", PROMPTS[1],
-           "--negative-prompt", NEG, "--steps", str(STEPS), "--seed", str(SEED), "--n", str(N), "--height", str(SIZE),
+           "--negative-prompt", NEG, "--sample-steps", str(STEPS), "--seed", str(SEED), "--images-per-prompt", str(N), "--height", str(SIZE),
            "--width", str(SIZE), "--out", str(tmp_path), "--no-progress"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -162,7 +162,7 @@ def test_uint8_conversion_is_diffusers():
 
 
 def test_png_metadata_and_no_overwrite(weights, tmp_path):
-    args = ["--weights", weights["single"], "--prompt", "a dog", "--negative-prompt", NEG, "--steps", 1, "--n", 2,
+    args = ["--weights", weights["single"], "--prompt", "a dog", "--negative-prompt", NEG, "--sample-steps", 1, "--images-per-prompt", 2,
             "--height", SIZE, "--width", SIZE, "--seed", 11, "--out", tmp_path, "--scheduler", "ddpm"]
     first = run_sample(*args)
     before = {p: p.read_bytes() for p in first}
@@ -252,7 +252,7 @@ def test_sample_with_checkpoint(weights, tmp_path):
     sd = load_sd(weights["single"])
     state = finetuned(sd)
     ckpt = save_checkpoint(tmp_path / "dog" / BEST, state, meta_of(sd))
-    args = ["--prompt", PROMPTS[0], "--steps", 2, "--n", 1, "--height", SIZE, "--width", SIZE, "--device", "cpu"]
+    args = ["--prompt", PROMPTS[0], "--sample-steps", 2, "--images-per-prompt", 1, "--height", SIZE, "--width", SIZE, "--device", "cpu"]
     paths = run_sample("--ckpt", ckpt, "--out", tmp_path / "a", *args)
     base = run_sample("--weights", weights["single"], "--out", tmp_path / "b", *args)
 
@@ -290,7 +290,7 @@ def test_sample_with_lora_checkpoint(weights, tmp_path):
     unmerged adapted U-Net's (tinyrpo.lora's forward, eq. 3)."""
     sd = load_sd(weights["single"])
     ckpt, adapted = lora_checkpoint(sd, tmp_path / "dog" / BEST)
-    args = ["--prompt", PROMPTS[0], "--steps", 2, "--n", 1, "--height", SIZE, "--width", SIZE, "--device", "cpu"]
+    args = ["--prompt", PROMPTS[0], "--sample-steps", 2, "--images-per-prompt", 1, "--height", SIZE, "--width", SIZE, "--device", "cpu"]
     paths = run_sample("--ckpt", ckpt, "--lora-scale", 0.5, "--out", tmp_path / "a", *args)
     set_lora_scale(adapted, 0.5)
     want, _ = generate(sd, PROMPTS[0], n=1, steps=2, height=SIZE, width=SIZE, progress=False, unet=adapted)
@@ -349,8 +349,8 @@ def bad_ckpts(weights, tmp_path_factory):
 @pytest.mark.parametrize("case,args,expect", [
     ("odd height", ["--height", 33], "--height must be a multiple of 2"),
     ("odd width", ["--width", 31], "--width must be a multiple of 2"),
-    ("steps 0", ["--steps", 0], "--steps must be at least 1"),
-    ("n 0", ["--n", 0], "--n must be at least 1"),
+    ("steps 0", ["--sample-steps", 0], "--sample-steps must be at least 1"),
+    ("n 0", ["--images-per-prompt", 0], "--images-per-prompt must be at least 1"),
     ("negative guidance", ["--guidance", -1], "--guidance must be >= 0"),
     ("eta > 1", ["--eta", 1.5], "--eta must be in [0, 1]"),
     ("missing ckpt", ["--ckpt", "nowhere/best.pt"], "checkpoint nowhere/best.pt not found"),
@@ -365,7 +365,7 @@ def bad_ckpts(weights, tmp_path_factory):
 ])
 def test_bad_input(weights, bad_ckpts, capsys, tmp_path, case, args, expect):
     args = [bad_ckpts.get(a, a) for a in args]
-    err = cli_error(capsys, "--weights", weights["single"], "--prompt", "a dog", "--steps", 1, "--n", 1,
+    err = cli_error(capsys, "--weights", weights["single"], "--prompt", "a dog", "--sample-steps", 1, "--images-per-prompt", 1,
                     "--height", SIZE, "--width", SIZE, "--out", tmp_path, *args)
     assert expect in err, err
     if case == "other base":
@@ -454,7 +454,7 @@ def test_odd_input_is_one_line(weights, odd_files, capsys, tmp_path, case, args,
     args = [odd_files["a_file"] / "x" if a == "a_file/x" else a for a in args]
     out = tmp_path / "out"
     with no_hang(odd_files["fifo"]):
-        err = cli_error(capsys, "--weights", weights["single"], "--prompt", "a dog", "--steps", 1, "--n", 1,
+        err = cli_error(capsys, "--weights", weights["single"], "--prompt", "a dog", "--sample-steps", 1, "--images-per-prompt", 1,
                         "--height", SIZE, "--width", SIZE, "--out", out, *args)
     assert expect in err, err
     assert not out.exists()  # nothing written
@@ -464,7 +464,7 @@ def test_threads(weights, tmp_path, monkeypatch):
     """--threads N sets torch's threads; without it a model as small as the toy world's runs on 1."""
     calls = []
     monkeypatch.setattr(torch, "set_num_threads", calls.append)
-    args = ["--weights", weights["single"], "--prompt", "a dog", "--steps", 1, "--n", 1, "--height", SIZE]
+    args = ["--weights", weights["single"], "--prompt", "a dog", "--sample-steps", 1, "--images-per-prompt", 1, "--height", SIZE]
     run_sample(*args, "--out", tmp_path / "a", "--threads", 3)
     assert calls == [3]
     calls.clear()
@@ -481,7 +481,7 @@ def test_threads(weights, tmp_path, monkeypatch):
 
 
 def sample_args(weights, out, *extra):
-    return ["--weights", weights["single"], "--prompt", "a dog", "--prompt", "a cat", "--steps", 1, "--n", 2,
+    return ["--weights", weights["single"], "--prompt", "a dog", "--prompt", "a cat", "--sample-steps", 1, "--images-per-prompt", 2,
             "--height", SIZE, "--width", SIZE, "--out", out, *extra]
 
 

@@ -163,7 +163,7 @@ def test_evaluate_reports_exact_metrics_for_a_toy_subject(tmp_path, monkeypatch,
     from tinyrpo.toy.metrics import score_images
     monkeypatch.chdir(ROOT)  # subject.json names the weights relative to the repository root
     out = tmp_path / "eval"
-    assert main(["--subject", "refs/toy", "--images-per-prompt", "1", "--steps", "5", "--out", str(out),
+    assert main(["--subject", "refs/toy", "--images-per-prompt", "1", "--sample-steps", "5", "--out", str(out),
                  "--no-progress"]) == 0
     r = json.loads((out / "eval.json").read_text())
     meta = json.loads((ROOT / "refs" / "toy" / "subject.json").read_text())

@@ -48,7 +48,7 @@ def test_python_train_py_runs_the_toy_world_and_sample_py_draws_from_it(tmp_path
 
     samples = tmp_path / "samples"
     r = run("sample.py", "--ckpt", str(out / "best.safetensors"), "--prompt", "a sks toy on a red background",
-            "--n", "2", "--steps", "10", "--out", str(samples), "--overwrite", "--no-progress")
+            "--images-per-prompt", "2", "--sample-steps", "10", "--out", str(samples), "--overwrite", "--no-progress")
     assert r.returncode == 0, r.stderr[-3000:]
     pictures = sorted(p for p in samples.glob("*.png") if not p.name.endswith("-grid.png"))
     assert len(pictures) == 2 and all(Image.open(p).size == (32, 32) for p in pictures)

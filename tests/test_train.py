@@ -81,7 +81,7 @@ def test_end_to_end(models, tmp_path, monkeypatch):
     # sample.py with the fine-tuned U-Net differs from the base model with the same seed
     import sample
     assert meta["step"] == 4
-    common = ["--prompt", "a sks toy on the beach", "--steps", "2", "--n", "1", "--height", str(RES),
+    common = ["--prompt", "a sks toy on the beach", "--sample-steps", "2", "--images-per-prompt", "1", "--height", str(RES),
               "--width", str(RES), "--device", "cpu", "--seed", "3"]
     sample.main([*common, "--weights", str(models[0]), "--out", str(tmp_path / "base")])
     sample.main([*common, "--ckpt", str(out / "best.safetensors"), "--out", str(tmp_path / "tuned")])

@@ -69,7 +69,7 @@ def follow_advice(err: str):
 
 
 def sample_args(paths, **over):
-    args = {"--weights": paths["sd"], "--prompt": "a dog", "--steps": 1, "--n": 1, "--height": 32, "--width": 32,
+    args = {"--weights": paths["sd"], "--prompt": "a dog", "--sample-steps": 1, "--images-per-prompt": 1, "--height": 32, "--width": 32,
             "--out": paths["out"], "--device": "cpu"}
     args.update(over)
     return [x for k, v in args.items() for x in (k, v)] + ["--no-progress"]
@@ -77,7 +77,7 @@ def sample_args(paths, **over):
 
 def evaluate_args(paths, **over):
     args = {"--subject": paths["subject"], "--class-noun": "toy", "--weights": paths["sd"], "--eval-clip": paths["clip"],
-            "--dino": paths["dino"], "--resolution": 32, "--steps": 1, "--images-per-prompt": 1,
+            "--dino": paths["dino"], "--resolution": 32, "--sample-steps": 1, "--images-per-prompt": 1,
             "--out": paths["out"], "--device": "cpu"}
     args.update(over)
     return [x for k, v in args.items() for x in (k, v)] + ["--no-progress"]

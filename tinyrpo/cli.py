@@ -1,8 +1,19 @@
-"""What the command-line scripts share: a --help that shows each real default once, examples kept as lines, and
-the checks of input paths that every command makes before it reads them."""
+"""What the command-line scripts share: a --help that shows each real default once, examples kept as lines, the
+old spellings of renamed flags, and the checks of input paths that every command makes before it reads them.
+
+Every command spells one idea one way (tests/test_cli_vocabulary.py walks every parser to keep it so):
+
+    --steps              training steps (train.py; compare passes it to train.py after `--`)
+    --sample-steps       denoising (DDIM/DDPM) steps of every generated image
+    --images-per-prompt  images generated per prompt
+    --gen-batch-size     images per U-Net pass when generating (train.py's --batch-size is the training batch)
+    --precision          auto, fp32, fp16 or bf16
+    --select             which checkpoint a run keeps: best or last
+"""
 import argparse
 import os
 import stat
+import sys
 from pathlib import Path
 
 from tinyrpo.errors import UserError
@@ -20,6 +31,35 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
                 or action.default in (None, "", argparse.SUPPRESS)):
             return text
         return f"{text} (default: %(default)s)"
+
+
+class DeprecatedAlias(argparse.Action):
+    """An old spelling of a flag, kept for one release: it does what the new flag does (or, with `value`, what
+    `NEW value` does) after one line on stderr naming the new spelling. Hidden from --help, so a reader sees one
+    flag per idea."""
+
+    def __init__(self, option_strings, dest, target: argparse.Action, value=None, note: bool = True, **kw):
+        takes_value = value is None
+        super().__init__(option_strings, target.dest, nargs=target.nargs if takes_value else 0,
+                         const=target.const, type=target.type if takes_value else None,
+                         choices=target.choices if takes_value else None, default=argparse.SUPPRESS,
+                         help=argparse.SUPPRESS, metavar=target.metavar)
+        self.target, self.value, self.note = target, value, note
+        self.new = target.option_strings[0] + ("" if takes_value else f" {value}")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if self.note:
+            print(f"note: {option_string} is now {self.new} (the old spelling goes in the next release)",
+                  file=sys.stderr)
+        self.target(parser, namespace, values if self.value is None else self.value, self.target.option_strings[0])
+
+
+def add_alias(parser, old: str, new: str, value=None, note: bool = True) -> argparse.Action:
+    """Let `old` keep working as `new` (already added to `parser`, or to one of its groups) for one release.
+    With `value`, `old` takes no argument and means `new value` (--no-early-stop = --select last). note=False
+    keeps it quiet, for a second parse of the same command line (train.py's --resume check)."""
+    target = parser._option_string_actions[new]
+    return parser.add_argument(old, action=DeprecatedAlias, target=target, value=value, note=note)
 
 
 def check_input(path, flag: str) -> None:

@@ -5,7 +5,7 @@
     torchrun --nproc-per-node 8 -m tinyrpo.compare --dreambench refs --methods rpo,dreambooth,dpg --seeds 0,1,2
 
 Before `--`: this command's options and the evaluation's (the same as `python -m tinyrpo.evaluate`'s:
---images-per-prompt, --steps and --seed are the evaluation's images, DDIM steps and noise). After `--`:
+--images-per-prompt, --sample-steps and --seed are the evaluation's images, DDIM steps and noise). After `--`:
 train.py's arguments, given to every cell (each method keeps its own defaults for what is not given;
 --subject, --out, --method and --seed are set per cell).
 
@@ -332,13 +332,13 @@ def resolve_subjects(args) -> list[Path]:
     return subjects
 
 
-def parse_args(argv):
+def build_parser() -> argparse.ArgumentParser:
+    from tinyrpo.cli import HelpFormatter
     from tinyrpo.evaluate import add_eval_arguments
     from tinyrpo.methods import METHODS
     doc = __doc__.split("\n\n")
     p = argparse.ArgumentParser(prog="python -m tinyrpo.compare", description=doc[0],
-                                epilog="examples:\n" + doc[1] + "\n\n" + doc[2],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog="examples:\n" + doc[1] + "\n\n" + doc[2], formatter_class=HelpFormatter)
     a = p.add_argument
     a("--methods", default="rpo,dreambooth,dpg",
       help=f"methods to compare, comma-separated, of {', '.join(METHODS)} (default: %(default)s)")
@@ -348,7 +348,11 @@ def parse_args(argv):
     a("--seeds", default="0,1,2", help="training seeds, comma-separated (default: %(default)s)")
     a("--out", default="runs/compare", help="the comparison folder (default: %(default)s)")
     add_eval_arguments(p, seed_help="evaluation noise: prompt p uses seed + p, the same in every cell (default: 0)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv):
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> int:

@@ -21,6 +21,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from tinyrpo.cli import HelpFormatter
 from tinyrpo.errors import UserError, run_cli
 from tinyrpo.fetch import NotFound, fetch, hf_token, host_of, make_folder, write_error
 from tinyrpo.paths import DEFAULT_DIR, DEFAULT_REFS  # where the other commands look by default
@@ -263,7 +264,7 @@ def download(what=None, dest=DEFAULT_DIR, base_url=HF_URL, fp16=False, *, refs=D
     return out
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     sizes = "\n".join(f"  {k:<10} {desc}: {size}, from huggingface.co/{repo}"
                       for k, (repo, _, desc, size) in MODELS.items())
     p = argparse.ArgumentParser(
@@ -277,7 +278,7 @@ def main(argv=None):
                "private mirrors, higher rate limits), HF_ENDPOINT (a mirror of the hub, as --base-url).\n\n"
                "SD v1.5 is under the CreativeML OpenRAIL-M license; weights/README.md lists the licenses\n"
                "and how to fetch the files by hand.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=HelpFormatter)
     # No choices= here: argparse rejects the empty default of nargs="*" against them; checked below.
     p.add_argument("what", nargs="*", metavar="WHAT",
                    help=f"what to fetch: {', '.join(CHOICES)} (default: the four models, not dreambench)")
@@ -294,6 +295,11 @@ def main(argv=None):
                    help=f"GitHub or a mirror, for dreambench: BASE/{DREAMBENCH_ZIP} (default: %(default)s)")
     p.add_argument("--retries", type=int, default=3,
                    help="how many times to retry a file after a network failure (default: %(default)s)")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     for w in args.what:
         if w not in CHOICES:

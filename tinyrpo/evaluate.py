@@ -52,19 +52,18 @@ from tqdm import tqdm
 from tinyrpo import dreambench
 from tinyrpo.atomic import atomic_save_image, atomic_write_json, atomic_write_text, write_error
 from tinyrpo.checkpoint import apply_checkpoint, load_checkpoint
-from tinyrpo.cli import check_input, check_out_folder
+from tinyrpo.cli import HelpFormatter, add_alias, check_input, check_out_folder
 from tinyrpo.data import load_subject, read_subject_file, resolve_class
 from tinyrpo.download import missing_weights_message
 from tinyrpo.paths import DEFAULT_DINO, DEFAULT_EVAL_CLIP, DEFAULT_SD
 from tinyrpo.dino import DINO, dino_preprocess
 from tinyrpo.errors import UserError, run_cli
 from tinyrpo.identify import checkpoint_mixup, wrong_kind
-from tinyrpo.pipeline import check_seed, generate, image_grid, resolve_device, to_pil
+from tinyrpo.pipeline import PRECISIONS, check_seed, generate, image_grid, resolve_device, resolve_precision, to_pil
 from tinyrpo.reward import CLIPScorer
 from tinyrpo.rpo import harmonic_reward
 from tinyrpo.weights import load_clip, load_dino, load_sd
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 METRICS = ("dino", "clip_i", "clip_t", "align_i", "align_t", "harmonic")
 REFERENCE_TEXT = "a photo of a {}"  # CLIP-T of the real images (CLIP's own zero-shot template)
 
@@ -198,14 +197,14 @@ def slug(text: str, limit: int = 48) -> str:
 class EvalSettings:
     images_per_prompt: int = 4
     seed: int = 0
-    steps: int = 50
+    sample_steps: int = 50          # DDIM steps
     guidance: float = 7.5
     scheduler: str = "ddim"
     resolution: int | None = None   # None: the checkpoint's training resolution, else 512
     lambda_val: float = 0.5
-    batch_size: int | None = None   # images per U-Net pass (pipeline default: 8)
+    gen_batch_size: int | None = None  # images per U-Net pass (pipeline default: 8)
     device: str = "auto"
-    dtype: str = "auto"             # the SD model's; the evaluation networks always run in float32
+    precision: str = "auto"         # the SD model's; the evaluation networks always run in float32
     threads: int | None = None      # CPU threads for torch; None: subject.json's train_defaults, else torch's
     progress: bool = True
 
@@ -214,15 +213,16 @@ class EvalSettings:
                    f"--guidance and --lambda-val must be finite numbers (got {self.guidance}, {self.lambda_val})"),
                   (self.images_per_prompt >= 1,
                    f"--images-per-prompt must be at least 1 (got {self.images_per_prompt})"),
-                  (self.steps >= 1, f"--steps must be at least 1 (got {self.steps})"),
+                  (self.sample_steps >= 1, f"--sample-steps must be at least 1 (got {self.sample_steps})"),
                   (self.guidance >= 0, f"--guidance must be >= 0 (got {self.guidance})"),
                   (0.0 <= self.lambda_val <= 1.0, f"--lambda-val must be in [0, 1] (got {self.lambda_val})"),
                   (self.resolution is None or self.resolution >= 8,
                    f"--resolution must be at least 8 (got {self.resolution})"),
                   (self.threads is None or self.threads >= 1, f"--threads must be at least 1 (got {self.threads})"),
-                  (self.batch_size is None or self.batch_size >= 1,
-                   f"--batch-size must be at least 1 (got {self.batch_size})"),
-                  (self.dtype in ("auto", *DTYPES), f"--dtype must be auto, {', '.join(DTYPES)} (got {self.dtype})")]
+                  (self.gen_batch_size is None or self.gen_batch_size >= 1,
+                   f"--gen-batch-size must be at least 1 (got {self.gen_batch_size})"),
+                  (self.precision in PRECISIONS,
+                   f"--precision must be one of {', '.join(PRECISIONS)} (got {self.precision})")]
         for ok, msg in checks:
             if not ok:
                 raise UserError(msg)
@@ -253,7 +253,7 @@ def evaluate_subject(subject_dir, out=None, ckpt=None, weights=None, eval_clip=N
     s.validate()
     t0 = time.perf_counter()
     device = resolve_device(s.device)
-    dtype = DTYPES[s.dtype] if s.dtype != "auto" else (torch.float16 if device.type == "cuda" else torch.float32)
+    dtype = resolve_precision(s.precision, device)
     subject_dir = Path(subject_dir)
     if not subject_dir.is_dir():
         raise UserError(f"subject folder {subject_dir} does not exist; pass --subject DIR, the folder of the "
@@ -375,11 +375,11 @@ def generate_images(weights, ckpt, prompts, s: EvalSettings, device, dtype, reso
         apply_checkpoint(sd, ckpt)
     n = len(prompts) * s.images_per_prompt
     if s.progress:
-        print(f"generating {n} images ({len(prompts)} prompts x {s.images_per_prompt}, {s.steps} steps)",
+        print(f"generating {n} images ({len(prompts)} prompts x {s.images_per_prompt}, {s.sample_steps} steps)",
               file=sys.stderr)
-    images, _ = generate(sd, prompts, n=s.images_per_prompt, steps=s.steps, guidance=s.guidance,
+    images, _ = generate(sd, prompts, n=s.images_per_prompt, steps=s.sample_steps, guidance=s.guidance,
                          scheduler=s.scheduler, seed=s.seed, height=resolution, width=resolution,
-                         batch_size=s.batch_size, progress=s.progress, desc=f"generating {n} images")
+                         batch_size=s.gen_batch_size, progress=s.progress, desc=f"generating {n} images")
     del sd
     free_memory(device)
     return to_pil(images)
@@ -434,39 +434,42 @@ def add_eval_arguments(p: argparse.ArgumentParser, seed_help: str | None = None)
     a("--token", default=None, help="the subject's identifier (default: the checkpoint's, else sks)")
     a("--images-per-prompt", type=int, default=4, help="images generated per prompt (default: %(default)s)")
     a("--seed", type=int, default=0, help=seed_help or "prompt p uses seed + p (default: %(default)s)")
-    a("--steps", type=int, default=50, help="DDIM steps (default: %(default)s)")
+    a("--sample-steps", type=int, default=50, help="DDIM steps (default: %(default)s)")
     a("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: %(default)s)")
     a("--resolution", type=int, default=None, help="image size in pixels (default: the checkpoint's, else 512)")
     a("--lambda-val", type=float, default=0.5, help="λ of the λ-Harmonic score (default: %(default)s)")
-    a("--batch-size", type=int, default=None, help="images per U-Net pass (default: at most 8)")
+    a("--gen-batch-size", type=int, default=None, help="images per U-Net pass (default: at most 8)")
     a("--device", default=None, help="auto, cpu, cuda or cuda:N (default: auto)")
-    a("--dtype", default="auto", choices=["auto", *DTYPES],
+    a("--precision", default="auto", choices=PRECISIONS,
       help="SD's dtype; auto is fp16 on CUDA, else fp32 (CLIP and DINO always run in fp32)")
     a("--threads", type=int, default=None,
       help="CPU threads for torch (default: the subject.json's train_defaults threads, 1 for the toy world, "
            "else torch's, one per core)")
     a("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
+    for old, new in (("--steps", "--sample-steps"), ("--dtype", "--precision"), ("--batch-size", "--gen-batch-size")):
+        add_alias(p, old, new)  # the spellings before one vocabulary (cli.py)
 
 
 def settings_from(args) -> EvalSettings:
     """EvalSettings from parsed add_eval_arguments options; args.device_given keeps whether --device was given."""
     args.device_given, args.device = args.device, args.device or "auto"
-    return EvalSettings(images_per_prompt=args.images_per_prompt, seed=args.seed, steps=args.steps,
+    return EvalSettings(images_per_prompt=args.images_per_prompt, seed=args.seed, sample_steps=args.sample_steps,
                         guidance=args.guidance, resolution=args.resolution, lambda_val=args.lambda_val,
-                        batch_size=args.batch_size, device=args.device, dtype=args.dtype, threads=args.threads,
+                        gen_batch_size=args.gen_batch_size, device=args.device, precision=args.precision,
+                        threads=args.threads,
                         progress=args.progress)
 
 
-def parse_args(argv):
+def build_parser() -> argparse.ArgumentParser:
     examples = __doc__.split("\n\n")[1]
     p = argparse.ArgumentParser(
         prog="python -m tinyrpo.evaluate", description=__doc__.split("\n\n")[0],
         epilog=f"examples:\n{examples}\n\n"
                "The metrics and outputs are described in `python -m pydoc tinyrpo.evaluate`.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=HelpFormatter)
     a = p.add_argument
-    a("--ckpt", default=None, help="best.safetensors (a fine-tuned U-Net or a LoRA) or best.pt written by "
-                                 "train.py (omit it to evaluate the base model)")
+    a("--ckpt", default=None, help="the best.safetensors (a fine-tuned U-Net or a LoRA) written by train.py "
+                                 "(omit it to evaluate the base model)")
     a("--subject", default=None, help="folder of the subject's reference photos, e.g. refs/dog")
     a("--real", action="store_true", help="score the reference photos against each other (no model)")
     a("--dreambench", default=None, metavar="ROOT",
@@ -481,7 +484,11 @@ def parse_args(argv):
                    help="use the 25 live-subject prompts (default for dogs and cats)")
     g.add_argument("--object", dest="live", action="store_false", help="use the 25 object prompts")
     add_eval_arguments(p)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv):
+    return build_parser().parse_args(argv)
 
 
 def dreambench_command(own: list[str], train_args: list[str]) -> list[str]:

@@ -1,7 +1,7 @@
 """Export a fine-tuned model for the tools people already use: A1111, ComfyUI, diffusers, kohya, civitai.
 
     python -m tinyrpo.export runs/dog                                  # runs/dog/dog.safetensors (single file)
-    python -m tinyrpo.export runs/dog --format single-file --dtype fp16 --out dog-fp16.safetensors
+    python -m tinyrpo.export runs/dog --format single-file --precision fp16 --out dog-fp16.safetensors
     python -m tinyrpo.export runs/dog --format diffusers               # runs/dog/dog-diffusers/
     python -m tinyrpo.export runs/dog --format lora-kohya              # runs/dog/dog-lora.safetensors
     python -m tinyrpo.export runs/dog/best.safetensors --format lora-diffusers
@@ -24,7 +24,7 @@ text encoder and scheduler into the file's header (tinyrpo.unet_config, ...: JSO
 exactly, with a one-line note when they differ from SD v1.5's (the toy world's model: 4 heads, scaling 0.39382,
 32 px). A1111, ComfyUI and from_single_file ignore the header: for a model that is not SD v1.5's shape, give those
 tools the diffusers export. Public files carry no such entries and are read as before.
---dtype: fp32 keeps a full fine-tune exactly (it moves weights by ~1e-3 of their size, near fp16's
+--precision: fp32 keeps a full fine-tune exactly (it moves weights by ~1e-3 of their size, near fp16's
 resolution); fp16 halves the file (2.1 GB for SD v1.5). LoRA files default to fp16: their factors lose nothing
 that matters there. Every file is written atomically and an existing output is kept unless --overwrite.
 
@@ -48,16 +48,17 @@ import torch
 
 from tinyrpo.atomic import WriteError, atomic_save_safetensors, machine_errno, write_error
 from tinyrpo.checkpoint import apply_checkpoint, best_checkpoint, load_checkpoint
-from tinyrpo.cli import HelpFormatter
+from tinyrpo.cli import HelpFormatter, add_alias
 from tinyrpo.errors import UserError, run_cli
 from tinyrpo.layouts import (CONFIG_KEYS, MODEL_INDEX_JSON, compvis_single_file, scheduler_config_json,
                              text_config_json, unet_config_json, vae_config_json)
 from tinyrpo.lora_files import to_diffusers, to_kohya
+from tinyrpo.pipeline import DTYPES
 from tinyrpo.schedulers import make_betas
 from tinyrpo.weights import load_sd
 
 FORMATS = ("single-file", "diffusers", "lora-kohya", "lora-diffusers")
-DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+PRECISIONS = ("fp16", "fp32")  # of the files written: what A1111, ComfyUI and diffusers all read
 SUFFIX = {"single-file": ".safetensors", "diffusers": "-diffusers", "lora-kohya": "-lora.safetensors",
           "lora-diffusers": "-lora-diffusers.safetensors"}
 
@@ -223,18 +224,21 @@ def check_out(out: Path, fmt: str, overwrite: bool, ckpt: Path) -> None:
                         "--overwrite would delete; choose another --out")
 
 
-def export(path, fmt: str = "single-file", out=None, dtype: str | None = None, weights=None,
+def export(path, fmt: str = "single-file", out=None, precision: str | None = None, weights=None,
            overwrite: bool = False) -> Path:
-    """Write checkpoint (or run folder) `path` as `fmt`; returns the output path."""
+    """Write checkpoint (or run folder) `path` as `fmt` in `precision` (None: the format's default); returns the
+    output path."""
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)} (got {fmt!r})")
+    if precision is not None and precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)} (got {precision!r})")
     ckpt = resolve_checkpoint(path)
     state, meta = load_checkpoint(ckpt)  # (train.py's last.pt is refused here, with what to pass instead)
     is_lora = meta["content"] == "lora"
     if fmt.startswith("lora") and not is_lora:
         raise UserError(f"{ckpt} is a whole fine-tuned U-Net, not a LoRA; export it as --format single-file or "
                         "diffusers (train with --lora RANK for a LoRA)")
-    dtype = DTYPES[dtype or ("fp16" if fmt.startswith("lora") else "fp32")]
+    dtype = DTYPES[precision or ("fp16" if fmt.startswith("lora") else "fp32")]
     out = Path(out) if out is not None else default_out(ckpt, fmt)
     check_out(out, fmt, overwrite, ckpt)
     try:
@@ -252,25 +256,30 @@ def export(path, fmt: str = "single-file", out=None, dtype: str | None = None, w
     return writer(sd, out, dtype, meta)
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     description, examples = __doc__.split("\n\n")[:2]
     p = argparse.ArgumentParser(prog="python -m tinyrpo.export", description=description,
                                 epilog=f"examples:\n{examples}\n\nThe formats are described in "
                                        "`python -m pydoc tinyrpo.export`.", formatter_class=HelpFormatter)
     p.add_argument("path", metavar="RUN_OR_CKPT", help="a train.py run folder (its best checkpoint) or a checkpoint")
     p.add_argument("--format", default="single-file", choices=FORMATS, help="what to write")
-    p.add_argument("--dtype", default=None, choices=list(DTYPES),
+    p.add_argument("--precision", default=None, choices=PRECISIONS,
                    help="tensor precision (default: fp32 for single-file and diffusers, fp16 for the LoRA formats)")
     p.add_argument("--out", default=None, help="output file (folder for diffusers); default: beside the "
                                                "checkpoint, named after the run")
     p.add_argument("--weights", default=None, help="the base SD v1 model (default: the one the checkpoint records)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    return p.parse_args(argv)
+    add_alias(p, "--dtype", "--precision")  # the spelling before one vocabulary (cli.py)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    out = export(args.path, args.format, args.out, args.dtype, args.weights, args.overwrite)
+    out = export(args.path, args.format, args.out, args.precision, args.weights, args.overwrite)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.is_dir() else out.stat().st_size
     print(f"wrote {out} ({size / 1e6:.1f} MB)")
     return out

@@ -36,6 +36,9 @@ from tinyrpo.errors import UserError
 from tinyrpo.schedulers import DDIMScheduler, DDPMScheduler
 
 SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+# --precision's names, for every command (sample.py, the evaluation, train.py's autocast, the export, bench/).
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS = ("auto", *DTYPES)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -51,6 +54,14 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    """--precision of a model that only generates: "auto" is fp16 on a GPU (half the memory, SD v1's usual
+    inference dtype), fp32 on the CPU (where fp16 matmuls are slow or missing)."""
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
 @dataclass
 class ImageRecord:
     """How one image was made: image `index` of the `n` that `seed` gives for `prompt` (see the seeding rule)."""
@@ -64,9 +75,9 @@ class ImageRecord:
 def check_args(n, steps, guidance, scheduler, eta, height, width, factor, batch_size=None):
     """Raise UserError for a value generate() cannot use; the message names the flag to change."""
     if n < 1:
-        raise UserError(f"--n must be at least 1 (got {n})")
+        raise UserError(f"--images-per-prompt must be at least 1 (got {n})")
     if steps < 1:
-        raise UserError(f"--steps must be at least 1 (got {steps})")
+        raise UserError(f"--sample-steps must be at least 1 (got {steps})")
     if not 0 <= guidance < math.inf:  # also catches NaN
         raise UserError(f"--guidance must be >= 0 and finite (got {guidance}); 1 means no guidance, 7.5 is SD's "
                         "usual value")
@@ -81,7 +92,7 @@ def check_args(n, steps, guidance, scheduler, eta, height, width, factor, batch_
             raise UserError(f"--{name} must be a multiple of {factor}, the VAE's downsampling factor (got {v}); "
                             f"try {max(factor, round(v / factor) * factor)}")
     if batch_size is not None and batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1 (got {batch_size})")
+        raise UserError(f"--gen-batch-size must be at least 1 (got {batch_size})")
 
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit integer

@@ -35,6 +35,7 @@ from pathlib import Path
 from PIL import Image
 
 from tinyrpo.atomic import atomic_write_text
+from tinyrpo.cli import HelpFormatter
 from tinyrpo.errors import UserError, run_cli
 from tinyrpo.grids import grid_cells, labelled_grid
 from tinyrpo.svgplot import Series, ema, line_chart
@@ -498,11 +499,15 @@ def write_comparison_report(compare_dir) -> Path:
     return atomic_write_text(compare_dir / "report.html", comparison_page(data, compare_dir))
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m tinyrpo.report", description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("folders", nargs="+", metavar="FOLDER",
                     help="a run folder (train.py --out) or a comparison folder (holding compare.json)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     for f in args.folders:
         if not Path(f).exists():
             raise UserError(f"{f} does not exist; {NOT_A_RUN}")

@@ -5,7 +5,7 @@
     python -m tinyrpo.toy probe                        # do the toy CLIP and DINO see the subject? (AUC table)
     python -m tinyrpo.toy quality                      # how often the toy SD draws the asked background/colour/class
     python -m tinyrpo.toy score runs/toy               # exact identity/fidelity/leak of a run's validations
-    python -m tinyrpo.toy show --n 64                  # a grid of pretraining pictures and their captions
+    python -m tinyrpo.toy show --pictures 64           # a grid of pretraining pictures and their captions
     python -m tinyrpo.toy experiment all               # the paper's claims, measured (tinyrpo/toy/experiments.py)
 """
 import argparse
@@ -20,7 +20,44 @@ from pathlib import Path
 # beside one busy process on 2 cores). Read when OpenMP starts, so before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from tinyrpo.cli import HelpFormatter, add_alias
 from tinyrpo.errors import UserError, run_cli
+
+# --help of `toy pretrain`, whose flags are PretrainConfig's fields (tinyrpo/toy/pretrain.py); a field missing
+# here has no help, which tests/test_cli_vocabulary.py catches.
+PRETRAIN_HELP = {
+    "out": "folder the toy models are written to, in the public layouts",
+    "seed": "seed of the pictures and of the initial weights",
+    "threads": "torch threads",
+    "vae_steps": "VAE training steps", "vae_batch": "VAE pictures per step", "vae_lr": "VAE learning rate",
+    "vae_kl": "KL weight per latent element: keeps the latents near N(0, σ²) without blurring",
+    "clip_steps": "CLIP contrastive training steps", "clip_batch": "CLIP pairs per step",
+    "clip_lr": "CLIP learning rate",
+    "unet_pictures": "size of the U-Net's cached training set (latents of the frozen VAE and text tower)",
+    "unet_steps": "U-Net training steps", "unet_batch": "U-Net pictures per step", "unet_lr": "U-Net learning rate",
+    "caption_dropout": "share of empty captions, for classifier-free guidance",
+    "min_snr": "U-Net loss weight min(SNR, γ) / SNR (Hang et al. 2023); 0: plain ε-MSE",
+    "ema": "EMA decay of the U-Net's weights",
+    "clip_image_steps": "CLIP image tower's steps of identity training (stage 4, tinyrpo/toy/towers.py)",
+    "clip_image_lr": "learning rate of CLIP's image-tower stage",
+    "clip_image_instance": "weight of the instance InfoNCE in CLIP's image-tower stage",
+    "clip_image_caption": "weight of the caption InfoNCE in CLIP's image-tower stage",
+    "clip_image_bw": "share of black-and-white views in CLIP's image-tower stage",
+    "dino_steps": "DINO training steps (stage 5)", "dino_lr": "DINO learning rate",
+    "dino_instance": "weight of DINO's instance loss",
+    "clip_image_seed": "seed of the picture stream of CLIP's image-tower stage",
+    "dino_seed": "seed of DINO's picture stream",
+    "tower_groups": "hard-negative groups per batch of the image towers",
+    "tower_k": "instances per group, differing only in layout",
+    "tower_temperature": "temperature of the towers' InfoNCE",
+    "tower_supervised_steps": "the towers' first phase: steps on cell and patch labels only",
+    "tower_big_steps": "the first of those steps with objects of 20-28 px",
+    "probe_pictures": "pictures per set of the probe run on the exported towers",
+    "check_pictures": "pictures the VAE's latent std is measured on (each stage's check uses a quarter)",
+    "check_prompts": "prompts of the U-Net's quick quality check",
+    "check_every": "U-Net steps between quick checks (0: only at the end)",
+    "guidance": "classifier-free guidance of the checks",
+}
 
 
 def cmd_subjects(args):
@@ -43,10 +80,10 @@ def cmd_quality(args):
     torch.set_num_threads(args.threads)
     sd = load_sd(args.weights)
     prompts = quality_prompts(args.per_triple)
-    result = run_quality(sd, prompts, guidance=args.guidance, steps=args.steps, seed=args.seed)
-    settings = {"weights": args.weights, "guidance": args.guidance, "steps": args.steps, "seed": args.seed,
+    result = run_quality(sd, prompts, guidance=args.guidance, steps=args.sample_steps, seed=args.seed)
+    settings = {"weights": args.weights, "guidance": args.guidance, "steps": args.sample_steps, "seed": args.seed,
                 "prompts": len(prompts)}
-    print(f"{len(prompts)} held-out prompts, guidance {args.guidance}, {args.steps} DDIM steps: background "
+    print(f"{len(prompts)} held-out prompts, guidance {args.guidance}, {args.sample_steps} DDIM steps: background "
           f"{result['background']:.1%}, object colour {result['colour']:.1%}, object class {result['class']:.1%}")
     out = Path(args.out or Path(args.weights).parent / "quality.json")
     write_quality(out, result, settings)
@@ -83,8 +120,8 @@ def cmd_show(args):
 
     from tinyrpo.toy.pretrain import rules
     from tinyrpo.toy.world import dataset
-    images, captions, _ = dataset(args.seed, args.n, rules())
-    cols = int(np.ceil(np.sqrt(args.n)))
+    images, captions, _ = dataset(args.seed, args.pictures, rules())
+    cols = int(np.ceil(np.sqrt(args.pictures)))
     grid = np.zeros((cols * 32, cols * 32, 3), np.uint8)
     for i, im in enumerate(images):
         grid[(i // cols) * 32:(i // cols + 1) * 32, (i % cols) * 32:(i % cols + 1) * 32] = im
@@ -94,40 +131,43 @@ def cmd_show(args):
     print(f"wrote {args.out}")
 
 
-def parse_args(argv):
+def build_parser() -> argparse.ArgumentParser:
     from tinyrpo.toy.pretrain import PretrainConfig
     p = argparse.ArgumentParser(prog="python -m tinyrpo.toy", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("subjects", help="write the toy subject folders (reference PNGs + subject.json)")
-    s.add_argument("--out", default="refs", help="parent folder of the subject folders (default: %(default)s)")
+    def command(name, help):  # every subcommand on the one help formatter
+        return sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
 
-    s = sub.add_parser("pretrain", help="pretrain the toy models and write them in the public layouts",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s = command("subjects", "write the toy subject folders (reference PNGs + subject.json)")
+    s.add_argument("--out", default="refs", help="parent folder of the subject folders")
+
+    s = command("pretrain", "pretrain the toy models and write them in the public layouts")
     for f in dataclasses.fields(PretrainConfig):
         s.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                       help=f"({f.name})")
+                       help=PRETRAIN_HELP.get(f.name))
 
-    s = sub.add_parser("probe", help="ROC AUCs: do the toy CLIP-I and DINO tell the subject from another "
-                       "layout? (tinyrpo/toy/probe.py)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s = command("probe", "ROC AUCs: do the toy CLIP-I and DINO tell the subject from another layout? "
+                         "(tinyrpo/toy/probe.py)")
     s.add_argument("--weights", default="weights/toy", help="the folder holding clip/ and dino/")
     s.add_argument("--pictures", type=int, default=200, help="pictures per set (subject / impostor, each row)")
     s.add_argument("--threads", type=int, default=2, help="torch threads")
     s.add_argument("--out", default=None, help="where to write the JSON (default: WEIGHTS/probe.json)")
 
-    s = sub.add_parser("quality", help="score the toy SD on the held-out prompts",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s = command("quality", "score the toy SD on the held-out prompts")
     s.add_argument("--weights", default="weights/toy/sd", help="the toy SD folder")
     s.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
-    s.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    s.add_argument("--sample-steps", type=int, default=25, help="DDIM steps")
     s.add_argument("--seed", type=int, default=0, help="prompt p uses seed + p")
-    s.add_argument("--per-triple", type=int, default=8, help="prompts per held-out (class, colour, background)")
+    # Not --images-per-prompt: each prompt draws one image; this is how often each triple's prompt is repeated.
+    s.add_argument("--per-triple", type=int, default=8,
+                   help="prompts per held-out (class, colour, background), one image each")
     s.add_argument("--threads", type=int, default=2, help="torch threads")
     s.add_argument("--out", default=None, help="where to write the JSON (default: next to the weights)")
+    add_alias(s, "--steps", "--sample-steps")
 
-    s = sub.add_parser("experiment", help="train RPO variants on both toy subjects and write the paper's tables",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s = command("experiment", "train RPO variants on both toy subjects and write the paper's tables")
     s.add_argument("name", choices=["overfit", "table2", "lambda", "choices", "all", "default"],
                    help="which experiment (default: the default run at --seeds, evaluated against the base model)")
     s.add_argument("--out", default="runs/toy-experiments", help="parent folder of the runs and the tables")
@@ -136,14 +176,19 @@ def parse_args(argv):
     s.add_argument("--lambda-val", type=float, default=0.3, help="λ of the early-stopping reward")
     s.add_argument("train_args", nargs="*", help="after --: more train.py arguments for every run")
 
-    s = sub.add_parser("score", help="exact metrics of a toy run's validation grids (writes RUN/exact.json)")
+    s = command("score", "exact metrics of a toy run's validation grids (writes RUN/exact.json)")
     s.add_argument("runs", nargs="+", help="run folders of train.py on a toy subject")
 
-    s = sub.add_parser("show", help="a grid of pretraining pictures, captions printed")
-    s.add_argument("--n", type=int, default=64)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", default="toy_world.png")
-    return p.parse_args(argv)
+    s = command("show", "a grid of pretraining pictures, captions printed")
+    s.add_argument("--pictures", type=int, default=64, help="how many pictures")
+    s.add_argument("--seed", type=int, default=0, help="seed of the pictures")
+    s.add_argument("--out", default="toy_world.png", help="the PNG to write")
+    add_alias(s, "--n", "--pictures")
+    return p
+
+
+def parse_args(argv):
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None):
