@@ -19,7 +19,6 @@ import argparse
 import hashlib
 import math
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -40,7 +39,7 @@ from tinyrpo.identify import checkpoint_mixup
 from tinyrpo.infotext import infotext, lora_hash, model_hash, model_name
 from tinyrpo.lora_files import apply_lora, tinyrpo_lora_meta
 from tinyrpo.pipeline import (PRECISIONS, check_args, check_seed, generate, image_grid, resolve_device,
-                              resolve_precision, to_pil)
+                              resolve_precision, slug, to_pil)
 from tinyrpo.toy.subjects import WEIGHTS as TOY_WEIGHTS
 from tinyrpo.weights import load_sd
 
@@ -139,10 +138,6 @@ def write_all(out: Path, overwrite: bool, files: list[tuple[str, callable]]) -> 
         shutil.rmtree(stage, ignore_errors=True)
         raise
     return [folder / name for name, _ in files]
-
-
-def slug(text: str, limit: int = 48) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-") or "prompt"
 
 
 def png_info(settings: dict) -> PngInfo:

@@ -1,9 +1,9 @@
-"""What the benchmarks share: dtypes, device sync, memory readings, diffusers' U-Net holding tinyrpo's
+"""What the benchmarks share: device sync, memory readings, diffusers' U-Net holding tinyrpo's
 weights, and running one measurement in a fresh subprocess.
 
 Import it from a script in bench/ after putting the repository root on sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from bench.common import DTYPES, sync, ...
+    from bench.common import sync, ...
 """
 import json
 import platform
@@ -14,9 +14,6 @@ import sys
 import torch
 
 from tinyrpo.unet import UNet
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def sync(device):
     """Wait for queued GPU work, so that a wall-clock reading covers it (a no-op on the CPU)."""

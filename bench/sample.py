@@ -30,13 +30,12 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import diffusers_unet  # noqa: E402
 from tinyrpo.clip import CLIPTextConfig, CLIPTextModel  # noqa: E402
-from tinyrpo.pipeline import generate  # noqa: E402
+from tinyrpo.pipeline import DTYPES, generate  # noqa: E402
 from tinyrpo.schedulers import SchedulerConfig  # noqa: E402
 from tinyrpo.tokenizer import CLIPTokenizer  # noqa: E402
 from tinyrpo.unet import UNet, UNetConfig  # noqa: E402
 from tinyrpo.vae import AutoencoderKL, VAEConfig  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROMPT, NEGATIVE = "a photo of a sks dog on the beach", "blurry, low quality"
 
 

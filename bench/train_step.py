@@ -56,7 +56,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import DTYPES, diffusers_unet, machine, peak_rss_mib, rss_mib, run_child, sync  # noqa: E402
+from bench.common import diffusers_unet, machine, peak_rss_mib, rss_mib, run_child, sync  # noqa: E402
+from tinyrpo.pipeline import DTYPES  # noqa: E402
 from tinyrpo import dreambench  # noqa: E402
 from tinyrpo.lora import add_lora, lora_disabled  # noqa: E402
 from tinyrpo.schedulers import NoiseSchedule, SchedulerConfig  # noqa: E402

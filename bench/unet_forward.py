@@ -28,9 +28,8 @@ import time
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from tinyrpo.pipeline import DTYPES  # noqa: E402
 from tinyrpo.unet import UNet, UNetConfig  # noqa: E402
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build(which: str, device: str, dtype: torch.dtype, ours: UNet | None = None) -> torch.nn.Module:

@@ -142,7 +142,7 @@ def test_method_user_errors_write_nothing(models, setup, tmp_path, case):
 def test_checkpoint_with_text_encoder(models, tmp_path, name):
     """Both formats carry a fine-tuned text encoder; apply_checkpoint loads it (sample.py, evaluate), the export
     writes it, and the base-model check still holds."""
-    from tinyrpo.export import export
+    from tinyrpo.export import export_checkpoint
     sd = load_sd(models[0])
     g = torch.Generator().manual_seed(0)
     nudge = lambda state: {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in state.items()}  # noqa: E731
@@ -155,7 +155,7 @@ def test_checkpoint_with_text_encoder(models, tmp_path, name):
     apply_checkpoint(fresh, path)
     assert all(torch.equal(v, te[k]) for k, v in fresh.text_encoder.state_dict().items())
     assert all(torch.equal(v, unet[k]) for k, v in fresh.unet.state_dict().items())
-    out = export(path, "single-file", out=tmp_path / "export.safetensors")
+    out = export_checkpoint(path, "single-file", out=tmp_path / "export.safetensors")
     exported = load_sd(out)
     assert all(torch.equal(v, te[k]) for k, v in exported.text_encoder.state_dict().items())
     other = load_sd(models[0])  # another base: refused, nothing changed

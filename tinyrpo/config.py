@@ -13,6 +13,7 @@ from pathlib import Path
 from tinyrpo.errors import UserError, need
 from tinyrpo.methods import METHODS
 from tinyrpo.paths import DEFAULT_REWARD_CLIP, DEFAULT_SD
+from tinyrpo.pipeline import PRECISIONS
 from tinyrpo.presets import subject_defaults
 from tinyrpo.rpo import REWARD_MEANS
 from tinyrpo.runfolder import read_json
@@ -94,8 +95,8 @@ class TrainConfig:
         need(self.patience is None or self.patience >= 1, f"--patience must be at least 1 (got {self.patience})")
         need(self.save_every >= 1, f"--save-every must be at least 1 (got {self.save_every})")
         need(0 <= self.seed <= MAX_SEED, f"--seed must be between 0 and {MAX_SEED} (got {self.seed})")
-        need(self.precision in ("auto", "bf16", "fp16", "fp32"),
-             f"--precision must be bf16, fp16, fp32 or auto (got {self.precision})")
+        need(self.precision in PRECISIONS,
+             f"--precision must be one of {', '.join(PRECISIONS)} (got {self.precision})")
         need(self.log_with in LOG_WITH, f"--log-with must be one of {', '.join(LOG_WITH)} (got {self.log_with!r})")
         need(self.log_every >= 1, f"--log-every must be at least 1 (got {self.log_every})")
         need(self.lora is None or self.lora >= 1, f"--lora rank must be at least 1 (got {self.lora})")

@@ -32,7 +32,6 @@ import argparse
 import gc
 import math
 import os
-import re
 import shlex
 import shutil
 import sys
@@ -59,7 +58,8 @@ from tinyrpo.paths import DEFAULT_DINO, DEFAULT_EVAL_CLIP, DEFAULT_SD
 from tinyrpo.dino import DINO, dino_preprocess
 from tinyrpo.errors import UserError, run_cli
 from tinyrpo.identify import checkpoint_mixup, wrong_kind
-from tinyrpo.pipeline import PRECISIONS, check_seed, generate, image_grid, resolve_device, resolve_precision, to_pil
+from tinyrpo.pipeline import (PRECISIONS, check_seed, generate, image_grid, resolve_device, resolve_precision, slug,
+                              to_pil)
 from tinyrpo.reward import CLIPScorer
 from tinyrpo.rpo import harmonic_reward
 from tinyrpo.weights import load_clip, load_dino, load_sd
@@ -185,10 +185,6 @@ def load_embedder(eval_clip, dino, device: torch.device) -> Embedder:
 
 def same_path(a, b) -> bool:
     return a is not None and b is not None and Path(a).resolve() == Path(b).resolve()
-
-
-def slug(text: str, limit: int = 48) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-") or "prompt"
 
 
 # ------------------------------------------------------------------------------------------------- one subject

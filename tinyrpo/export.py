@@ -224,7 +224,7 @@ def check_out(out: Path, fmt: str, overwrite: bool, ckpt: Path) -> None:
                         "--overwrite would delete; choose another --out")
 
 
-def export(path, fmt: str = "single-file", out=None, precision: str | None = None, weights=None,
+def export_checkpoint(path, fmt: str = "single-file", out=None, precision: str | None = None, weights=None,
            overwrite: bool = False) -> Path:
     """Write checkpoint (or run folder) `path` as `fmt` in `precision` (None: the format's default); returns the
     output path."""
@@ -279,7 +279,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    out = export(args.path, args.format, args.out, args.precision, args.weights, args.overwrite)
+    out = export_checkpoint(args.path, args.format, args.out, args.precision, args.weights, args.overwrite)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.is_dir() else out.stat().st_size
     print(f"wrote {out} ({size / 1e6:.1f} MB)")
     return out

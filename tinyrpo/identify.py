@@ -37,37 +37,37 @@ WANTED = {  # kind -> what the flag needs, and where to get it
 SD_PARTS = {"UNet2DConditionModel": "unet", "AutoencoderKL": "vae", "clip_text_model": "text_encoder"}
 
 
-class Found(NamedTuple):
+class Identified(NamedTuple):
     kind: str  # one of KINDS, "part" (one network of an SD folder) or "other" (nothing tinyrpo takes)
     what: str  # e.g. "a CLIP model folder"
     file: Path | None = None  # the weight file inside a folder that is not itself in a layout we load
 
 
-def kind_of_names(names) -> Found | None:
+def kind_of_names(names) -> Identified | None:
     """What a state dict holds, from its tensor names."""
     names = [n.removeprefix("module.").removeprefix("backbone.") for n in names]
     if names == ["tinyrpo.format"]:
-        return Found("ckpt", KINDS["ckpt"][0])
+        return Identified("ckpt", KINDS["ckpt"][0])
 
     def has(*prefixes):
         return any(n.startswith(prefixes) for n in names)
 
     if has("conditioner.embedders.", "cond_stage_model.model."):
-        return Found("other", "a Stable Diffusion XL or 2.x checkpoint (tinyrpo supports SD v1.x only)")
+        return Identified("other", "a Stable Diffusion XL or 2.x checkpoint (tinyrpo supports SD v1.x only)")
     if has("model.diffusion_model."):
-        return Found("sd", "a Stable Diffusion v1 single-file checkpoint")
+        return Identified("sd", "a Stable Diffusion v1 single-file checkpoint")
     if any("lora" in n.lower() for n in names):
-        return Found("lora", "a LoRA (weight deltas for a base model)")
+        return Identified("lora", "a LoRA (weight deltas for a base model)")
     if has("text_model.") and has("vision_model."):
-        return Found("clip", KINDS["clip"][0])
+        return Identified("clip", KINDS["clip"][0])
     if has("cls_token", "embeddings.cls_token", "vit.embeddings.cls_token"):
-        return Found("dino", "a ViT (DINO layout)")
+        return Identified("dino", "a ViT (DINO layout)")
     if has("text_model.", "embeddings.token_embedding."):
-        return Found("part", "a CLIP text tower alone (the text_encoder/ of an SD folder)")
+        return Identified("part", "a CLIP text tower alone (the text_encoder/ of an SD folder)")
     if has("down_blocks.") and has("time_embedding."):
-        return Found("part", "a diffusers U-Net alone (the unet/ of an SD folder)")
+        return Identified("part", "a diffusers U-Net alone (the unet/ of an SD folder)")
     if has("encoder.down_blocks.", "decoder.up_blocks."):
-        return Found("part", "a diffusers VAE alone (the vae/ of an SD folder)")
+        return Identified("part", "a diffusers VAE alone (the vae/ of an SD folder)")
     return None
 
 
@@ -92,7 +92,7 @@ def _config(folder: Path) -> dict:
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
 
 
-def identify(path) -> Found | None:
+def identify(path) -> Identified | None:
     """What a folder or a .safetensors file holds; None when it cannot tell (cheaply)."""
     path = Path(path)
     if path.is_file():
@@ -103,24 +103,24 @@ def identify(path) -> Found | None:
     if not path.is_dir():
         return None
     if (path / "unet").is_dir() or (path / "model_index.json").is_file():
-        return Found("sd", "a Stable Diffusion v1 diffusers folder")
+        return Identified("sd", "a Stable Diffusion v1 diffusers folder")
     config = _config(path)
     kind = str(config.get("model_type") or config.get("_class_name") or "")
     if kind in SD_PARTS:
-        return Found("part", f"the {SD_PARTS[kind]}/ of a diffusers SD folder alone")
+        return Identified("part", f"the {SD_PARTS[kind]}/ of a diffusers SD folder alone")
     if kind == "clip":
-        return Found("clip", "a CLIP model folder")
+        return Identified("clip", "a CLIP model folder")
     if kind in ("vit", "dino", "dinov2"):
-        return Found("dino", "a ViT folder (DINO layout)")
+        return Identified("dino", "a ViT folder (DINO layout)")
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
     for f in files:
         found = identify(f)
         if found and found.kind in KINDS:
-            return Found(found.kind, f"a folder holding {found.what}, {f.name}", f)
+            return Identified(found.kind, f"a folder holding {found.what}, {f.name}", f)
     return None
 
 
-def wrong_kind(path, want: str, found: Found | None = None) -> str | None:
+def wrong_kind(path, want: str, found: Identified | None = None) -> str | None:
     """The sentence for `path` given where `want` (one of KINDS) is needed, or None when `path` is not
     recognizably something else. `found` is the caller's own identification (e.g. from tensor names)."""
     path = Path(path)

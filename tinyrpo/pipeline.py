@@ -24,6 +24,7 @@ guidance combination and the scheduler math stay in float32 (diffusers keeps the
 fp16 the two differ by rounding only).
 """
 import math
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -200,6 +201,12 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """(N, 3, H, W) floats in [0, 1] -> N RGB PIL images."""
     return [Image.fromarray(a) for a in to_uint8(images)]
+
+
+def slug(prompt: str, limit: int = 48) -> str:
+    """A prompt as part of a file name (sample.py's images, the evaluation's grids): "a sks dog, on the beach"
+    -> "a-sks-dog-on-the-beach"."""
+    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:limit].strip("-") or "prompt"
 
 
 def image_grid(images: list[Image.Image], rows: int | None = None, cols: int | None = None) -> Image.Image:

@@ -197,7 +197,7 @@ def num(v, digits: int = 4) -> str:
     return f"{v:.{digits}f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "—"
 
 
-def table(header: list[str], rows: list[list[str]], row_classes: list[str] | None = None) -> str:
+def html_table(header: list[str], rows: list[list[str]], row_classes: list[str] | None = None) -> str:
     """Cells are HTML already; numbers get right-aligned."""
     out = ["<table><tr>" + "".join(f"<th>{h}</th>" for h in header) + "</tr>"]
     for k, row in enumerate(rows):
@@ -254,7 +254,7 @@ def val_table(run: Run) -> str:
     rows = [[f'<a href="#step-{v["step"]}">{v["step"]}</a>' if v["step"] in run.grids else str(v["step"])]
             + [num(dict(series[k]).get(v["step"])) for k in keys] for v in run.vals]
     classes = ["best" if v["step"] == run.best_step else "" for v in run.vals]
-    return table(["step"] + [escape(LABELS.get(k, k)) for k in keys], rows, classes) if rows else ""
+    return html_table(["step"] + [escape(LABELS.get(k, k)) for k in keys], rows, classes) if rows else ""
 
 
 def grids_section(run: Run) -> str:
@@ -297,7 +297,7 @@ def timings(summary: dict | None) -> str:
     total = secs.get("total") or sum(secs.values()) or 1.0
     rows = [[escape(k), f"{v:.1f} s", duration(v), f'<span class="bar" style="width:{200 * v / total:.0f}px"></span>'
              f" {100 * v / total:.0f} %"] for k, v in secs.items()]
-    return table(["phase", "seconds", "h:mm:ss", "share of total"], rows)
+    return html_table(["phase", "seconds", "h:mm:ss", "share of total"], rows)
 
 
 def settings(config: dict) -> str:
@@ -305,7 +305,7 @@ def settings(config: dict) -> str:
         if isinstance(v, list) and all(isinstance(x, str) for x in v) and v:
             return "<ol>" + "".join(f"<li>{escape(x)}</li>" for x in v) + "</ol>"
         return escape(v if isinstance(v, str) else json.dumps(v))
-    return table(["setting", "value"], [[escape(str(k)), value(v)] for k, v in config.items()])
+    return html_table(["setting", "value"], [[escape(str(k)), value(v)] for k, v in config.items()])
 
 
 def page(title: str, body: list[str]) -> str:
@@ -382,7 +382,7 @@ def compare_table(data: dict) -> str:
     for r in data.get("published") or []:
         rows.append([escape(str(r.get("name"))) + " (published)"] + [num(r.get(m), 3) for m in metrics])
         classes.append("published")
-    return table(["method"] + [escape(m) for m in metrics], rows, classes)
+    return html_table(["method"] + [escape(m) for m in metrics], rows, classes)
 
 
 def load_cell_runs(data: dict, compare_dir: Path) -> list[tuple[dict, Run | None]]:
@@ -409,7 +409,7 @@ def cells_table(data: dict, cell_runs, compare_dir: Path) -> str:
                     + [num(ev.get(m), 3) for m in metrics]
                     + [str(run.best_step) if run and run.best_step is not None else "—",
                        where if run else where + ' <span class="empty">(missing)</span>'])
-    return table(["method", "subject", "seed"] + [escape(m) for m in metrics] + ["best step", "run"], rows)
+    return html_table(["method", "subject", "seed"] + [escape(m) for m in metrics] + ["best step", "run"], rows)
 
 
 def compare_curves(data: dict, cell_runs) -> str:

@@ -35,7 +35,7 @@ from tinyrpo.errors import REASONS, UserError
 from tinyrpo.methods import METHODS
 from tinyrpo.grids import labelled_grid
 from tinyrpo.lora import DEFAULT_TARGETS, _matches, add_lora, load_lora_state_dict, lora_config, lora_disabled, lora_state_dict
-from tinyrpo.pipeline import generate, resolve_device, to_pil
+from tinyrpo.pipeline import DTYPES, generate, resolve_device, to_pil
 from tinyrpo.report import write_report
 from tinyrpo.reward import CLIPScorer, Scores, score
 from tinyrpo.tracking import Tracker, make_tracker
@@ -83,7 +83,7 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.precision = cfg.precision if cfg.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[self.precision]
+        self.amp_dtype = None if self.precision == "fp32" else DTYPES[self.precision]  # None: no autocast
         self.out = Path(cfg.out or Path("runs") / Path(cfg.subject).name)
         self.folder = RunFolder(self.out, cfg.resume)
         self.stop_signal, self.saved_step = None, None
@@ -364,7 +364,7 @@ class Trainer:
                 signal.signal(s, h)
         return self.finish(step, stopped_early)
 
-    def set_up(self) -> tuple["Log", int, int]:
+    def set_up(self) -> tuple["TrackedLog", int, int]:
         """Everything before the first step: the method's data, the optimizer and the run's one generator, or
         for a resumed run their state from last.pt; -> (the log, the last step done, the last step to run)."""
         cfg = self.cfg
@@ -379,7 +379,7 @@ class Trainer:
         # One generator draws everything random in the loop, on the CPU, so a resumed run continues exactly.
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.best, self.bad_vals, self.saved_step = None, 0, None
-        log = Log(self.out / "log.jsonl")
+        log = TrackedLog(self.out / "log.jsonl")
         start, end = 0, cfg.steps
         if (self.out / LAST).exists():
             start = self.load_last()
@@ -407,7 +407,7 @@ class Trainer:
         return {"step": step, "loss": out.loss.detach(), "grad_norm": grad_norm.detach(),
                 **{k: v.detach() for k, v in out.terms.items()}}
 
-    def validation(self, step: int, log: "Log") -> bool:
+    def validation(self, step: int, log: "TrackedLog") -> bool:
         """Validate, log it, keep the best checkpoint and rebuild report.html; True when patience runs out."""
         v = self.validate(step)
         log.write([v])
@@ -489,7 +489,7 @@ def adapters_off(model, fwd):
     return ref
 
 
-class Log(JsonlLog):
+class TrackedLog(JsonlLog):
     """log.jsonl, and the same records sent to the --log-with tracker."""
 
     tracker = None

@@ -42,7 +42,7 @@ from safetensors.torch import load_file
 from torch.overrides import TorchFunctionMode
 
 from tinyrpo import download
-from tinyrpo.identify import WANTED, Found, identify, kind_of_names, wrong_kind
+from tinyrpo.identify import WANTED, Identified, identify, kind_of_names, wrong_kind
 from tinyrpo.clip import CLIPConfig, CLIPModel, CLIPTextModel
 from tinyrpo.dino import DINO
 from tinyrpo.checkpoint import unet_fingerprint
@@ -79,7 +79,7 @@ def read_state_dict(path, want: str = "sd") -> dict[str, torch.Tensor]:
         raise WeightsError(f"cannot read {path} ({type(e).__name__}: {e}): the file is corrupt or incomplete; "
                            "delete it and download it again") from None
     if isinstance(obj, dict) and str(obj.get("format", "")).startswith("tinyrpo"):
-        raise WeightsError(wrong_kind(path, want, Found("ckpt", "a checkpoint written by train.py")))
+        raise WeightsError(wrong_kind(path, want, Identified("ckpt", "a checkpoint written by train.py")))
     # A Lightning .ckpt keeps its weights under "state_dict"; DINO's training checkpoints under "teacher".
     for key in ("state_dict", "teacher"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):

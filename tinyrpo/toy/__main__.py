@@ -107,10 +107,10 @@ def cmd_probe(args):
 
 
 def cmd_score(args):
-    from tinyrpo.toy.runs import score_run, table
+    from tinyrpo.toy.runs import score_run, score_table
     for run in args.runs:
         rows = score_run(run)
-        print(f"{run}:\n{table(rows)}\n")
+        print(f"{run}:\n{score_table(rows)}\n")
         (Path(run) / "exact.json").write_text(json.dumps(rows, indent=2) + "\n")
 
 

@@ -39,7 +39,7 @@ def score_run(run_dir) -> list[dict]:
     return rows
 
 
-def table(rows: list[dict]) -> str:
+def score_table(rows: list[dict]) -> str:
     lines = ["| step | " + " | ".join(COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
     for r in rows:
         lines.append(f"| {r['step']} | " + " | ".join("–" if r[k] != r[k] else f"{r[k]:.3f}" for k in COLUMNS) + " |")
