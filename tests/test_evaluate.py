@@ -200,7 +200,7 @@ def make_ckpt(models, path: Path) -> Path:
 
 def test_evaluate_checkpoint_base_and_real(models, tmp_path, monkeypatch, capsys):
     subject = make_subject(tmp_path / "refs" / "mytoy")
-    ckpt = make_ckpt(models, tmp_path / "runs" / "mytoy" / "best.pt")
+    ckpt = make_ckpt(models, tmp_path / "runs" / "mytoy" / "best.safetensors")
     assert main(["--ckpt", str(ckpt), "--subject", str(subject), *common(models)]) == 0
     out = ckpt.parent / "eval"
     table = capsys.readouterr().out
@@ -281,7 +281,7 @@ def test_user_errors(models, tmp_path, case):
     elif case == "images0":
         args += ["--images-per-prompt", "0"]
     elif case == "real_ckpt":
-        args += ["--real", "--ckpt", str(tmp_path / "best.pt")]
+        args += ["--real", "--ckpt", str(tmp_path / "best.safetensors")]
     elif case == "stray_train_args":
         args += ["--", "--steps", "3"]
     elif case == "subjects_alone":

@@ -138,9 +138,8 @@ def test_method_user_errors_write_nothing(models, setup, tmp_path, case):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("name", ["best.safetensors", "best.pt"])
-def test_checkpoint_with_text_encoder(models, tmp_path, name):
-    """Both formats carry a fine-tuned text encoder; apply_checkpoint loads it (sample.py, evaluate), the export
+def test_checkpoint_with_text_encoder(models, tmp_path):
+    """A checkpoint carries a fine-tuned text encoder; apply_checkpoint loads it (sample.py, evaluate), the export
     writes it, and the base-model check still holds."""
     from tinyrpo.export import export_checkpoint
     sd = load_sd(models[0])
@@ -148,7 +147,7 @@ def test_checkpoint_with_text_encoder(models, tmp_path, name):
     nudge = lambda state: {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in state.items()}  # noqa: E731
     unet, te = nudge(sd.unet.state_dict()), nudge(sd.text_encoder.state_dict())
     meta = {"base": str(models[0]), "base_fingerprint": sd.fingerprint, "token": "sks", "class_noun": "toy"}
-    path = save_checkpoint(tmp_path / name, unet, meta, text_encoder=te)
+    path = save_checkpoint(tmp_path / "best.safetensors", unet, meta, text_encoder=te)
     state, got = load_checkpoint(path)
     assert got["text_encoder"] is True and state.keys() == unet.keys()  # the U-Net's tensors only
     fresh = load_sd(models[0])
@@ -163,16 +162,11 @@ def test_checkpoint_with_text_encoder(models, tmp_path, name):
     with pytest.raises(UserError, match="was trained from"):
         apply_checkpoint(other, path)
     # a file whose header promises a text encoder it does not hold
-    bad = tmp_path / ("bad" + name[4:])
-    if name.endswith(".pt"):
-        obj = torch.load(path, weights_only=True)
-        del obj["text_encoder"]
-        torch.save(obj, bad)
-    else:
-        from safetensors import safe_open
-        from safetensors.torch import save_file
-        with safe_open(str(path), "pt") as f:
-            save_file({k: f.get_tensor(k) for k in f.keys() if not k.startswith("text_encoder.")}, bad, f.metadata())
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    bad = tmp_path / "bad.safetensors"
+    with safe_open(str(path), "pt") as f:
+        save_file({k: f.get_tensor(k) for k in f.keys() if not k.startswith("text_encoder.")}, bad, f.metadata())
     with pytest.raises(UserError, match="incomplete"):
         load_checkpoint(bad)
 

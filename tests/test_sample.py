@@ -201,7 +201,7 @@ def meta_of(sd, **kw) -> dict:
 
 def test_checkpoint_round_trip(weights, tmp_path):
     """best.safetensors: the tensors in float32, the meta in the safetensors header as strings (safe_open, the
-    reference reader, shows them), and back with their types; a version-1 best.pt still loads."""
+    reference reader, shows them), and back with their types."""
     sd = load_sd(weights["diffusers"])
     state = {k: v.half() for k, v in finetuned(sd).items()}
     path = save_checkpoint(tmp_path / "ckpts" / BEST, state, meta_of(sd, class_noun="007"))
@@ -219,16 +219,9 @@ def test_checkpoint_round_trip(weights, tmp_path):
     assert meta["step"] == 400 and meta["reward"] == 0.5 and meta["class_noun"] == "007"  # "007" stays a string
     assert meta["content"] == "unet" and meta["base_fingerprint"] == sd.fingerprint
 
-    legacy = save_checkpoint(tmp_path / "best.pt", state, meta_of(sd))  # version 1, as train.py wrote before
-    raw = torch.load(legacy, weights_only=True)
-    assert raw["format"] == FORMAT and raw["version"] == 1
-    got, meta = load_checkpoint(legacy)
-    assert all(torch.equal(got[k], v.float()) for k, v in state.items()) and meta["step"] == 400
 
-
-@pytest.mark.parametrize("name", [BEST, "best.pt"])
-def test_checkpoint_write_is_atomic(tmp_path, monkeypatch, name):
-    path = tmp_path / name
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / BEST
     save_checkpoint(path, {"w": torch.ones(3)}, {"step": 1})
 
     def dies_midway(obj, f, *a, **kw):
@@ -238,11 +231,10 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch, name):
             f.write(b"PK\x03\x04 half a checkpoint")
         raise KeyboardInterrupt  # Ctrl-C (or a crash) while writing
 
-    monkeypatch.setattr(torch, "save", dies_midway)
     monkeypatch.setattr(safetensors.torch, "save_file", dies_midway)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(path, {"w": torch.zeros(3)}, {"step": 2})
-    assert [p.name for p in tmp_path.iterdir()] == [name]  # no partial file, no temporary left
+    assert [p.name for p in tmp_path.iterdir()] == [BEST]  # no partial file, no temporary left
     state, meta = load_checkpoint(path)  # the previous checkpoint is intact
     assert meta["step"] == 1 and torch.equal(state["w"], torch.ones(3))
 
@@ -265,13 +257,9 @@ def test_sample_with_checkpoint(weights, tmp_path):
     params = parse_a1111(text["parameters"])  # the run's name, no hash: its exported file is not made yet
     assert params["Model"] == "dog" and "Model hash" not in params
 
-    # The other layout of the same base is the same base; a version-1 best.pt of the same U-Net is the same.
+    # The other layout of the same base is the same base.
     other_layout = load_sd(weights["diffusers"])
     assert apply_checkpoint(other_layout, ckpt)["token"] == "sks"
-    legacy = load_sd(weights["diffusers"])
-    apply_checkpoint(legacy, save_checkpoint(tmp_path / "best.pt", state, meta_of(sd)))
-    assert all(torch.equal(a, b) for a, b in zip(legacy.unet.state_dict().values(),
-                                                 other_layout.unet.state_dict().values()))
 
 
 def lora_checkpoint(sd, path, scale=0.3, seed=0):
@@ -330,9 +318,6 @@ def bad_ckpts(weights, tmp_path_factory):
     ckpt = save_checkpoint(root / "other" / BEST, other.unet.state_dict(), meta_of(other))
     corrupt = root / "corrupt.safetensors"
     corrupt.write_bytes(ckpt.read_bytes()[:1000])  # truncated mid-write
-    legacy = save_checkpoint(root / "best.pt", other.unet.state_dict(), meta_of(other))
-    corrupt_pt = root / "corrupt.pt"
-    corrupt_pt.write_bytes(legacy.read_bytes()[:1000])
     foreign = root / "foreign.pt"
     torch.save({"state_dict": {"w": torch.ones(1)}}, foreign)
     foreign_st = root / "foreign.safetensors"
@@ -342,7 +327,7 @@ def bad_ckpts(weights, tmp_path_factory):
     (root / "run").mkdir()
     last = root / "run" / "last.pt"
     last.write_bytes(resumable.read_bytes())
-    return {"other": ckpt, "corrupt": corrupt, "corrupt_pt": corrupt_pt, "foreign": foreign,
+    return {"other": ckpt, "corrupt": corrupt, "foreign": foreign,
             "foreign_st": foreign_st, "resumable": resumable, "last": last}
 
 
@@ -353,9 +338,8 @@ def bad_ckpts(weights, tmp_path_factory):
     ("n 0", ["--images-per-prompt", 0], "--images-per-prompt must be at least 1"),
     ("negative guidance", ["--guidance", -1], "--guidance must be >= 0"),
     ("eta > 1", ["--eta", 1.5], "--eta must be in [0, 1]"),
-    ("missing ckpt", ["--ckpt", "nowhere/best.pt"], "checkpoint nowhere/best.pt not found"),
+    ("missing ckpt", ["--ckpt", "nowhere/best.safetensors"], "checkpoint nowhere/best.safetensors not found"),
     ("corrupt ckpt", ["--ckpt", "corrupt"], "truncated, corrupt"),
-    ("corrupt best.pt", ["--ckpt", "corrupt_pt"], "truncated, corrupt"),
     ("foreign ckpt", ["--ckpt", "foreign"], "not a tinyrpo checkpoint"),
     ("a LoRA as ckpt", ["--ckpt", "foreign_st"], "is a LoRA (weight deltas for a base model), not a checkpoint"),
     ("last.pt", ["--ckpt", "last"], "last.pt is train.py's resumable state"),

@@ -31,7 +31,6 @@ def paths(tmp_path_factory):
     base = load_sd(sd)
     meta = {"base": str(sd), "base_fingerprint": base.fingerprint, "token": "sks", "class_noun": "toy", "live": False}
     ckpt = save_checkpoint(root / "run" / BEST, base.unet.state_dict(), meta)
-    legacy = save_checkpoint(root / "old_run" / "best.pt", base.unet.state_dict(), meta)
     lora = root / "style_lora.safetensors"  # a kohya LoRA of one layer
     layer = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q"
     save_file({f"{layer}.lora_down.weight": torch.ones(2, 64), f"{layer}.lora_up.weight": torch.ones(64, 2)}, lora)
@@ -43,7 +42,7 @@ def paths(tmp_path_factory):
     return {"sd": sd, "single": single, "single_folder": single.parent, "unet": sd / "unet",
             "text_encoder": sd / "text_encoder", "clip": make_tiny_clip(root / "clip"),
             "clip_file": root / "clip" / "model.safetensors", "dino": make_tiny_dino(root / "dino"),
-            "dino_pth": make_tiny_dino(root / "dino_orig", layout="original"), "ckpt": ckpt, "legacy": legacy,
+            "dino_pth": make_tiny_dino(root / "dino_orig", layout="original"), "ckpt": ckpt,
             "lora": lora, "subject": subject, "out": root / "out"}
 
 
@@ -89,7 +88,6 @@ def evaluate_args(paths, **over):
     ("dino", "--weights", ["ViT folder", "--dino"]),
     ("dino_pth", "--weights", ["ViT", "--dino"]),
     ("ckpt", "--weights", ["checkpoint written by train.py", "--ckpt"]),
-    ("legacy", "--weights", ["checkpoint written by train.py", "--ckpt"]),
     ("lora", "--weights", ["is a LoRA", "--lora"]),
     ("lora", "--ckpt", ["is a LoRA", "--lora"]),
     ("unet", "--weights", ["unet/ of a diffusers SD folder"]),
@@ -154,4 +152,4 @@ def test_the_right_paths_still_load(paths):
     """The checks must not refuse what each flag takes."""
     load_sd(paths["sd"]), load_sd(paths["single"]), load_clip(paths["clip"]), load_clip(paths["clip_file"])
     load_dino(paths["dino"]), load_dino(paths["dino_pth"]), load_checkpoint(paths["ckpt"])
-    load_checkpoint(paths["legacy"]), read_lora(paths["lora"], load_sd(paths["sd"]))
+    read_lora(paths["lora"], load_sd(paths["sd"]))

@@ -24,10 +24,8 @@ the fine-tuning away. A LoRA stores its update as the two small factors instead 
 base model is identified (`base_fingerprint`), because the U-Net or the LoRA is only meaningful next to
 the base it was trained from.
 
-Version 1 (`best.pt`, a torch.save'd dict {"format", "version", "unet", "meta"}, and "text_encoder" with a
-fine-tuned one, meta["text_encoder"] True) still loads, with
-`torch.load(weights_only=True)` (no pickle code runs) and mmap. train.py's `last.pt` is not a checkpoint of
-this kind: it is the resumable training state (weights, optimizer, RNG) for `train.py --resume`.
+train.py's `last.pt` is not a checkpoint of this kind: it is the resumable training state (weights, optimizer,
+RNG) for `train.py --resume`, and reading it as one is refused with a message that says so.
 
 Writing is atomic (tinyrpo/atomic.py): a crash or a full disk mid-write leaves the previous checkpoint intact
 and never a truncated one under the real name.
@@ -43,7 +41,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from tinyrpo.atomic import atomic_save_safetensors, atomic_torch_save
+from tinyrpo.atomic import atomic_save_safetensors
 from tinyrpo.errors import UserError
 from tinyrpo.lora import add_lora, load_lora_state_dict, merge_lora, set_lora_scale
 from tinyrpo.unet import UNetConfig
@@ -51,7 +49,6 @@ from tinyrpo.unet import UNetConfig
 FORMAT = "tinyrpo-ckpt"
 VERSION = 2
 BEST = "best.safetensors"  # the validation-reward argmax that train.py keeps: what sample.py --ckpt takes
-LEGACY_BEST = "best.pt"  # version 1, written by train.py before BEST
 LAST = "last.pt"  # train.py's resumable state (--resume), not a checkpoint to sample from
 TEXT_ENCODER = "text_encoder."  # the prefix of a fine-tuned text encoder's tensors in the file
 CONTENTS = ("unet", "lora")
@@ -94,22 +91,12 @@ def save_checkpoint(path, state: dict, meta: dict, lora: dict | None = None,
     meta:  JSON-like facts about the run (base, base_fingerprint, token, class_noun, step, reward, config...).
     lora:  tinyrpo.lora.lora_config(unet) for a LoRA checkpoint, None for a full U-Net.
     text_encoder: the fine-tuned text encoder's state dict, when it was trained (meta["text_encoder"] says so).
-
-    A path ending in .pt gets the version-1 torch format, which is what train.py wrote before it wrote
-    BEST (`best.pt`); every other path gets the safetensors format above.
     """
     state = _cpu_fp32(state)
     meta = json.loads(json.dumps(meta, default=str))  # Paths as strings, tuples as lists: what loading gives back
     if lora is not None:
         meta["lora"] = json.loads(json.dumps(lora))
     meta["text_encoder"] = text_encoder is not None
-    if Path(path).suffix == ".pt":
-        if lora is not None:
-            raise ValueError("a LoRA checkpoint is written as .safetensors (checkpoint.BEST)")
-        obj = {"format": FORMAT, "version": 1, "unet": state, "meta": meta}
-        if text_encoder is not None:
-            obj["text_encoder"] = _cpu_fp32(text_encoder)
-        return atomic_torch_save(obj, path)
     if text_encoder is not None:
         state |= {TEXT_ENCODER + k: v for k, v in _cpu_fp32(text_encoder).items()}
     header = {"format": "pt", "tinyrpo.format": FORMAT, "tinyrpo.version": str(VERSION),
@@ -123,11 +110,9 @@ def _cpu_fp32(state: dict) -> dict:
 
 
 def best_checkpoint(run) -> Path | None:
-    """The best checkpoint of a train.py run folder (best.safetensors, else a version-1 best.pt), or None."""
-    for name in (BEST, LEGACY_BEST):
-        if (Path(run) / name).is_file():
-            return Path(run) / name
-    return None
+    """The best checkpoint of a train.py run folder (its best.safetensors), or None."""
+    path = Path(run) / BEST
+    return path if path.is_file() else None
 
 
 def _short(e: Exception) -> str:
@@ -137,7 +122,7 @@ def _short(e: Exception) -> str:
 
 def _resumable_state_message(path: Path) -> str:
     return (f"{path} is train.py's resumable state (weights, optimizer, RNG: for train.py --resume), not a "
-            f"checkpoint to sample from; pass {path.with_name(BEST)} (or {LEGACY_BEST} from an older run)")
+            f"checkpoint to sample from; pass {path.with_name(BEST)}")
 
 
 def _corrupt(path: Path, e: Exception) -> UserError:
@@ -145,25 +130,17 @@ def _corrupt(path: Path, e: Exception) -> UserError:
                      f"({_short(e)}); re-run train.py or pick another checkpoint")
 
 
-def _load_torch(path: Path) -> tuple[dict, dict]:
-    """Version 1: a torch.save'd dict."""
+def _torch_file_message(path: Path) -> str:
+    """What to say of a torch.save'd file given as a checkpoint (checkpoints are safetensors files): train.py's
+    resumable state under another name is named as such, so the user knows which file to pass instead."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, RuntimeError, ValueError, OSError) as e:
-        raise _corrupt(path, e) from None
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # no pickle code runs
+    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, RuntimeError, ValueError, OSError):
+        obj = None
     if isinstance(obj, dict) and "optimizer" in obj and "rng" in obj:
-        raise UserError(_resumable_state_message(path))
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise UserError(f"{path} is not a tinyrpo checkpoint (no format tag '{FORMAT}'); --ckpt takes the "
-                        f"{BEST} that train.py writes, --weights takes base Stable Diffusion weights and "
-                        "--lora a LoRA file")
-    if not isinstance(obj.get("version"), int) or obj["version"] > 1:
-        raise UserError(f"checkpoint {path} has format version {obj.get('version')} in a .pt file, which this "
-                        "tinyrpo cannot read; update tinyrpo")
-    if not isinstance(obj.get("unet"), dict) or not isinstance(obj.get("meta"), dict):
-        raise UserError(f"checkpoint {path} is incomplete (no 'unet' or 'meta' entry); re-run train.py")
-    text_encoder = obj.get("text_encoder") if isinstance(obj.get("text_encoder"), dict) else {}
-    return obj["unet"] | {TEXT_ENCODER + k: v for k, v in text_encoder.items()}, {**obj["meta"], "content": "unet"}
+        return _resumable_state_message(path)
+    return (f"{path} is a torch .pt file, not a tinyrpo checkpoint; --ckpt takes the {BEST} that train.py writes, "
+            "--weights takes base Stable Diffusion weights and --lora a LoRA file")
 
 
 def read_header(path) -> dict[str, str] | None:
@@ -199,8 +176,8 @@ def _read(path) -> tuple[dict, dict]:
         raise UserError(_resumable_state_message(path))
     with open(path, "rb") as f:
         magic = f.read(4)
-    if magic == b"PK\x03\x04":  # a zip: torch.save's format, version 1
-        return _checked(path, *_load_torch(path))
+    if magic == b"PK\x03\x04":  # a zip: torch.save's format, which no tinyrpo checkpoint uses
+        raise UserError(_torch_file_message(path))
     header = read_header(path)
     if header is None:
         raise _corrupt(path, ValueError("not a safetensors file"))

@@ -190,7 +190,7 @@ def resolve_checkpoint(path) -> Path:
     if path.is_dir():
         found = best_checkpoint(path)
         if found is None:
-            raise UserError(f"{path} holds no best.safetensors (or best.pt): pass a train.py run folder or a "
+            raise UserError(f"{path} holds no best.safetensors: pass a train.py run folder or a "
                             "checkpoint file; a run writes its best checkpoint at the first validation")
         return found
     if not path.exists():

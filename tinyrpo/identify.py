@@ -30,7 +30,7 @@ WANTED = {  # kind -> what the flag needs, and where to get it
     "clip": "a CLIP model is an HF folder such as weights/clip-vit-large-patch14 (python -m tinyrpo.download "
             "clip-l14)",
     "dino": "DINO is an HF folder such as weights/dino-vits16 (python -m tinyrpo.download dino)",
-    "ckpt": "--ckpt takes the best.safetensors that train.py writes into its run folder (best.pt of older runs)",
+    "ckpt": "--ckpt takes the best.safetensors that train.py writes into its run folder",
     "lora": "--lora takes a LoRA .safetensors file (kohya lora_unet_*, diffusers lora_A/lora_B, or tinyrpo's)",
 }
 # One network of a diffusers SD folder, alone: (config _class_name or model_type, what it is)

@@ -333,7 +333,7 @@ def run_page(run: Run) -> str:
             f"<small>({escape(run.name)})</small></h1>",
             f'<p class="status">{escape(status_line(run))} · λ_val = {escape(str(cfg.get("lambda_val", "?")))}</p>']
     if best is not None:
-        name = next((n for n in ("best.safetensors", "best.pt") if (run.path / n).exists()), None)
+        name = "best.safetensors" if (run.path / "best.safetensors").exists() else None
         ckpt = f' · checkpoint <a href="{name}">{name}</a>' if name else ""
         head.append(f'<p class="best-line"><span class="badge">best</span> <a href="#step-{best}">step {best}</a>: '
                     f"reward {num(bv.get('reward'))}, ALIGN-I {num(bv.get('align_i'))}, "
