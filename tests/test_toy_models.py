@@ -76,6 +76,7 @@ def test_writers_round_trip(tmp_path):
     """save_sd / save_clip / save_dino write folders our loaders read back as the same configs and tensors, and
     diffusers' pipeline keeps the U-Net's sample size (a config claiming diffusers < 0.9 would reset 8 to 64)."""
     m = models.new_models()
+    m["clip"] = models.with_new_image_tower(m["clip"])  # the shipped shape (pretraining stage 4)
     text = models.text_encoder_of(m["clip"])
     models.save_sd(tmp_path / "sd", m["unet"], m["vae"], text, dtype=torch.float32)
     models.save_clip(tmp_path / "clip", m["clip"], dtype=torch.float32)
@@ -179,3 +180,18 @@ def test_evaluate_reports_exact_metrics_for_a_toy_subject(tmp_path, monkeypatch,
         assert row["leak"] is None if mine["leak"] != mine["leak"] else row["leak"] == mine["leak"]
     assert r["overall"]["identity"] == pytest.approx(s["identity"]) and r["overall"]["leak"] == pytest.approx(s["leak"])
     assert "| identity | fidelity | leak |" in capsys.readouterr().out
+
+
+def test_a_new_image_tower_keeps_the_text_tower():
+    """Stage 4 swaps the 64-wide image tower for the shipped 96-wide one; the text tower (the SD text encoder
+    the U-Net was trained on), its projection and the temperature are copied, not re-drawn."""
+    first = models.new_models()["clip"]
+    assert first.config == models.FIRST_CLIP
+    new = models.with_new_image_tower(first)
+    assert new.config == models.CLIP and new.config.vision.hidden_size == 96
+    for a, b in ((first.text_model, new.text_model), (first.text_projection, new.text_projection)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert torch.equal(first.logit_scale, new.logit_scale)
+    ids = torch.tensor([[49406, 320, 49407]])
+    assert torch.equal(first.encode_text(ids), new.encode_text(ids))
