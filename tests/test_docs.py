@@ -1,0 +1,42 @@
+"""README's code map names every module, and the toy world's page quotes its command outputs as they are."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+TOY_DOC = ROOT / "docs" / "toy-world.md"
+
+
+def code_map() -> str:
+    return README[README.index("## Code map"):README.index("\n## ", README.index("## Code map") + 1)]
+
+
+def test_code_map_names_every_module():
+    names = set(re.findall(r"`(?:tinyrpo/(?:toy/)?)?([a-z_]+\.py)`", code_map()))
+    modules = [p for p in sorted((ROOT / "tinyrpo").rglob("*.py")) if p.name != "__init__.py"]
+    missing = [str(p.relative_to(ROOT)) for p in modules if p.name not in names]
+    assert not missing, f"README's code map does not name {missing}"
+    # and names nothing that is gone
+    gone = [n for n in names if not any(p.name == n for p in modules)]
+    assert not gone, f"README's code map names modules that do not exist: {gone}"
+
+
+def test_the_toy_page_quotes_the_probe_as_written():
+    from tinyrpo.toy.probe import table
+    probe = json.loads((ROOT / "weights" / "toy" / "probe.json").read_text())
+    assert table(probe["auc"]) in TOY_DOC.read_text()
+
+
+@pytest.mark.parametrize("name", ["default", "all"])
+def test_the_toy_page_quotes_the_experiment_tables_as_written(name):
+    """docs/results/<name>.md is the command's own output file (copied from its --out folder); every table
+    and note line of it stands in the page unchanged."""
+    result = (ROOT / "docs" / "results" / f"{name}.md").read_text()
+    page = TOY_DOC.read_text()
+    lines = [x for x in result.splitlines() if x.startswith("|") or x.startswith("- ")]
+    assert lines
+    missing = [x for x in lines if x not in page]
+    assert not missing, f"docs/toy-world.md differs from docs/results/{name}.md: {missing[:3]}"
