@@ -38,8 +38,8 @@ from PIL import Image
 
 from tinyrpo.clip import CLIP_MEAN, CLIP_STD, CLIPModel
 from tinyrpo.dino import dino_preprocess
-from tinyrpo.toy.world import (BACKGROUNDS, CLASSES, COLOURS, MARGIN, PATTERN_COLOURS, SIZE, Picture, Thing,
-                               WorldRules, caption, in_pattern, random_pattern, render, shape)
+from tinyrpo.toy.world import (BACKGROUNDS, MARGIN, SIZE, Picture, Thing, WorldRules, caption, in_pattern,
+                               random_pattern, random_picture, render, shape)
 
 N_LABELS = 19  # per patch: 0 background, 1 + c body in cell c, 10 + c pattern in cell c
 
@@ -65,18 +65,8 @@ class TowerConfig:
 # ----------------------------------------------------------------------------------------------- pictures
 
 def picture(rng: np.random.Generator, rules: WorldRules, sizes: tuple, bw: bool = False) -> Picture:
-    """A pretraining picture (world.random_picture) with objects of `sizes` px."""
-    cls = CLASSES[rng.integers(len(CLASSES))]
-    background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
-    bw = bool(bw and rng.random() < rules.p_bw)
-    while True:
-        colour = list(COLOURS)[rng.integers(len(COLOURS))]
-        pattern_colour = list(PATTERN_COLOURS)[rng.integers(len(PATTERN_COLOURS))]
-        size = int(rng.integers(sizes[0], sizes[1] + 1))
-        x, y = (int(rng.integers(MARGIN, SIZE - MARGIN - size + 1)) for _ in range(2))
-        p = Picture(Thing(cls, colour, random_pattern(rng, cls), pattern_colour), x, y, size, background, bw)
-        if rules.admits(p):
-            return p
+    """A pretraining picture (world.random_picture) with objects of `sizes` px; black and white only if `bw`."""
+    return random_picture(rng, rules, sizes, styled=bw)
 
 
 def view(thing: Thing, rng: np.random.Generator, rules: WorldRules, sizes: tuple, tries: int = 50):

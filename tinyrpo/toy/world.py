@@ -265,16 +265,17 @@ def random_pattern(rng: np.random.Generator, cls: str) -> tuple:
     return tuple(sorted(int(c) for c in rng.choice(cells, size=n, replace=False)))
 
 
-def random_picture(rng: np.random.Generator, rules: WorldRules) -> Picture:
+def random_picture(rng: np.random.Generator, rules: WorldRules, sizes: tuple = SIZES, styled: bool = True) -> Picture:
     """One picture of the pretraining distribution. Class and background are uniform; the rest is drawn
-    again until the rules admit the picture."""
+    again until the rules admit the picture. `sizes`: the object's side range; `styled=False`: never black
+    and white (and no draw for it), as the image towers' pictures (tinyrpo/toy/towers.py)."""
     cls = CLASSES[rng.integers(len(CLASSES))]
     background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
-    bw = bool(rng.random() < rules.p_bw)
+    bw = bool(styled and rng.random() < rules.p_bw)
     while True:
         colour = list(COLOURS)[rng.integers(len(COLOURS))]
         pattern_colour = list(PATTERN_COLOURS)[rng.integers(len(PATTERN_COLOURS))]
-        size = int(rng.integers(SIZES[0], SIZES[1] + 1))
+        size = int(rng.integers(sizes[0], sizes[1] + 1))
         x, y = (int(rng.integers(MARGIN, SIZE - MARGIN - size + 1)) for _ in range(2))
         p = Picture(Thing(cls, colour, random_pattern(rng, cls), pattern_colour), x, y, size, background, bw)
         if rules.admits(p):
