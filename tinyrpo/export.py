@@ -165,6 +165,10 @@ def interrupts_held():
         signal.signal(signal.SIGINT, previous)
         if received and callable(previous):
             previous(*received[0])
+        elif received and previous != signal.SIG_IGN:
+            # SIG_DFL, or a handler installed outside Python (getsignal gives None): deliver it as Python's own
+            # Ctrl-C would be, rather than lose it
+            raise KeyboardInterrupt
 
 
 def write_lora(state: dict, meta: dict, out: Path, dtype: torch.dtype, fmt: str) -> Path:
