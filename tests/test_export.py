@@ -590,3 +590,23 @@ def test_overwrite_never_replaces_what_the_export_needs(runs, tmp_path, capsys):
     assert "is the base model itself" in cli_error(capsys, [dog, "--weights", base, "--out", base, "--overwrite"])
     assert base.read_bytes() == runs["single"].read_bytes() and (other / "a.png").exists() and folder.is_dir()
     assert {p: tree(p) for p in (cat, dog)} == kept
+
+
+def test_a_held_ctrl_c_is_delivered_whatever_handler_was_there():
+    """The held interrupt reaches the caller after the swap: through a Python handler, or as KeyboardInterrupt
+    when the previous handler was SIG_DFL; SIG_IGN drops it, as it would have been."""
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        for previous, raises in ((signal.default_int_handler, True), (signal.SIG_DFL, True), (signal.SIG_IGN, False)):
+            signal.signal(signal.SIGINT, previous)
+            done = []
+            try:
+                with E.interrupts_held():
+                    signal.raise_signal(signal.SIGINT)
+                    done.append("swap finished")
+            except KeyboardInterrupt:
+                done.append("interrupted")
+            assert done == (["swap finished", "interrupted"] if raises else ["swap finished"]), previous
+            assert signal.getsignal(signal.SIGINT) == previous
+    finally:
+        signal.signal(signal.SIGINT, before)
