@@ -1,4 +1,5 @@
 """The toy reward and evaluation towers see the subject (tinyrpo/toy/probe.py, tinyrpo/toy/towers.py)."""
+import json
 from pathlib import Path
 
 import numpy as np
@@ -93,3 +94,18 @@ def test_sincos_positions_tell_every_patch_apart():
     # channels 0-23: sin x, 24-47: cos x, 48-71: sin y — patch 9 is (x=1, y=1)
     assert table[9, 0] == pytest.approx(np.sin(1.0)) and table[9, 48] == pytest.approx(np.sin(1.0))
     assert table[1, 48] == pytest.approx(0.0) and table[8, 0] == pytest.approx(0.0)
+
+
+def test_a_quick_probe_never_overwrites_the_shipped_record(tmp_path, capsys):
+    """`probe --pictures 4` writes WEIGHTS/probe-4.json; the 200-picture probe.json stays as shipped."""
+    import shutil
+
+    from tinyrpo.toy.__main__ import main
+    weights = tmp_path / "toy"
+    for kind in ("clip", "dino"):
+        shutil.copytree(W / kind, weights / kind)
+    (weights / "probe.json").write_text("shipped")
+    assert main(["probe", "--weights", str(weights), "--pictures", "4", "--threads", "1"]) == 0
+    assert (weights / "probe.json").read_text() == "shipped"
+    assert json.loads((weights / "probe-4.json").read_text())["n"] == 4
+    assert "worst AUC" in capsys.readouterr().out

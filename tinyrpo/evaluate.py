@@ -243,7 +243,7 @@ def evaluate_subject(subject_dir, out=None, ckpt=None, weights=None, eval_clip=N
     ckpt None evaluates the base model (`weights`); `real` scores only the reference photos.
     `embedder` lets tinyrpo.compare load the evaluation networks once. A subject folder's subject.json may name
     the prompts, the resolution and the models to use (the toy subjects name the toy weights), and a scorer of
-    exact metrics reported beside the others (the toy world's identity, fidelity, leak; tinyrpo.data).
+    exact metrics reported beside the others (the toy world's identity, fidelity, leak, body; tinyrpo.data).
     """
     s = settings or EvalSettings()
     s.validate()
@@ -403,8 +403,10 @@ def markdown(result: dict) -> str:
     o = r["overall"]
     keys, names = ["dino", "clip_i", "clip_t", "harmonic"], ["DINO", "CLIP-I", "CLIP-T", "h_λ"]
     if "identity" in o:  # a toy subject: the exact metrics too
-        keys, names = keys + ["identity", "fidelity", "leak"], names + ["identity", "fidelity", "leak"]
-        lines += ["identity, fidelity, leak: exact metrics of the toy world (tinyrpo/toy/metrics.py)", ""]
+        exact = [k for k in ("identity", "fidelity", "leak", "body") if k in o]
+        keys, names = keys + exact, names + exact
+        lines += [", ".join(exact) + ": exact metrics of the toy world (tinyrpo/toy/metrics.py; identity is the "
+                  "chance-corrected pattern score, body the body colour)", ""]
     lines += ["| # | prompt | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(keys)]
     for p, row in enumerate(r["prompts"]):
         lines.append(f"| {p} | {row['prompt']} | " + " | ".join(fmt(row.get(k)) for k in keys) + " |")

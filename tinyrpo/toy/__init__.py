@@ -3,7 +3,7 @@ and DINO of tinyrpo's own pretrained on it, so the whole method runs on a laptop
 claims can be measured exactly.
 
     world.py     pictures, captions and their truth (seeded)
-    metrics.py   reading a picture back; identity, fidelity, leak; the quality rates
+    metrics.py   reading a picture back; identity (pattern), body, fidelity, leak; the quality rates
     subjects.py  the two subjects and their folders (refs/toy, refs/ball)
     models.py    the toy networks' sizes and the public layouts they are written in
     pretrain.py  VAE, CLIP, U-Net, DINO pretraining (python -m tinyrpo.toy pretrain)

@@ -101,7 +101,10 @@ def cmd_probe(args):
                             "pretrain` first, or name the folder holding clip/ and dino/ with --weights")
     if args.pictures < 2:
         raise UserError(f"--pictures must be at least 2 (got {args.pictures})")
-    out = Path(args.out) if args.out else Path(args.weights) / "probe.json"
+    # The full probe (200 a set) is the one shipped beside the weights and quoted in docs/toy-world.md; a
+    # smaller one goes beside it under its own name, so a quick look never overwrites the shipped record.
+    name = "probe.json" if args.pictures == 200 else f"probe-{args.pictures}.json"
+    out = Path(args.out) if args.out else Path(args.weights) / name
     print(main_text(run_probe(args.weights, args.pictures, out)))
     print(f"wrote {out}")
 
@@ -153,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--weights", default="weights/toy", help="the folder holding clip/ and dino/")
     s.add_argument("--pictures", type=int, default=200, help="pictures per set (subject / impostor, each row)")
     s.add_argument("--threads", type=int, default=2, help="torch threads")
-    s.add_argument("--out", default=None, help="where to write the JSON (default: WEIGHTS/probe.json)")
+    s.add_argument("--out", default=None, help="where to write the JSON (default: WEIGHTS/probe.json at 200 pictures, else "
+                   "WEIGHTS/probe-N.json)")
 
     s = command("quality", "score the toy SD on the held-out prompts")
     s.add_argument("--weights", default="weights/toy/sd", help="the toy SD folder")

@@ -10,7 +10,7 @@
 Each experiment trains RPO variants (train.py's own code, the toy preset of the subject folders) on both toy
 subjects with --seeds (default 0,1,2), one run folder per (variant, subject, seed) under --out, and reads the
 tables off their validation records: every validation scores 8 training prompts × 4 images with the exact
-metrics (tinyrpo/toy/metrics.py: identity, fidelity, leak) beside the λ-Harmonic reward. A finished run is
+metrics (tinyrpo/toy/metrics.py: identity (pattern), body, fidelity, leak) beside the λ-Harmonic reward. A finished run is
 skipped and an interrupted one resumed, so the runs of one experiment serve the others.
 
 What is measured, and how:
