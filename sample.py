@@ -11,7 +11,7 @@
 Each run writes into a new numbered folder (samples/0000/, samples/0001/, ...; --overwrite writes straight
 into --out instead): one PNG per image, one grid per prompt and settings.json. Every PNG carries the
 settings as text metadata, e.g. `python -c "from PIL import Image; print(Image.open('x.png').text)"`, among
-them `parameters` in AUTOMATIC1111's format (its "PNG Info" tab and civitai read it; tinyrpo/infotext.py).
+them `parameters` in AUTOMATIC1111's format (its "PNG Info" tab and civitai read it; tinyrpo/formats/infotext.py).
 Seeds: prompt p uses --seed + p, and image k of it equals image k of diffusers' StableDiffusionPipeline
 called with that prompt, num_images_per_prompt=--images-per-prompt and torch.Generator().manual_seed(--seed + p).
 """
@@ -30,18 +30,18 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 from PIL.PngImagePlugin import PngInfo
 
-from tinyrpo.atomic import atomic_save_image, atomic_write_json, fsync_dir, write_error
+from tinyrpo.runs.atomic import atomic_save_image, atomic_write_json, fsync_dir, write_error
 from tinyrpo.cli import HelpFormatter, add_alias, check_input, check_out_folder
-from tinyrpo.checkpoint import BEST, apply_checkpoint, load_checkpoint
-from tinyrpo.paths import DEFAULT_SD
+from tinyrpo.formats.checkpoint import BEST, apply_checkpoint, load_checkpoint
+from tinyrpo.runs.paths import DEFAULT_SD
 from tinyrpo.errors import UserError, run_cli
-from tinyrpo.identify import checkpoint_mixup
-from tinyrpo.infotext import infotext, lora_hash, model_hash, model_name
-from tinyrpo.lora_files import apply_lora, tinyrpo_lora_meta
+from tinyrpo.formats.identify import checkpoint_mixup
+from tinyrpo.formats.infotext import infotext, lora_hash, model_hash, model_name
+from tinyrpo.formats.lora_files import apply_lora, tinyrpo_lora_meta
 from tinyrpo.pipeline import (PRECISIONS, check_args, check_seed, generate, image_grid, resolve_device,
                               resolve_precision, slug, to_pil)
 from tinyrpo.toy.subjects import WEIGHTS as TOY_WEIGHTS
-from tinyrpo.weights import load_sd
+from tinyrpo.formats.weights import load_sd
 
 SMALL_UNET = 20_000_000  # parameters: the toy world's U-Net has 4.2M, SD v1.5's 860M
 
@@ -148,7 +148,7 @@ def png_info(settings: dict) -> PngInfo:
 
 
 def a1111_params(args, weights, ckpt_meta) -> dict:
-    """AUTOMATIC1111's generation parameters (tinyrpo/infotext.py) of this run, but for the seed.
+    """AUTOMATIC1111's generation parameters (tinyrpo/formats/infotext.py) of this run, but for the seed.
 
     Model / Model hash name the checkpoint file A1111 would load: the base weights, or, for a whole fine-tuned
     U-Net, the run (`python -m tinyrpo.export RUN` writes it as RUN.safetensors; its hash is not known before).

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from tinyrpo.cli import HelpFormatter, add_alias
-from tinyrpo.paths import DEFAULT_REWARD_CLIP, DEFAULT_SD
+from tinyrpo.runs.paths import DEFAULT_REWARD_CLIP, DEFAULT_SD
 from tinyrpo.errors import run_cli
 
 # What `python train.py` trains with no --subject: the toy world's subject, whose subject.json names the toy

@@ -1,4 +1,4 @@
-"""tinyrpo.atomic: a write that fails leaves the old file and no temporary, and a full disk, a read-only folder
+"""tinyrpo.runs.atomic: a write that fails leaves the old file and no temporary, and a full disk, a read-only folder
 or a missing permission becomes one sentence (WriteError) instead of a library's traceback.
 
 The full disk is real where the tests may mount a 64 KiB tmpfs (root on Linux, as in CI; fixtures small_disk and
@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tinyrpo import atomic
-from tinyrpo.atomic import (WriteError, atomic_save_image, atomic_save_safetensors, atomic_torch_save,
+from tinyrpo.runs import atomic
+from tinyrpo.runs.atomic import (WriteError, atomic_save_image, atomic_save_safetensors, atomic_torch_save,
                             atomic_write_json, atomic_write_text)
 from tinyrpo.errors import run_cli
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tinyrpo.checkpoint import BEST, LAST
+from tinyrpo.formats.checkpoint import BEST, LAST
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ["machine", "kernels", "train", "sample", "fullrun", "variants"]

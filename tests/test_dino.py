@@ -7,7 +7,7 @@ from PIL import Image
 
 from tests.util import max_rel_err, scaled_init_
 from tinyrpo.dino import IMAGENET_MEAN, IMAGENET_STD, DINOConfig, dino_preprocess
-from tinyrpo.weights import load_dino
+from tinyrpo.formats.weights import load_dino
 
 TINY = DINOConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, patch_size=8, image_size=32)
 # float64, scaled_init_ weights: max error relative to the output's scale measured on this CPU 5e-16 (both

@@ -1,4 +1,4 @@
-"""tinyrpo.download / tinyrpo.fetch against local HTTP servers that act like the hub and its CDN (never the
+"""tinyrpo.download / tinyrpo.formats.fetch against local HTTP servers that act like the hub and its CDN (never the
 internet): pinned revisions, sha256 checks, resume without splicing, redirects, tokens, rate limits."""
 import hashlib
 import io
@@ -18,8 +18,8 @@ from types import SimpleNamespace
 import pytest
 
 import tinyrpo.download as dl
-import tinyrpo.fetch as fe
-from tinyrpo import paths
+import tinyrpo.formats.fetch as fe
+from tinyrpo.runs import paths
 from tinyrpo.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,17 +20,17 @@ import sample
 from tests.fixtures import TINY_UNET, make_tiny_sd
 from tests.util import max_rel_err, parse_a1111
 from tinyrpo import export as E
-from tinyrpo.checkpoint import BEST, apply_checkpoint, save_checkpoint
+from tinyrpo.formats.checkpoint import BEST, apply_checkpoint, save_checkpoint
 from tinyrpo.clip import CLIPTextConfig, CLIPTextModel
 from tinyrpo.errors import run_cli
-from tinyrpo.layouts import compvis_single_file
+from tinyrpo.formats.layouts import compvis_single_file
 from tinyrpo.lora import add_lora, lora_config, lora_state_dict, merge_lora, set_lora_scale
-from tinyrpo.lora_files import apply_lora, kohya_name, to_kohya
+from tinyrpo.formats.lora_files import apply_lora, kohya_name, to_kohya
 from tinyrpo.pipeline import DTYPES
 from tinyrpo.schedulers import SchedulerConfig, make_betas
 from tinyrpo.unet import UNet, UNetConfig
 from tinyrpo.vae import AutoencoderKL, VAEConfig
-from tinyrpo.weights import empty_model, load_sd
+from tinyrpo.formats.weights import empty_model, load_sd
 
 MANIFESTS = Path(__file__).parent / "manifests"
 TOL = 1e-5

@@ -1,9 +1,9 @@
-"""Labelled grids (tinyrpo/grids.py): every cell pasted unchanged, every row's label drawn, and back."""
+"""Labelled grids (tinyrpo/evaluation/grids.py): every cell pasted unchanged, every row's label drawn, and back."""
 import numpy as np
 import pytest
 from PIL import Image
 
-from tinyrpo.grids import fit_lines, grid_cells, label_font, labelled_grid
+from tinyrpo.evaluation.grids import fit_lines, grid_cells, label_font, labelled_grid
 from tinyrpo.pipeline import image_grid
 
 PROMPTS = ["a sks toy on the beach", "a sks toy in the snow", "a red sks toy"]

@@ -1,4 +1,4 @@
-"""tinyrpo.infotext against AUTOMATIC1111's own rules (stable-diffusion-webui modules/infotext_utils.py): its
+"""tinyrpo.formats.infotext against AUTOMATIC1111's own rules (stable-diffusion-webui modules/infotext_utils.py): its
 quote() decides which values are written as JSON strings, its parse_generation_parameters (tests/util.py's
 parse_a1111: the same regex and unquote) must read every value back as it was."""
 import json
@@ -6,7 +6,7 @@ import json
 import pytest
 
 from tests.util import parse_a1111
-from tinyrpo.infotext import infotext, quote
+from tinyrpo.formats.infotext import infotext, quote
 
 
 def a1111_quote(text):

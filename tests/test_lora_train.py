@@ -10,7 +10,7 @@ import train
 from tests.test_train import RES, base_args, make_subject, models  # noqa: F401  (models: fixture)
 from tests.test_trainer_step import make_trainer
 from tinyrpo.trainer import optimizer_step
-from tinyrpo.weights import load_sd
+from tinyrpo.formats.weights import load_sd
 
 
 def test_lora_rpo_end_to_end(models, tmp_path):

@@ -7,10 +7,10 @@ import torch
 import train
 from tests.test_methods import ONE_PROMPT, method_args
 from tests.test_train import make_subject, models  # noqa: F401  (models is a fixture)
-from tinyrpo.checkpoint import apply_checkpoint, load_checkpoint, save_checkpoint
+from tinyrpo.formats.checkpoint import apply_checkpoint, load_checkpoint, save_checkpoint
 from tinyrpo.errors import UserError
 from tinyrpo.methods import METHODS
-from tinyrpo.weights import load_sd
+from tinyrpo.formats.weights import load_sd
 
 # look forward at its default critic step (lr 0.01, gradient norm clipped to 1): on these random networks the
 # look-forward residuals are in the hundreds at large t, and the authors' unclipped step made the loss -inf at
@@ -198,7 +198,8 @@ def test_full_disk_in_the_class_images_then_resume(models, setup, tmp_path, monk
     image; the resume makes the missing ones and trains."""
     import errno
     import os
-    from tinyrpo import atomic, method as method_module
+    from tinyrpo.runs import atomic
+    from tinyrpo import method as method_module
     out = tmp_path / "run"
     args = args_for(models, setup, out, "dpg", "--steps", "2")
     real = method_module.atomic_save_image

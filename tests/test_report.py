@@ -23,10 +23,10 @@ import train
 from tests.test_grids import PROMPTS, noise_images, strips_and_cells
 from tests.test_train import base_args, make_subject, models  # noqa: F401  (models: the tiny-weights fixture)
 from tinyrpo.errors import UserError, run_cli
-from tinyrpo.grids import grid_cells, labelled_grid
+from tinyrpo.evaluation.grids import grid_cells, labelled_grid
 from tinyrpo.report import main as report_main
 from tinyrpo.report import write_comparison_report, write_report
-from tinyrpo.svgplot import Series, ema, line_chart, nice_ticks
+from tinyrpo.evaluation.svgplot import Series, ema, line_chart, nice_ticks
 
 ROOT = Path(__file__).resolve().parents[1]
 

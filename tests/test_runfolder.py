@@ -15,7 +15,7 @@ import train
 from tests.test_train import ROOT, base_args, make_subject, models, run_cli  # noqa: F401  (models: fixture)
 from tests.conftest import mounted_tmpfs
 from tinyrpo import trainer as trainer_module
-from tinyrpo.runfolder import RunLock
+from tinyrpo.runs.runfolder import RunLock
 
 
 def snapshot(folder):
@@ -198,7 +198,7 @@ def test_resume_without_last_pt_says_it_starts_over(models, finished_run, tmp_pa
 def full_disk_for(monkeypatch, name: str, module=trainer_module, attr="atomic_torch_save"):
     """Make the trainer's writes of files called `name` fail as a full disk does: half written, then ENOSPC."""
     import errno
-    from tinyrpo import atomic
+    from tinyrpo.runs import atomic
     real = getattr(module, attr)
 
     def write(*a, **kw):
@@ -271,8 +271,8 @@ def test_full_disk_at_the_summary_then_resume_finishes_the_run(models, finished_
 
 def test_log_append_cut_short_leaves_no_torn_line(tmp_path, monkeypatch):
     import errno
-    from tinyrpo.atomic import WriteError
-    from tinyrpo.runfolder import JsonlLog
+    from tinyrpo.runs.atomic import WriteError
+    from tinyrpo.runs.runfolder import JsonlLog
     log = JsonlLog(tmp_path / "log.jsonl")
     log.write([{"step": 1, "loss": 0.5}])
     before = (tmp_path / "log.jsonl").read_bytes()
@@ -291,7 +291,7 @@ def test_log_append_cut_short_leaves_no_torn_line(tmp_path, monkeypatch):
 
 
 def test_a_torn_last_line_from_a_crash_does_not_stop_a_resume(tmp_path):
-    from tinyrpo.runfolder import JsonlLog
+    from tinyrpo.runs.runfolder import JsonlLog
     (tmp_path / "log.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "val": true}\n{"step": 3, "lo')
     log = JsonlLog(tmp_path / "log.jsonl")
     log.truncate(2)
@@ -301,7 +301,7 @@ def test_a_torn_last_line_from_a_crash_does_not_stop_a_resume(tmp_path):
 def test_report_that_cannot_be_written_warns_on_stderr(tmp_path, monkeypatch, capsys):
     import errno
     from types import SimpleNamespace
-    from tinyrpo.atomic import WriteError
+    from tinyrpo.runs.atomic import WriteError
 
     def full(run_dir):
         raise WriteError(tmp_path / "report.html", errno.ENOSPC)
@@ -321,7 +321,7 @@ def rig_rewards(monkeypatch, rewards: dict):
 def test_patience_stops_on_time_and_select_best_keeps_the_argmax(models, finished_run, tmp_path, monkeypatch, capsys):
     """--patience 2: the count of validations without improvement resets on an improvement, and the run stops at
     the second one in a row; --select best keeps the argmax of the logged validation rewards, not the last."""
-    from tinyrpo.checkpoint import load_checkpoint
+    from tinyrpo.formats.checkpoint import load_checkpoint
     subject, _ = finished_run
     run = tmp_path / "run"
     # step:     0 best, 1 worse (1), 2 best (reset), 3 worse (1), 4 worse (2): stop at 4
@@ -434,7 +434,7 @@ def test_real_full_disk_then_space_freed_resumes(models, finished_run, small_dis
 def test_full_disk_at_config_json_leaves_no_folder(models, finished_run, tmp_path, monkeypatch):
     """A new run whose config.json cannot be written never began: no folder is left (not even its .lock), and the
     message says to run the command again, not to --resume."""
-    from tinyrpo import runfolder
+    from tinyrpo.runs import runfolder
     subject, _ = finished_run
     out = tmp_path / "new" / "run"
     full_disk_for(monkeypatch, "config.json", module=runfolder, attr="atomic_write_json")

@@ -27,12 +27,12 @@ from safetensors.torch import save_file
 import sample
 from tests.fixtures import make_tiny_sd
 from tests.util import parse_a1111
-from tinyrpo.checkpoint import BEST, FORMAT, apply_checkpoint, load_checkpoint, save_checkpoint
+from tinyrpo.formats.checkpoint import BEST, FORMAT, apply_checkpoint, load_checkpoint, save_checkpoint
 from tinyrpo.errors import UserError, run_cli
-from tinyrpo.infotext import lora_hash, model_hash
+from tinyrpo.formats.infotext import lora_hash, model_hash
 from tinyrpo.lora import add_lora, lora_config, lora_state_dict, set_lora_scale
 from tinyrpo.pipeline import generate, to_pil, to_uint8
-from tinyrpo.weights import load_sd
+from tinyrpo.formats.weights import load_sd
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a photo of a sks dog on the beach", "an oil painting of a cat"]
@@ -527,7 +527,7 @@ def test_read_only_out(weights, read_only_folder, capsys):
 def test_merge_refuses_overflowing_weights():
     """A LoRA update too large for the weights' dtype: one line naming the layer, not NaN images."""
     from types import SimpleNamespace
-    from tinyrpo.lora_files import LoRAUpdate, merge_updates
+    from tinyrpo.formats.lora_files import LoRAUpdate, merge_updates
     model = SimpleNamespace(unet=torch.nn.Sequential(torch.nn.Linear(4, 4)))
     u = LoRAUpdate("unet", "0", torch.full((2, 4), 1e15), torch.full((4, 2), 1e15), alpha=2.0)  # B A = 2e30
     merge_updates(model, [u], 1.0, "x.safetensors")  # large, but a float32

@@ -11,7 +11,7 @@ from tinyrpo.toy.pretrain import PretrainConfig, rules, tower_config, tower_rule
 from tinyrpo.toy.subjects import HELD_OUT_PATTERNS, PROBE_PATTERNS, PROBE_SUBJECTS, SUBJECTS
 from tinyrpo.toy.towers import group_views, label_map, patch_labels, picture, sincos_positions
 from tinyrpo.toy.world import SIZE, Picture, Thing, dataset, render
-from tinyrpo.weights import load_clip, load_dino
+from tinyrpo.formats.weights import load_clip, load_dino
 
 W = Path(__file__).resolve().parents[1] / "weights" / "toy"
 

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from tinyrpo.errors import UserError
-from tinyrpo.tracking import Tracker, make_tracker, numbers
+from tinyrpo.runs.tracking import Tracker, make_tracker, numbers
 
 STEPS = [{"step": s, "loss": 1.0 / s, "l_sim": 0.5 / s, "l_pref": 0.69 + s, "grad_norm": 2.0 * s,
           "delta": [0.1, 0.2], "label": [1, 0], "t": [10, 20]} for s in (1, 2, 3, 4)]

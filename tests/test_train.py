@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import train
-from tinyrpo.checkpoint import load_checkpoint
+from tinyrpo.formats.checkpoint import load_checkpoint
 from tests.fixtures import make_tiny_clip, make_tiny_sd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,7 +210,7 @@ def test_subject_file_names_models_prompts_and_defaults(models, tmp_path):
     assert [v["step"] for v in vals] == [0, 2]
     assert all({"identity", "fidelity"} <= v["exact"].keys() for v in vals)
     # the exact metrics are those of the validation images, each read against its own prompt
-    from tinyrpo.grids import grid_cells
+    from tinyrpo.evaluation.grids import grid_cells
     from tinyrpo.toy.metrics import score_images, subject_truth
     cells = grid_cells(Image.open(out / "val" / "step_00002.png").convert("RGB"), 8, 1, (32, 32))
     exact = score_images(cells, cfg["train_prompts"], subject_truth(meta))
@@ -259,7 +259,7 @@ def test_lora_rank_above_the_adapted_layers_is_refused(models, tmp_path):
     """A rank above every adapted layer's min(in, out) is refused before anything is written; the largest useful
     rank (read off the model here) is accepted."""
     from tinyrpo.trainer import check_lora_rank
-    from tinyrpo.weights import load_sd
+    from tinyrpo.formats.weights import load_sd
     unet = load_sd(models[0]).unet
     names = ("to_q", "to_k", "to_v", "to_out.0")
     top = max(min(m.in_features, m.out_features) for n, m in unet.named_modules()

@@ -15,7 +15,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from tests.test_train import RES, base_args, make_subject, models  # noqa: F401  (models is a fixture)
 from tinyrpo.data import to_tensor
-from tinyrpo.grids import grid_cells
+from tinyrpo.evaluation.grids import grid_cells
 from tinyrpo.reward import score
 from tinyrpo.config import TrainConfig
 from tinyrpo.trainer import Trainer

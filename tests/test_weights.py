@@ -1,4 +1,4 @@
-"""tinyrpo.weights: every public layout maps onto tinyrpo's modules at the real sizes, the loaded values agree
+"""tinyrpo.formats.weights: every public layout maps onto tinyrpo's modules at the real sizes, the loaded values agree
 with the reference loaders (diffusers' own CompVis converter, diffusers / transformers from_pretrained), and
 every bad input ends in one clear WeightsError."""
 import json
@@ -14,13 +14,13 @@ from tests.compvis import LDMConfig, single_file_shapes
 from tests.fixtures import (TINY_DINO, TINY_TEXT, TINY_UNET, TINY_VAE, clip_text_config_json, dino_to_original,
                             make_tiny_clip, make_tiny_dino, make_tiny_sd)
 from tests.util import max_rel_err, randomize_
-from tinyrpo import weights as W
+from tinyrpo.formats import weights as W
 from tinyrpo.clip import CLIP_VIT_B16, CLIP_VIT_B32, CLIP_VIT_L14, CLIPTextConfig
 from tinyrpo.dino import DINOConfig
 from tinyrpo.schedulers import SchedulerConfig
 from tinyrpo.unet import UNetConfig
 from tinyrpo.vae import VAEConfig
-from tinyrpo.weights import WeightsError, load_clip, load_dino, load_sd
+from tinyrpo.formats.weights import WeightsError, load_clip, load_dino, load_sd
 
 MANIFESTS = Path(__file__).parent / "manifests"
 # Loaded models are compared with the reference libraries' in float64, where the honest error is ~1e-15 (measured
@@ -458,7 +458,7 @@ def test_fingerprint_ignores_dtype_and_sample_size_but_not_weights_or_heads(tmp_
     """unet_fingerprint, called directly: the same weights in fp32, fp16, fp64 (and bf16 for weights bf16 can hold)
     name the same base; one weight one fp16 step away, or another head count, another base; sample_size, which a
     single file cannot tell, no part of it."""
-    from tinyrpo.checkpoint import FINGERPRINT_TENSORS, unet_fingerprint
+    from tinyrpo.formats.checkpoint import FINGERPRINT_TENSORS, unet_fingerprint
     sd = load_sd(make_tiny_sd(tmp_path / "sd"))
     cfg, state = sd.unet.cfg, {k: v.detach() for k, v in sd.unet.state_dict().items()}
     fp = unet_fingerprint(cfg, state)
@@ -479,7 +479,7 @@ def test_fingerprint_ignores_dtype_and_sample_size_but_not_weights_or_heads(tmp_
 def test_checkpoint_of_a_folder_applies_to_the_same_weights_as_a_single_file(tmp_path):
     """A checkpoint trained on a diffusers folder whose sample_size (16) is not SD v1.5's applies to a public single
     file of the same weights, which reads as sample_size 64: the U-Net is the checkpoint's."""
-    from tinyrpo.checkpoint import apply_checkpoint, save_checkpoint
+    from tinyrpo.formats.checkpoint import apply_checkpoint, save_checkpoint
     folder = make_tiny_sd(tmp_path / "sd")
     config = folder / "unet" / "config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "sample_size": 16}))

@@ -13,10 +13,10 @@ from safetensors.torch import save_file
 import sample
 from tests.fixtures import make_tiny_clip, make_tiny_dino, make_tiny_sd
 from tinyrpo import evaluate
-from tinyrpo.checkpoint import BEST, load_checkpoint, save_checkpoint
+from tinyrpo.formats.checkpoint import BEST, load_checkpoint, save_checkpoint
 from tinyrpo.errors import run_cli
-from tinyrpo.lora_files import read_lora
-from tinyrpo.weights import load_clip, load_dino, load_sd
+from tinyrpo.formats.lora_files import read_lora
+from tinyrpo.formats.weights import load_clip, load_dino, load_sd
 
 ROOT = Path(__file__).resolve().parents[1]
 LOADERS = {"--weights": load_sd, "--reward-model": load_clip, "--eval-clip": load_clip, "--dino": load_dino,

@@ -7,6 +7,6 @@ __all__ = ["UserError", "load_sd", "load_clip", "load_dino"]
 def __getattr__(name):
     # The loaders pull in every network; import them lazily so `import tinyrpo` stays cheap.
     if name in ("load_sd", "load_clip", "load_dino"):
-        from tinyrpo import weights
+        from tinyrpo.formats import weights
         return getattr(weights, name)
     raise AttributeError(name)

@@ -209,7 +209,7 @@ class CellRunner:
     def __call__(self, cell: Cell) -> tuple[dict, bool]:
         """-> (the cell's eval.json, whether it was done before)."""
         from tinyrpo import evaluate
-        from tinyrpo.checkpoint import best_checkpoint
+        from tinyrpo.formats.checkpoint import best_checkpoint
         from tinyrpo.pipeline import resolve_device
 
         run = self.out / cell.run
@@ -403,7 +403,7 @@ def compare(cells: list[Cell], out: Path, train_args: list[str], args, settings,
     """Run this rank's cells, collect every rank's results on rank 0 and write the table there.
     -> compare.json's content on rank 0, None on the others."""
     from tinyrpo.report import write_comparison_report
-    from tinyrpo.atomic import atomic_write_bytes, atomic_write_json
+    from tinyrpo.runs.atomic import atomic_write_bytes, atomic_write_json
 
     methods = list(dict.fromkeys(c.method for c in cells))
     subjects = list(dict.fromkeys(c.subject for c in cells))

@@ -12,12 +12,12 @@ from pathlib import Path
 
 from tinyrpo.errors import UserError, need
 from tinyrpo.methods import METHODS
-from tinyrpo.paths import DEFAULT_REWARD_CLIP, DEFAULT_SD
+from tinyrpo.runs.paths import DEFAULT_REWARD_CLIP, DEFAULT_SD
 from tinyrpo.pipeline import PRECISIONS
-from tinyrpo.presets import subject_defaults
+from tinyrpo.runs.presets import subject_defaults
 from tinyrpo.rpo import REWARD_MEANS
-from tinyrpo.runfolder import read_json
-from tinyrpo.tracking import LOG_WITH
+from tinyrpo.runs.runfolder import read_json
+from tinyrpo.runs.tracking import LOG_WITH
 
 # With --lora and no --lr: diffusers' LoRA DreamBooth example (train_dreambooth_lora.py's README) trains at
 # 1e-4; full fine-tunes use 5e-6, which would barely move adapters that start at B = 0.

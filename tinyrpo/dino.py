@@ -3,7 +3,7 @@
 DreamBooth's DINO score is the cosine similarity of these embeddings (the class token after the final
 LayerNorm) between generated and reference images. The ViT block is CLIP's pre-norm block with exact GELU,
 so it reuses tinyrpo.clip's EncoderLayer. Module names follow HF `facebook/dino-vits16` at the embedding and
-final-norm level and CLIP's inside the blocks; tinyrpo/weights.py maps the HF ViT and DINO-original names.
+final-norm level and CLIP's inside the blocks; tinyrpo/formats/weights.py maps the HF ViT and DINO-original names.
 Mirrors facebookresearch/dino vision_transformer.py.
 """
 from dataclasses import dataclass

@@ -7,7 +7,7 @@
 
 Files come from the Hugging Face hub as `{base}/{repo}/resolve/{revision}/{file}` (the same URLs a browser
 downloads), so no hub library is needed. Every file is pinned to a commit and checked against its sha256
-(tinyrpo/fetch.py: resume with Range + If-Range, verification, redirects). $HF_TOKEN is sent to the hub
+(tinyrpo/formats/fetch.py: resume with Range + If-Range, verification, redirects). $HF_TOKEN is sent to the hub
 when set (gated or private mirrors, higher rate limits); $HF_ENDPOINT (or --base-url) points at a mirror.
 weights/README.md lists the same files for doing it by hand.
 """
@@ -23,8 +23,8 @@ from pathlib import Path
 
 from tinyrpo.cli import HelpFormatter
 from tinyrpo.errors import UserError, run_cli
-from tinyrpo.fetch import NotFound, fetch, hf_token, host_of, make_folder, write_error
-from tinyrpo.paths import DEFAULT_DIR, DEFAULT_REFS  # where the other commands look by default
+from tinyrpo.formats.fetch import NotFound, fetch, hf_token, host_of, make_folder, write_error
+from tinyrpo.runs.paths import DEFAULT_DIR, DEFAULT_REFS  # where the other commands look by default
 
 # HF_ENDPOINT is the variable huggingface_hub reads for a mirror; honouring it costs nothing.
 HF_URL = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")

@@ -58,7 +58,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tinyrpo.download import missing_weights_message
-from tinyrpo.paths import DEFAULT_DINO
+from tinyrpo.runs.paths import DEFAULT_DINO
 from tinyrpo.dreambooth import DreamBooth, DreamBoothOptions, dreambooth_loss
 from tinyrpo.errors import UserError
 from tinyrpo.method import StepOutput
@@ -170,7 +170,7 @@ class LookForward(DreamBooth):
         self.critic_opt = torch.optim.SGD(self.critic.parameters(), lr=opt.critic_lr)
         self.dino = None
         if opt.dpg_reward == "dino":
-            from tinyrpo.weights import load_dino
+            from tinyrpo.formats.weights import load_dino
             if not Path(opt.dino).exists():
                 raise UserError(missing_weights_message("dino", opt.dino, "--dino"))
             with tr.phase("load"):

@@ -46,7 +46,7 @@ def write_failure(path, code: int) -> str:
 
 
 def run_cli(main, argv=None):
-    """Call `main(argv)`; turn `UserError`, a full disk or read-only target (an OSError tinyrpo.atomic knows)
+    """Call `main(argv)`; turn `UserError`, a full disk or read-only target (an OSError tinyrpo.runs.atomic knows)
     and Ctrl-C into a one-line message and an exit code, and print warnings as one line each."""
     previous, warnings.formatwarning = warnings.formatwarning, format_warning
     try:
@@ -54,7 +54,7 @@ def run_cli(main, argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except OSError as e:  # a write tinyrpo.atomic did not wrap: still one line when the machine is at fault
+    except OSError as e:  # a write tinyrpo.runs.atomic did not wrap: still one line when the machine is at fault
         if e.errno not in REASONS:
             raise
         print(f"error: {write_failure(e.filename or 'a file', e.errno)}", file=sys.stderr)

@@ -49,20 +49,20 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from tinyrpo import dreambench
-from tinyrpo.atomic import atomic_save_image, atomic_write_json, atomic_write_text, write_error
-from tinyrpo.checkpoint import apply_checkpoint, load_checkpoint
+from tinyrpo.runs.atomic import atomic_save_image, atomic_write_json, atomic_write_text, write_error
+from tinyrpo.formats.checkpoint import apply_checkpoint, load_checkpoint
 from tinyrpo.cli import HelpFormatter, add_alias, check_input, check_out_folder
 from tinyrpo.data import load_subject, read_subject_file, resolve_class
 from tinyrpo.download import missing_weights_message
-from tinyrpo.paths import DEFAULT_DINO, DEFAULT_EVAL_CLIP, DEFAULT_SD
+from tinyrpo.runs.paths import DEFAULT_DINO, DEFAULT_EVAL_CLIP, DEFAULT_SD
 from tinyrpo.dino import DINO, dino_preprocess
 from tinyrpo.errors import UserError, run_cli
-from tinyrpo.identify import checkpoint_mixup, wrong_kind
+from tinyrpo.formats.identify import checkpoint_mixup, wrong_kind
 from tinyrpo.pipeline import (PRECISIONS, check_seed, generate, image_grid, resolve_device, resolve_precision, slug,
                               to_pil)
 from tinyrpo.reward import CLIPScorer
 from tinyrpo.rpo import harmonic_reward
-from tinyrpo.weights import load_clip, load_dino, load_sd
+from tinyrpo.formats.weights import load_clip, load_dino, load_sd
 
 METRICS = ("dino", "clip_i", "clip_t", "align_i", "align_t", "harmonic")
 REFERENCE_TEXT = "a photo of a {}"  # CLIP-T of the real images (CLIP's own zero-shot template)

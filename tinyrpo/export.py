@@ -17,7 +17,7 @@ RUN_OR_CKPT is a train.py run folder (its best checkpoint is used) or a checkpoi
                     it in A1111's models/Lora or ComfyUI's models/loras.
     lora-diffusers  a LoRA checkpoint in the names diffusers' pipe.load_lora_weights reads (unet.*.lora_A/B).
 
-The single file is the loader's rules run backwards (tinyrpo/layouts.py), so what tinyrpo reads it writes. A single
+The single file is the loader's rules run backwards (tinyrpo/formats/layouts.py), so what tinyrpo reads it writes. A single
 file has no config.json: what tensor shapes cannot tell (head counts, the VAE's scaling factor, the sample size, the
 noise schedule) a loader takes to be SD v1.5's. So the export also writes the diffusers configs of the U-Net, VAE,
 text encoder and scheduler into the file's header (tinyrpo.unet_config, ...: JSON), and tinyrpo reads them back
@@ -46,16 +46,16 @@ from pathlib import Path
 
 import torch
 
-from tinyrpo.atomic import WriteError, atomic_save_safetensors, machine_errno, write_error
-from tinyrpo.checkpoint import apply_checkpoint, best_checkpoint, load_checkpoint
+from tinyrpo.runs.atomic import WriteError, atomic_save_safetensors, machine_errno, write_error
+from tinyrpo.formats.checkpoint import apply_checkpoint, best_checkpoint, load_checkpoint
 from tinyrpo.cli import HelpFormatter, add_alias
 from tinyrpo.errors import UserError, run_cli
-from tinyrpo.layouts import (CONFIG_KEYS, MODEL_INDEX_JSON, compvis_single_file, scheduler_config_json,
+from tinyrpo.formats.layouts import (CONFIG_KEYS, MODEL_INDEX_JSON, compvis_single_file, scheduler_config_json,
                              text_config_json, unet_config_json, vae_config_json)
-from tinyrpo.lora_files import to_diffusers, to_kohya
+from tinyrpo.formats.lora_files import to_diffusers, to_kohya
 from tinyrpo.pipeline import DTYPES
 from tinyrpo.schedulers import make_betas
-from tinyrpo.weights import load_sd
+from tinyrpo.formats.weights import load_sd
 
 FORMATS = ("single-file", "diffusers", "lora-kohya", "lora-diffusers")
 PRECISIONS = ("fp16", "fp32")  # of the files written: what A1111, ComfyUI and diffusers all read
@@ -81,7 +81,7 @@ def _header(meta: dict) -> dict[str, str]:
 def architecture_header(sd, dtype: torch.dtype) -> dict[str, str]:
     """The diffusers configs of the three networks and of the scheduler, as JSON header entries (layouts.CONFIG_KEYS):
     without them a loader reads what shapes cannot tell (head counts, the VAE's scaling factor, the sample size,
-    the noise schedule) as SD v1.5's. tinyrpo.weights reads them back; other tools ignore them."""
+    the noise schedule) as SD v1.5's. tinyrpo.formats.weights reads them back; other tools ignore them."""
     configs = {"unet": unet_config_json(sd.unet.cfg), "vae": vae_config_json(sd.vae.cfg),
                "text_encoder": text_config_json(sd.text_encoder.config, dtype),
                "scheduler": scheduler_config_json(sd.scheduler_config)}

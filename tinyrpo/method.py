@@ -30,7 +30,7 @@ from PIL import Image
 
 from tinyrpo.data import load_rgb, to_tensor
 from tinyrpo.pipeline import generate, to_pil
-from tinyrpo.atomic import atomic_save_image, atomic_write_json
+from tinyrpo.runs.atomic import atomic_save_image, atomic_write_json
 
 
 class StepOutput(NamedTuple):

@@ -6,7 +6,7 @@
 The trainer calls `write_report(run_dir)` after each validation and at the end; the comparison runner calls
 `write_comparison_report(compare_dir)`. Both pages live here, as they share every piece of reading and
 drawing. Each page is one HTML file, written atomically (a temporary file, then a rename), with no script and nothing fetched: the charts are inline
-SVG (tinyrpo/svgplot.py says why not matplotlib) and the image grids are embedded JPEGs, each linked to
+SVG (tinyrpo/evaluation/svgplot.py says why not matplotlib) and the image grids are embedded JPEGs, each linked to
 its full-size PNG.
 
 A run page shows: the status and the chosen checkpoint; the validation λ_val-Harmonic reward, ALIGN-I and
@@ -34,12 +34,12 @@ from pathlib import Path
 
 from PIL import Image
 
-from tinyrpo.atomic import atomic_write_text
+from tinyrpo.runs.atomic import atomic_write_text
 from tinyrpo.cli import HelpFormatter
 from tinyrpo.errors import UserError, run_cli
-from tinyrpo.grids import grid_cells, labelled_grid
-from tinyrpo.svgplot import Series, ema, line_chart
-from tinyrpo.tracking import numbers
+from tinyrpo.evaluation.grids import grid_cells, labelled_grid
+from tinyrpo.evaluation.svgplot import Series, ema, line_chart
+from tinyrpo.runs.tracking import numbers
 
 THUMB = 128          # px of an embedded grid cell (the full-size PNG is one click away)
 MAX_ROWS = 32        # prompts shown per embedded grid: 1000 rows of 128 px would pass JPEG's size limit

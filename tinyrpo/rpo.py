@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from tinyrpo import kernels
 from tinyrpo.losses import per_sample_mse
 from tinyrpo.method import Method, MethodOptions, StepOutput, encode_images, generated_images
-from tinyrpo.atomic import atomic_write_json
+from tinyrpo.runs.atomic import atomic_write_json
 
 
 # ---------------------------------------------------------------- reward (eq. 5)

@@ -76,7 +76,7 @@ def cmd_quality(args):
     import torch
 
     from tinyrpo.toy.quality import quality_prompts, run_quality, write_quality
-    from tinyrpo.weights import load_sd
+    from tinyrpo.formats.weights import load_sd
     torch.set_num_threads(args.threads)
     sd = load_sd(args.weights)
     prompts = quality_prompts(args.per_triple)

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from tinyrpo.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
 from tinyrpo.dino import DINO, DINOConfig
-from tinyrpo.layouts import (DINO_HF, MODEL_INDEX_JSON, Renames, clip_config_json, dino_config_json, expand,
+from tinyrpo.formats.layouts import (DINO_HF, MODEL_INDEX_JSON, Renames, clip_config_json, dino_config_json, expand,
                              scheduler_config_json, text_config_json, unet_config_json, vae_config_json)
 from tinyrpo.schedulers import SchedulerConfig
 from tinyrpo.tokenizer import CLIPTokenizer
@@ -104,7 +104,7 @@ def save_clip(folder, clip: CLIPModel, dtype=torch.float16) -> Path:
 
 
 def save_dino(folder, dino: DINO, dtype=torch.float16) -> Path:
-    """An HF ViTModel folder with facebook/dino-vits16's names (tinyrpo.layouts.DINO_HF, run backwards)."""
+    """An HF ViTModel folder with facebook/dino-vits16's names (tinyrpo.formats.layouts.DINO_HF, run backwards)."""
     folder = Path(folder)
     c = dino.config
     names = Renames(expand(DINO_HF, c.num_layers))

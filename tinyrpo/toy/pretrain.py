@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from tinyrpo.atomic import atomic_torch_save
+from tinyrpo.runs.atomic import atomic_torch_save
 from tinyrpo.clip import CLIP_MEAN, CLIP_STD
 from tinyrpo.dino import dino_preprocess
 from tinyrpo.schedulers import NoiseSchedule
@@ -474,7 +474,7 @@ def export(out: Path, nets: dict) -> None:
 def unet_check(cfg: PretrainConfig, nets: dict, log, step: int) -> dict:
     """A quick quality reading: the first cfg.check_prompts quality prompts, through the real pipeline."""
     from tinyrpo.toy.quality import quality_prompts, run_quality
-    from tinyrpo.weights import StableDiffusion
+    from tinyrpo.formats.weights import StableDiffusion
     from tinyrpo.schedulers import DDIMScheduler
     sd = StableDiffusion(nets["unet"], nets["vae"], models.text_encoder_of(nets["clip"]),
                          CLIPTokenizer.from_bpe_gz(), DDIMScheduler(models.SCHEDULER), models.SCHEDULER, "", "")

@@ -13,7 +13,7 @@ from PIL import Image
 
 from tinyrpo.data import read_subject_file
 from tinyrpo.errors import UserError
-from tinyrpo.grids import grid_cells
+from tinyrpo.evaluation.grids import grid_cells
 from tinyrpo.toy.metrics import score_images, subject_truth
 
 COLUMNS = ("identity", "fidelity", "background", "colour", "bw", "class", "leak")

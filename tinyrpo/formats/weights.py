@@ -5,7 +5,7 @@
     load_dino(path)  DINO ViT: HF facebook/dino-vits16 names or DINO's own (timm) names; .safetensors/.pth/.bin
 
 tinyrpo's modules carry the diffusers / HF names, so those files load with a plain strict load_state_dict.
-Every other layout is mapped by the rename rules of tinyrpo/layouts.py (one table per network, built from
+Every other layout is mapped by the rename rules of tinyrpo/formats/layouts.py (one table per network, built from
 the config; shared with the export, which runs them backwards), and every config is read there too: off
 tensor shapes for a single file, as openai/CLIP's build_model does (what shapes cannot tell, head counts,
 follows SD v1's rule unless the file's header carries the diffusers configs tinyrpo.export writes: then those
@@ -20,7 +20,7 @@ Mirrors diffusers/loaders/single_file_utils.py (convert_ldm_unet_checkpoint, con
 convert_ldm_clip_checkpoint) and transformers' convert_dino_to_pytorch.py; tests/test_weights.py checks
 the CompVis mapping against diffusers' converter, value for value.
 
-Facts that trip loaders (the layout and config facts are in tinyrpo/layouts.py):
+Facts that trip loaders (the layout and config facts are in tinyrpo/formats/layouts.py):
 - The text encoder's names lose their `text_model.` prefix when transformers 5.x saves a CLIPTextModel
   (so in SD folders that recent diffusers/transformers write): both namings load.
 - HF's ViTConfig defaults to layer_norm_eps 1e-12 and facebook/dino-vits16 keeps it; DINO trained with 1e-6.
@@ -42,11 +42,11 @@ from safetensors.torch import load_file
 from torch.overrides import TorchFunctionMode
 
 from tinyrpo import download
-from tinyrpo.identify import WANTED, Identified, identify, kind_of_names, wrong_kind
+from tinyrpo.formats.identify import WANTED, Identified, identify, kind_of_names, wrong_kind
 from tinyrpo.clip import CLIPConfig, CLIPModel, CLIPTextModel
 from tinyrpo.dino import DINO
-from tinyrpo.checkpoint import unet_fingerprint
-from tinyrpo.layouts import (CONFIG_KEYS, DINO_HF, DINO_ORIGINAL, SCHEDULE_BUFFERS, SD1_ONLY, TEXT_PREFIX,
+from tinyrpo.formats.checkpoint import unet_fingerprint
+from tinyrpo.formats.layouts import (CONFIG_KEYS, DINO_HF, DINO_ORIGINAL, SCHEDULE_BUFFERS, SD1_ONLY, TEXT_PREFIX,
                              UNET_PREFIX, VAE_PREFIX, Renames, WeightsError, compvis_unet_table, compvis_vae_table,
                              expand, indices, infer_clip_text_config, infer_clip_vision_config,
                              infer_compvis_unet_config, infer_compvis_vae_config, infer_dino_config, split_qkv,
@@ -64,7 +64,7 @@ from tinyrpo.vae import AutoencoderKL
 
 def read_state_dict(path, want: str = "sd") -> dict[str, torch.Tensor]:
     """Every tensor of a .safetensors file, or of a .pth / .bin / .ckpt state dict (weights_only=True).
-    `want` (a kind of tinyrpo.identify) is what the caller loads, to word the error for a train.py checkpoint."""
+    `want` (a kind of tinyrpo.formats.identify) is what the caller loads, to word the error for a train.py checkpoint."""
     path = Path(path)
     if path.suffix == ".safetensors" and (found := identify(path)) and found.kind == "ckpt":  # its header says so
         raise WeightsError(wrong_kind(path, want, found))

@@ -23,7 +23,7 @@ import os
 import shlex
 from pathlib import Path
 
-from tinyrpo.atomic import atomic_write_bytes, atomic_write_json, write_error
+from tinyrpo.runs.atomic import atomic_write_bytes, atomic_write_json, write_error
 from tinyrpo.errors import UserError
 
 try:

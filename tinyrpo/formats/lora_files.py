@@ -6,12 +6,12 @@
       sd-scripts trains SD v1 on a U-Net with diffusers' module names (library/original_unet.py), so
       `lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q`; some SD v1 LoRAs carry the
       CompVis names instead (`lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q`): both are read, the
-      CompVis ones through the loader's own table (tinyrpo/layouts.py). "_" is ambiguous, so names are
+      CompVis ones through the loader's own table (tinyrpo/formats/layouts.py). "_" is ambiguous, so names are
       matched against the model's module paths, not split.
     diffusers / PEFT (`load_lora_weights`): unet.<path>.lora_A.weight / .lora_B.weight, text_encoder.<path>...;
       α in the header's lora_adapter_metadata ("unet.lora_alpha"), else α = r.
     diffusers before PEFT (attention processors): unet.<...attn1>.processor.to_q_lora.down.weight / .up.weight
-    tinyrpo: a checkpoint whose header says "tinyrpo.content": "lora" (tinyrpo/checkpoint.py).
+    tinyrpo: a checkpoint whose header says "tinyrpo.content": "lora" (tinyrpo/formats/checkpoint.py).
 
 Reading folds each update into the weights it adapts, W += s·(α/r)·B A (Hu et al. 2021, eq. 3; s the
 --lora-scale), which is what A1111 and ComfyUI do too. Writing (tinyrpo.export) gives kohya's names with
@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from tinyrpo.checkpoint import FORMAT, decode_metadata, load_checkpoint, read_header
+from tinyrpo.formats.checkpoint import FORMAT, decode_metadata, load_checkpoint, read_header
 from tinyrpo.cli import check_input
 from tinyrpo.errors import UserError
-from tinyrpo.identify import WANTED, kind_of_names, wrong_kind
-from tinyrpo.layouts import Renames, compvis_unet_table
-from tinyrpo.weights import read_state_dict
+from tinyrpo.formats.identify import WANTED, kind_of_names, wrong_kind
+from tinyrpo.formats.layouts import Renames, compvis_unet_table
+from tinyrpo.formats.weights import read_state_dict
 
 KOHYA_UNET, KOHYA_TEXT = "lora_unet_", "lora_te_"
 

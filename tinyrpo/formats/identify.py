@@ -144,6 +144,6 @@ def wrong_kind(path, want: str, found: Identified | None = None) -> str | None:
 
 def checkpoint_mixup(path) -> str | None:
     """For --ckpt: the sentence when `path` holds base or evaluation weights; None otherwise (what train.py
-    writes, in whichever format, is tinyrpo.checkpoint's to read and judge)."""
+    writes, in whichever format, is tinyrpo.formats.checkpoint's to read and judge)."""
     found = identify(path)
     return wrong_kind(path, "ckpt", found) if found and found.kind in ("sd", "clip", "dino", "part", "lora") else None

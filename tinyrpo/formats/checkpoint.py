@@ -27,7 +27,7 @@ the base it was trained from.
 train.py's `last.pt` is not a checkpoint of this kind: it is the resumable training state (weights, optimizer,
 RNG) for `train.py --resume`, and reading it as one is refused with a message that says so.
 
-Writing is atomic (tinyrpo/atomic.py): a crash or a full disk mid-write leaves the previous checkpoint intact
+Writing is atomic (tinyrpo/runs/atomic.py): a crash or a full disk mid-write leaves the previous checkpoint intact
 and never a truncated one under the real name.
 """
 import hashlib
@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from tinyrpo.atomic import atomic_save_safetensors
+from tinyrpo.runs.atomic import atomic_save_safetensors
 from tinyrpo.errors import UserError
 from tinyrpo.lora import add_lora, load_lora_state_dict, merge_lora, set_lora_scale
 from tinyrpo.unet import UNetConfig

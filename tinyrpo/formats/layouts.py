@@ -4,7 +4,7 @@
     configs         our config dataclasses read off tensor shapes or a diffusers / HF config.json,
                     and written back as those config.json files
 
-Shared by loading (tinyrpo/weights.py reads files through these tables and readers) and writing
+Shared by loading (tinyrpo/formats/weights.py reads files through these tables and readers) and writing
 (tinyrpo/export.py and tinyrpo/toy/models.py run them backwards), so the two can never disagree. Each table
 is built from the config by a few loops (so a tiny model maps as well as SD v1.5), `{i}` standing for a
 layer index, the longest matching dotted prefix winning. The few fixes that are not renames (1x1 convs
@@ -240,7 +240,7 @@ UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_mo
 # weights, and, like diffusers' converter by default, we load the plain ones.
 # A single file has no config.json: what tensor shapes cannot tell (head counts, the VAE's scaling factor, the
 # sample size, the noise schedule) a loader guesses as SD v1.5's. tinyrpo.export therefore writes the diffusers
-# configs into the file's header, as JSON under these keys, and tinyrpo.weights reads them back; public files
+# configs into the file's header, as JSON under these keys, and tinyrpo.formats.weights reads them back; public files
 # carry none and are read as before.
 CONFIG_KEYS = {"unet": "tinyrpo.unet_config", "vae": "tinyrpo.vae_config",
                "text_encoder": "tinyrpo.text_encoder_config", "scheduler": "tinyrpo.scheduler_config"}
