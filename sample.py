@@ -30,18 +30,18 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 from PIL.PngImagePlugin import PngInfo
 
-from tinyrpo.runs.atomic import atomic_save_image, atomic_write_json, fsync_dir, write_error
 from tinyrpo.cli import HelpFormatter, add_alias, check_input, check_out_folder
-from tinyrpo.formats.checkpoint import BEST, apply_checkpoint, load_checkpoint
-from tinyrpo.runs.paths import DEFAULT_SD
 from tinyrpo.errors import UserError, run_cli
+from tinyrpo.formats.checkpoint import BEST, apply_checkpoint, load_checkpoint
 from tinyrpo.formats.identify import checkpoint_mixup
 from tinyrpo.formats.infotext import infotext, lora_hash, model_hash, model_name
 from tinyrpo.formats.lora_files import apply_lora, tinyrpo_lora_meta
+from tinyrpo.formats.weights import load_sd
 from tinyrpo.pipeline import (PRECISIONS, check_args, check_seed, generate, image_grid, resolve_device,
                               resolve_precision, slug, to_pil)
+from tinyrpo.runs.atomic import atomic_save_image, atomic_write_json, fsync_dir, write_error
+from tinyrpo.runs.paths import DEFAULT_SD
 from tinyrpo.toy.subjects import WEIGHTS as TOY_WEIGHTS
-from tinyrpo.formats.weights import load_sd
 
 SMALL_UNET = 20_000_000  # parameters: the toy world's U-Net has 4.2M, SD v1.5's 860M
 

@@ -23,8 +23,8 @@ import sys
 from pathlib import Path
 
 from tinyrpo.cli import HelpFormatter, add_alias
-from tinyrpo.runs.paths import DEFAULT_REWARD_CLIP, DEFAULT_SD
 from tinyrpo.errors import run_cli
+from tinyrpo.runs.paths import DEFAULT_REWARD_CLIP, DEFAULT_SD
 
 # What `python train.py` trains with no --subject: the toy world's subject, whose subject.json names the toy
 # models (weights/toy) and a CPU-sized preset (see tinyrpo/toy and README's quick start).

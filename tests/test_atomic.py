@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
+from tinyrpo.errors import run_cli
 from tinyrpo.runs import atomic
 from tinyrpo.runs.atomic import (WriteError, atomic_save_image, atomic_save_safetensors, atomic_torch_save,
-                            atomic_write_json, atomic_write_text)
-from tinyrpo.errors import run_cli
+                                 atomic_write_json, atomic_write_text)
 
 BIG = {"w": torch.arange(200_000, dtype=torch.float32)}  # 800 kB: more than the small disk holds
 

@@ -9,8 +9,9 @@ import pytest
 
 import sample
 from tests.fixtures import make_tiny_sd
-from tinyrpo import compare, download, evaluate
+from tinyrpo import compare, evaluate
 from tinyrpo.errors import run_cli
+from tinyrpo.formats import hub
 from tinyrpo.pipeline import MAX_SEED
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,9 +82,9 @@ def command_in(message: str) -> list[str]:
 
 
 def test_printed_commands_quote_paths():
-    m = download.missing_weights_message("clip-l14", "/data/my weights/clip-vit-large-patch14", flag="--reward-model")
+    m = hub.missing_weights_message("clip-l14", "/data/my weights/clip-vit-large-patch14", flag="--reward-model")
     assert command_in(m) == ["python", "-m", "tinyrpo.download", "clip-l14", "--dir", "/data/my weights"]
-    m = download.missing_weights_message("dreambench", "/data/my refs")
+    m = hub.missing_weights_message("dreambench", "/data/my refs")
     assert command_in(m) == ["python", "-m", "tinyrpo.download", "dreambench", "--refs", "/data/my refs"]
 
 

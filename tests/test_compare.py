@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 
 from tests.test_evaluate import make_subject, models  # noqa: F401  (models is a fixture)
-from tinyrpo import compare, evaluate
-from tinyrpo.compare import Cell, PUBLISHED, main, markdown, mean_std, method_args, plan, shard, summarize
+from tinyrpo import evaluate
+from tinyrpo.compare import main
 from tinyrpo.errors import UserError
+from tinyrpo.evaluation import comparison
+from tinyrpo.evaluation.comparison import Cell, PUBLISHED, markdown, mean_std, method_args, plan, shard, summarize
 from tinyrpo.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +74,7 @@ def test_each_method_gets_its_own_options():
     assert method_args(args, "rpo") == ["--lr", "1e-4", "--beta", "2", "--no-pref", "--steps", "5"]
     assert method_args(args, "dreambooth") == ["--lr", "1e-4", "--num-class-images=3", "--steps", "5"]
     assert method_args(args, "dpg") == ["--lr", "1e-4", "--num-class-images=3", "--gamma", "0.99", "--steps", "5"]
-    argv = compare.train_argv(Cell("dpg", Path("refs/dog"), 2), Path("out/dpg/dog/seed2"), args, {"--device": "cpu"})
+    argv = comparison.train_argv(Cell("dpg", Path("refs/dog"), 2), Path("out/dpg/dog/seed2"), args, {"--device": "cpu"})
     assert argv[:10] == ["--subject", "refs/dog", "--out", "out/dpg/dog/seed2", "--method", "dpg", "--seed", "2",
                          "--device", "cpu"]
 

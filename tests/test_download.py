@@ -1,4 +1,4 @@
-"""tinyrpo.download / tinyrpo.formats.fetch against local HTTP servers that act like the hub and its CDN (never the
+"""tinyrpo.download / tinyrpo.formats.hub / tinyrpo.formats.fetch against local HTTP servers that act like the hub and its CDN (never the
 internet): pinned revisions, sha256 checks, resume without splicing, redirects, tokens, rate limits."""
 import hashlib
 import io
@@ -17,10 +17,10 @@ from types import SimpleNamespace
 
 import pytest
 
-import tinyrpo.download as dl
+import tinyrpo.formats.hub as dl
 import tinyrpo.formats.fetch as fe
-from tinyrpo.runs import paths
 from tinyrpo.errors import UserError
+from tinyrpo.runs import paths
 
 ROOT = Path(__file__).resolve().parents[1]
 BIG = "unet/diffusion_pytorch_model.safetensors"

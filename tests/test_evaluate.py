@@ -15,15 +15,16 @@ from PIL import Image
 
 from tests.fixtures import make_tiny_clip, make_tiny_dino, make_tiny_sd
 from tinyrpo import dreambench
-from tinyrpo.formats.checkpoint import save_checkpoint
 from tinyrpo.data import load_subject
 from tinyrpo.dino import IMAGENET_MEAN, IMAGENET_STD
 from tinyrpo.errors import UserError
-from tinyrpo.evaluate import (REWARD_MODEL_NOTE, Embedder, harmonic_scores, image_scores, main, pair_cosine,
-                              scoring_prompt, text_cosine)
+from tinyrpo.evaluate import main
+from tinyrpo.evaluation.scores import (REWARD_MODEL_NOTE, Embedder, harmonic_scores, image_scores, pair_cosine,
+                                       scoring_prompt, text_cosine)
+from tinyrpo.formats.checkpoint import save_checkpoint
+from tinyrpo.formats.weights import load_clip, load_dino, load_sd
 from tinyrpo.reward import CLIPScorer, score
 from tinyrpo.rpo import align_i, align_t, harmonic_reward
-from tinyrpo.formats.weights import load_clip, load_dino, load_sd
 
 R2 = 1 / math.sqrt(2)
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,17 +20,18 @@ import sample
 from tests.fixtures import TINY_UNET, make_tiny_sd
 from tests.util import max_rel_err, parse_a1111
 from tinyrpo import export as E
-from tinyrpo.formats.checkpoint import BEST, apply_checkpoint, save_checkpoint
 from tinyrpo.clip import CLIPTextConfig, CLIPTextModel
 from tinyrpo.errors import run_cli
+from tinyrpo.formats import exports
+from tinyrpo.formats.checkpoint import BEST, apply_checkpoint, save_checkpoint
 from tinyrpo.formats.layouts import compvis_single_file
-from tinyrpo.lora import add_lora, lora_config, lora_state_dict, merge_lora, set_lora_scale
 from tinyrpo.formats.lora_files import apply_lora, kohya_name, to_kohya
+from tinyrpo.formats.weights import empty_model, load_sd
+from tinyrpo.lora import add_lora, lora_config, lora_state_dict, merge_lora, set_lora_scale
 from tinyrpo.pipeline import DTYPES
 from tinyrpo.schedulers import SchedulerConfig, make_betas
 from tinyrpo.unet import UNet, UNetConfig
 from tinyrpo.vae import AutoencoderKL, VAEConfig
-from tinyrpo.formats.weights import empty_model, load_sd
 
 MANIFESTS = Path(__file__).parent / "manifests"
 TOL = 1e-5
@@ -75,7 +76,7 @@ def assert_unet(theirs, ours, tol=TOL):
 
 def out_of(runs, run, fmt, tmp_path, **kw) -> Path:
     ext = "" if fmt == "diffusers" else ".safetensors"
-    return E.export_checkpoint(runs["root"] / run, fmt, out=tmp_path / f"{run}-{fmt}{ext}", **kw)
+    return exports.export_checkpoint(runs["root"] / run, fmt, out=tmp_path / f"{run}-{fmt}{ext}", **kw)
 
 
 def pipeline(runs):
@@ -381,8 +382,8 @@ def test_non_sd15_exports_sample_as_the_checkpoint(odd, tmp_path, capsys):
     """sample.py on the single-file export and on the diffusers export of a model with other heads, VAE scaling,
     sample size and schedule than SD v1.5 gives, pixel for pixel, the images of the checkpoint itself, at the
     model's own size; the single file says in one line that its header set the architecture."""
-    single = E.export_checkpoint(odd["run"], "single-file", out=tmp_path / "odd.safetensors")
-    folder = E.export_checkpoint(odd["run"], "diffusers", out=tmp_path / "odd-diffusers")
+    single = exports.export_checkpoint(odd["run"], "single-file", out=tmp_path / "odd.safetensors")
+    folder = exports.export_checkpoint(odd["run"], "diffusers", out=tmp_path / "odd-diffusers")
     common = ["--prompt", "a sks toy on a red background", "--sample-steps", "3", "--images-per-prompt", "1", "--device", "cpu",
               "--no-progress", "--overwrite", "--seed", "1"]
 
@@ -405,7 +406,7 @@ def test_non_sd15_exports_sample_as_the_checkpoint(odd, tmp_path, capsys):
 
 def test_public_single_file_without_header_loads_as_before(odd, tmp_path, capsys):
     """The same tensors without tinyrpo's header entries: read as a public file is, with SD v1's rules, silently."""
-    single = E.export_checkpoint(odd["run"], "single-file", out=tmp_path / "odd.safetensors")
+    single = exports.export_checkpoint(odd["run"], "single-file", out=tmp_path / "odd.safetensors")
     plain = tmp_path / "plain.safetensors"
     save_file(load_file(single), plain, metadata={"format": "pt"})
     capsys.readouterr()
@@ -416,7 +417,7 @@ def test_public_single_file_without_header_loads_as_before(odd, tmp_path, capsys
 
 
 def test_bad_architecture_header_is_one_line(odd, tmp_path, capsys):
-    single = E.export_checkpoint(odd["run"], "single-file", out=tmp_path / "odd.safetensors")
+    single = exports.export_checkpoint(odd["run"], "single-file", out=tmp_path / "odd.safetensors")
     with safe_open(str(single), "pt") as f:
         header = f.metadata()
     save_file(load_file(single), tmp_path / "bad.safetensors", {**header, "tinyrpo.vae_config": "{not json"})
@@ -561,9 +562,9 @@ def test_ctrl_c_while_the_diffusers_folders_swap(runs, tmp_path, monkeypatch):
             # torch's threads and reach Python only after the swap (seen once in a loaded suite run)
             signal.raise_signal(signal.SIGINT)
 
-    monkeypatch.setattr(E.os, "replace", replace_then_interrupt)
+    monkeypatch.setattr(exports.os, "replace", replace_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
-        E.export_checkpoint(runs["root"] / "dog", "diffusers", out=out, overwrite=True)
+        exports.export_checkpoint(runs["root"] / "dog", "diffusers", out=out, overwrite=True)
     assert torch.equal(load_sd(out).unet.conv_out.weight, runs["tuned"].conv_out.weight)  # the new export, whole
     assert [p.name for p in tmp_path.iterdir()] == [out.name]
 
@@ -601,7 +602,7 @@ def test_a_held_ctrl_c_is_delivered_whatever_handler_was_there():
             signal.signal(signal.SIGINT, previous)
             done = []
             try:
-                with E.interrupts_held():
+                with exports.interrupts_held():
                     signal.raise_signal(signal.SIGINT)
                     done.append("swap finished")
             except KeyboardInterrupt:

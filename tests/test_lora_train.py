@@ -9,8 +9,8 @@ from safetensors import safe_open
 import train
 from tests.test_train import RES, base_args, make_subject, models  # noqa: F401  (models: fixture)
 from tests.test_trainer_step import make_trainer
-from tinyrpo.trainer import optimizer_step
 from tinyrpo.formats.weights import load_sd
+from tinyrpo.trainer import optimizer_step
 
 
 def test_lora_rpo_end_to_end(models, tmp_path):

@@ -7,10 +7,10 @@ import torch
 import train
 from tests.test_methods import ONE_PROMPT, method_args
 from tests.test_train import make_subject, models  # noqa: F401  (models is a fixture)
-from tinyrpo.formats.checkpoint import apply_checkpoint, load_checkpoint, save_checkpoint
 from tinyrpo.errors import UserError
-from tinyrpo.methods import METHODS
+from tinyrpo.formats.checkpoint import apply_checkpoint, load_checkpoint, save_checkpoint
 from tinyrpo.formats.weights import load_sd
+from tinyrpo.methods import METHODS
 
 # look forward at its default critic step (lr 0.01, gradient norm clipped to 1): on these random networks the
 # look-forward residuals are in the hundreds at large t, and the authors' unclipped step made the loss -inf at
@@ -141,7 +141,7 @@ def test_method_user_errors_write_nothing(models, setup, tmp_path, case):
 def test_checkpoint_with_text_encoder(models, tmp_path):
     """A checkpoint carries a fine-tuned text encoder; apply_checkpoint loads it (sample.py, evaluate), the export
     writes it, and the base-model check still holds."""
-    from tinyrpo.export import export_checkpoint
+    from tinyrpo.formats.exports import export_checkpoint
     sd = load_sd(models[0])
     g = torch.Generator().manual_seed(0)
     nudge = lambda state: {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in state.items()}  # noqa: E731

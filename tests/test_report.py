@@ -1,4 +1,4 @@
-"""The run and comparison pages (tinyrpo/report.py), their SVG charts and labelled grids.
+"""The run and comparison pages (tinyrpo/evaluation/pages.py, the command tinyrpo/report.py), their SVG charts and labelled grids.
 
 Pages are built from a real tiny train.py run and from hand-written run folders (a run in progress, a run
 with only the step-0 validation, a method with its own loss terms and exact toy metrics), then rendered
@@ -24,9 +24,9 @@ from tests.test_grids import PROMPTS, noise_images, strips_and_cells
 from tests.test_train import base_args, make_subject, models  # noqa: F401  (models: the tiny-weights fixture)
 from tinyrpo.errors import UserError, run_cli
 from tinyrpo.evaluation.grids import grid_cells, labelled_grid
-from tinyrpo.report import main as report_main
-from tinyrpo.report import write_comparison_report, write_report
+from tinyrpo.evaluation.pages import write_comparison_report, write_report
 from tinyrpo.evaluation.svgplot import Series, ema, line_chart, nice_ticks
+from tinyrpo.report import main as report_main
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -27,12 +27,12 @@ from safetensors.torch import save_file
 import sample
 from tests.fixtures import make_tiny_sd
 from tests.util import parse_a1111
-from tinyrpo.formats.checkpoint import BEST, FORMAT, apply_checkpoint, load_checkpoint, save_checkpoint
 from tinyrpo.errors import UserError, run_cli
+from tinyrpo.formats.checkpoint import BEST, FORMAT, apply_checkpoint, load_checkpoint, save_checkpoint
 from tinyrpo.formats.infotext import lora_hash, model_hash
+from tinyrpo.formats.weights import load_sd
 from tinyrpo.lora import add_lora, lora_config, lora_state_dict, set_lora_scale
 from tinyrpo.pipeline import generate, to_pil, to_uint8
-from tinyrpo.formats.weights import load_sd
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a photo of a sks dog on the beach", "an oil painting of a cat"]

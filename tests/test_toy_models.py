@@ -9,13 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
+from tinyrpo.formats.weights import load_clip, load_dino, load_sd
 from tinyrpo.pipeline import generate
-from tinyrpo.toy import models
 from tinyrpo.reward import CLIPScorer
+from tinyrpo.toy import models
 from tinyrpo.toy.quality import quality_prompts, run_quality
 from tinyrpo.toy.subjects import SUBJECTS
 from tinyrpo.toy.world import Picture, Thing, render
-from tinyrpo.formats.weights import load_clip, load_dino, load_sd
 
 ROOT = Path(__file__).resolve().parents[1]
 W = ROOT / "weights" / "toy"

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from tinyrpo.formats.weights import load_clip, load_dino
 from tinyrpo.toy import probe as P
 from tinyrpo.toy.pretrain import PretrainConfig, rules, tower_config, tower_rules
 from tinyrpo.toy.subjects import HELD_OUT_PATTERNS, PROBE_PATTERNS, PROBE_SUBJECTS, SUBJECTS
 from tinyrpo.toy.towers import group_views, label_map, patch_labels, picture, sincos_positions
 from tinyrpo.toy.world import SIZE, Picture, Thing, dataset, render
-from tinyrpo.formats.weights import load_clip, load_dino
 
 W = Path(__file__).resolve().parents[1] / "weights" / "toy"
 

@@ -14,10 +14,10 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from tests.test_train import RES, base_args, make_subject, models  # noqa: F401  (models is a fixture)
+from tinyrpo.config import TrainConfig
 from tinyrpo.data import to_tensor
 from tinyrpo.evaluation.grids import grid_cells
 from tinyrpo.reward import score
-from tinyrpo.config import TrainConfig
 from tinyrpo.trainer import Trainer
 
 import train

@@ -14,13 +14,13 @@ from tests.compvis import LDMConfig, single_file_shapes
 from tests.fixtures import (TINY_DINO, TINY_TEXT, TINY_UNET, TINY_VAE, clip_text_config_json, dino_to_original,
                             make_tiny_clip, make_tiny_dino, make_tiny_sd)
 from tests.util import max_rel_err, randomize_
-from tinyrpo.formats import weights as W
 from tinyrpo.clip import CLIP_VIT_B16, CLIP_VIT_B32, CLIP_VIT_L14, CLIPTextConfig
 from tinyrpo.dino import DINOConfig
+from tinyrpo.formats import weights as W
+from tinyrpo.formats.weights import WeightsError, load_clip, load_dino, load_sd
 from tinyrpo.schedulers import SchedulerConfig
 from tinyrpo.unet import UNetConfig
 from tinyrpo.vae import VAEConfig
-from tinyrpo.formats.weights import WeightsError, load_clip, load_dino, load_sd
 
 MANIFESTS = Path(__file__).parent / "manifests"
 # Loaded models are compared with the reference libraries' in float64, where the honest error is ~1e-15 (measured

@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 import sample
 from tests.fixtures import make_tiny_clip, make_tiny_dino, make_tiny_sd
 from tinyrpo import evaluate
-from tinyrpo.formats.checkpoint import BEST, load_checkpoint, save_checkpoint
 from tinyrpo.errors import run_cli
+from tinyrpo.formats.checkpoint import BEST, load_checkpoint, save_checkpoint
 from tinyrpo.formats.lora_files import read_lora
 from tinyrpo.formats.weights import load_clip, load_dino, load_sd
 

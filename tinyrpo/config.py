@@ -12,10 +12,10 @@ from pathlib import Path
 
 from tinyrpo.errors import UserError, need
 from tinyrpo.methods import METHODS
-from tinyrpo.runs.paths import DEFAULT_REWARD_CLIP, DEFAULT_SD
 from tinyrpo.pipeline import PRECISIONS
-from tinyrpo.runs.presets import subject_defaults
 from tinyrpo.rpo import REWARD_MEANS
+from tinyrpo.runs.paths import DEFAULT_REWARD_CLIP, DEFAULT_SD
+from tinyrpo.runs.presets import subject_defaults
 from tinyrpo.runs.runfolder import read_json
 from tinyrpo.runs.tracking import LOG_WITH
 

@@ -57,11 +57,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tinyrpo.download import missing_weights_message
-from tinyrpo.runs.paths import DEFAULT_DINO
 from tinyrpo.dreambooth import DreamBooth, DreamBoothOptions, dreambooth_loss
 from tinyrpo.errors import UserError
+from tinyrpo.formats.hub import missing_weights_message
 from tinyrpo.method import StepOutput
+from tinyrpo.runs.paths import DEFAULT_DINO
 
 REWARDS = ("lookforward", "dino")
 

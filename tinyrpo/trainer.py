@@ -27,20 +27,21 @@ import torch
 from tqdm import tqdm
 
 from tinyrpo import dreambench
-from tinyrpo.runs.atomic import WriteError, atomic_save_image, atomic_torch_save, atomic_write_json
-from tinyrpo.formats.checkpoint import BEST, LAST, save_checkpoint
 from tinyrpo.config import TrainConfig, method_options, resolve_config
 from tinyrpo.data import Subject, load_subject, read_prompt_file
 from tinyrpo.errors import REASONS, UserError
-from tinyrpo.methods import METHODS
 from tinyrpo.evaluation.grids import labelled_grid
-from tinyrpo.lora import DEFAULT_TARGETS, _matches, add_lora, load_lora_state_dict, lora_config, lora_disabled, lora_state_dict
-from tinyrpo.pipeline import DTYPES, generate, resolve_device, to_pil
-from tinyrpo.report import write_report
-from tinyrpo.reward import CLIPScorer, Scores, score
-from tinyrpo.runs.tracking import Tracker, make_tracker
-from tinyrpo.runs.runfolder import JsonlLog, RunFolder
+from tinyrpo.evaluation.pages import write_report
+from tinyrpo.formats.checkpoint import BEST, LAST, save_checkpoint
 from tinyrpo.formats.weights import load_clip, load_sd
+from tinyrpo.lora import (DEFAULT_TARGETS, _matches, add_lora, load_lora_state_dict, lora_config, lora_disabled,
+                          lora_state_dict)
+from tinyrpo.methods import METHODS
+from tinyrpo.pipeline import DTYPES, generate, resolve_device, to_pil
+from tinyrpo.reward import CLIPScorer, Scores, score
+from tinyrpo.runs.atomic import WriteError, atomic_save_image, atomic_torch_save, atomic_write_json
+from tinyrpo.runs.runfolder import JsonlLog, RunFolder
+from tinyrpo.runs.tracking import Tracker, make_tracker
 
 # Measured on refs/toy at its preset (800 steps, β 0.1; exact identity of the validation images, 0.25 = the base
 # model): --lora 4 stays at 0.24-0.26 with the preset's lr 1e-4 (= LORA_LR), 0.21-0.29 at 1e-3 and peaks at 0.34

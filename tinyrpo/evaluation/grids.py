@@ -4,7 +4,7 @@
     cells = grid_cells(grid, rows=len(prompts), cols=4, cell=(512, 512))   # the images again, unchanged
 
 The trainer's validation grids (val/step_*.png) and the evaluation's grids use it, so a grid opened on its
-own says which prompt each row is; the report pages (tinyrpo/report.py) cut grids into cells and redraw
+own says which prompt each row is; the report pages (tinyrpo/evaluation/pages.py) cut grids into cells and redraw
 them small. Only PIL: the report can be rebuilt without importing torch. `pipeline.image_grid` is the
 unlabelled grid (no strips), which `grid_cells` reads as well.
 """

@@ -1,4 +1,4 @@
-"""Line charts as inline SVG, for the report pages (tinyrpo/report.py).
+"""Line charts as inline SVG, for the report pages (tinyrpo/evaluation/pages.py).
 
 Why our own ~150 lines and not matplotlib: the report is rebuilt after every validation of every run, so
 it must cost nothing to import and never be missing. With a plotting library as an optional extra, the

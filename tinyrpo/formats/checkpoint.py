@@ -41,9 +41,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from tinyrpo.runs.atomic import atomic_save_safetensors
 from tinyrpo.errors import UserError
 from tinyrpo.lora import add_lora, load_lora_state_dict, merge_lora, set_lora_scale
+from tinyrpo.runs.atomic import atomic_save_safetensors
 from tinyrpo.unet import UNetConfig
 
 FORMAT = "tinyrpo-ckpt"

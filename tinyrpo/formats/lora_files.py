@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from tinyrpo.formats.checkpoint import FORMAT, decode_metadata, load_checkpoint, read_header
 from tinyrpo.cli import check_input
 from tinyrpo.errors import UserError
+from tinyrpo.formats.checkpoint import FORMAT, decode_metadata, load_checkpoint, read_header
 from tinyrpo.formats.identify import WANTED, kind_of_names, wrong_kind
 from tinyrpo.formats.layouts import Renames, compvis_unet_table
 from tinyrpo.formats.weights import read_state_dict

@@ -41,17 +41,17 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.overrides import TorchFunctionMode
 
-from tinyrpo import download
-from tinyrpo.formats.identify import WANTED, Identified, identify, kind_of_names, wrong_kind
 from tinyrpo.clip import CLIPConfig, CLIPModel, CLIPTextModel
 from tinyrpo.dino import DINO
+from tinyrpo.formats import hub
 from tinyrpo.formats.checkpoint import unet_fingerprint
+from tinyrpo.formats.identify import WANTED, Identified, identify, kind_of_names, wrong_kind
 from tinyrpo.formats.layouts import (CONFIG_KEYS, DINO_HF, DINO_ORIGINAL, SCHEDULE_BUFFERS, SD1_ONLY, TEXT_PREFIX,
-                             UNET_PREFIX, VAE_PREFIX, Renames, WeightsError, compvis_unet_table, compvis_vae_table,
-                             expand, indices, infer_clip_text_config, infer_clip_vision_config,
-                             infer_compvis_unet_config, infer_compvis_vae_config, infer_dino_config, split_qkv,
-                             unet_config_from_diffusers, vae_conv_to_linear, vae_config_from_diffusers,
-                             vae_legacy_table)
+                                     UNET_PREFIX, VAE_PREFIX, Renames, WeightsError, compvis_unet_table,
+                                     compvis_vae_table, expand, indices, infer_clip_text_config,
+                                     infer_clip_vision_config, infer_compvis_unet_config, infer_compvis_vae_config,
+                                     infer_dino_config, split_qkv, unet_config_from_diffusers, vae_conv_to_linear,
+                                     vae_config_from_diffusers, vae_legacy_table)
 from tinyrpo.schedulers import DDIMScheduler, SchedulerConfig, from_diffusers_config
 from tinyrpo.tokenizer import CLIPTokenizer
 from tinyrpo.unet import UNet
@@ -408,7 +408,7 @@ def load_sd(path, device="cpu", dtype=torch.float32) -> StableDiffusion:
     """
     path = Path(path)
     if not path.exists():
-        raise WeightsError(download.missing_weights_message("sd15", path))
+        raise WeightsError(hub.missing_weights_message("sd15", path))
     if path.is_dir():
         parts = sd_folder_parts(path)
         vocab, merges = path / "tokenizer" / "vocab.json", path / "tokenizer" / "merges.txt"
@@ -444,7 +444,7 @@ def _refuse_other_kind(path: Path, want: str, state: dict | None = None) -> None
 def _hf_weights(path: Path, kind: str, extra: tuple = ()) -> tuple[Path, dict | None]:
     """(weight file, config.json dict or None) for an HF folder or a weight file given directly."""
     if not path.exists():
-        raise WeightsError(download.missing_weights_message(kind, path))
+        raise WeightsError(hub.missing_weights_message(kind, path))
     folder = path if path.is_dir() else path.parent
     file = _first_file(path, ["model.safetensors", "pytorch_model.bin", *extra], kind) if path.is_dir() else path
     config = folder / "config.json"
@@ -470,7 +470,7 @@ def clip_part(state: dict, hf: dict | None, source: str) -> Part:
 def load_clip(path, device="cpu", dtype=torch.float32) -> CLIPModel:
     """CLIP from an HF folder (model.safetensors or pytorch_model.bin, + config.json) or the file itself."""
     path = Path(path)
-    kind = "clip-b32" if path.name == download.MODELS["clip-b32"][1] else "clip-l14"
+    kind = "clip-b32" if path.name == hub.MODELS["clip-b32"][1] else "clip-l14"
     _refuse_other_kind(path, "clip")
     file, hf = _hf_weights(path, kind)
     state = read_state_dict(file, "clip")

@@ -23,8 +23,8 @@ import os
 import shlex
 from pathlib import Path
 
-from tinyrpo.runs.atomic import atomic_write_bytes, atomic_write_json, write_error
 from tinyrpo.errors import UserError
+from tinyrpo.runs.atomic import atomic_write_bytes, atomic_write_json, write_error
 
 try:
     import fcntl

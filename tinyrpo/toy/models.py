@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from tinyrpo.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
 from tinyrpo.dino import DINO, DINOConfig
 from tinyrpo.formats.layouts import (DINO_HF, MODEL_INDEX_JSON, Renames, clip_config_json, dino_config_json, expand,
-                             scheduler_config_json, text_config_json, unet_config_json, vae_config_json)
+                                     scheduler_config_json, text_config_json, unet_config_json, vae_config_json)
 from tinyrpo.schedulers import SchedulerConfig
 from tinyrpo.tokenizer import CLIPTokenizer
 from tinyrpo.unet import UNet, UNetConfig

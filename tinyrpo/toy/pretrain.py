@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from tinyrpo.runs.atomic import atomic_torch_save
 from tinyrpo.clip import CLIP_MEAN, CLIP_STD
 from tinyrpo.dino import dino_preprocess
+from tinyrpo.runs.atomic import atomic_torch_save
 from tinyrpo.schedulers import NoiseSchedule
 from tinyrpo.tokenizer import CLIPTokenizer
 from tinyrpo.toy import metrics, models

@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tinyrpo.runs.atomic import atomic_write_json
 from tinyrpo.dino import dino_preprocess
+from tinyrpo.formats.weights import load_clip, load_dino
 from tinyrpo.reward import CLIPScorer
+from tinyrpo.runs.atomic import atomic_write_json
 from tinyrpo.toy.subjects import PROBE_SUBJECTS, SUBJECTS, references
 from tinyrpo.toy.world import BACKGROUNDS, MARGIN, SIZE, SIZES, Picture, Thing, allowed, render, visible_cells
-from tinyrpo.formats.weights import load_clip, load_dino
 
 ROWS = {"same": "same background", "across": "across backgrounds", "elsewhere": "elsewhere vs refs' background"}
 TARGET = 0.95  # every AUC of the shipped towers (the issue that made the towers see identity)
