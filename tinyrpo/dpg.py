@@ -48,7 +48,7 @@ all finish, where the authors' step diverged on one (the README's look-forward s
 --critic-clip 0 is the authors' unclipped step.
 
 The paper's equations could not be read here (only the authors' code and a summary of the paper), so the
-formulas above cite the code; the published numbers are in tinyrpo/compare.py.
+formulas above cite the code; the published numbers are in tinyrpo/evaluation/comparison.py.
 """
 from dataclasses import dataclass
 from pathlib import Path

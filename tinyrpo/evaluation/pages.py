@@ -352,7 +352,7 @@ def write_report(run_dir) -> Path:
 
 # -------------------------------------------------------------------------------------------- the comparison page
 # compare_dir/report.html for a table of runs (methods × subjects × seeds): the comparison runner
-# (tinyrpo/compare.py) writes compare.json and calls write_comparison_report; charts and grids are drawn as on
+# (tinyrpo/evaluation/comparison.py) writes compare.json and calls write_comparison_report; charts and grids are drawn as on
 # a run's page, from the run folders compare.json names.
 
 def read_compare(compare_dir: Path) -> dict:

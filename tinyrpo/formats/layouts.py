@@ -5,7 +5,7 @@
                     and written back as those config.json files
 
 Shared by loading (tinyrpo/formats/weights.py reads files through these tables and readers) and writing
-(tinyrpo/export.py and tinyrpo/toy/models.py run them backwards), so the two can never disagree. Each table
+(tinyrpo/formats/exports.py and tinyrpo/toy/models.py run them backwards), so the two can never disagree. Each table
 is built from the config by a few loops (so a tiny model maps as well as SD v1.5), `{i}` standing for a
 layer index, the longest matching dotted prefix winning. The few fixes that are not renames (1x1 convs
 stored where we have linears, DINO's fused qkv) sit beside the tables.
