@@ -59,6 +59,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.gpu_report import render, targets  # noqa: E402  (no torch: the report is plain data)
+from tinyrpo.cli import HelpFormatter  # noqa: E402  (no torch either)
 
 SECTIONS = ("kernels", "train", "sample", "fullrun", "variants")
 # Seconds per section on an H100/H200, 475 in all. A first compile there takes 1-2 minutes per model (the
@@ -68,8 +69,8 @@ BUDGETS = {"machine": 10, "kernels": 25, "train": 120, "sample": 95, "fullrun": 
 REPORT_RESERVE = 3  # seconds kept back from --deadline to write the final report
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", help="report folder (default: bench/results/gpu-<date>, or gpu-dry-<date>)")
     p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated, in any order (default: all)")
     p.add_argument("--deadline", type=float, default=480, help="seconds for the whole run (default: %(default)s)")
@@ -92,6 +93,11 @@ def parse_args(argv=None):
     p.add_argument("--scratch", help="where the full run writes its weights and run folder (~30 GB at full "
                                      "size; default: the system's temp folder); deleted at the end")
     p.add_argument("--keep-scratch", action="store_true", help="keep the scratch folder")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     args.section_list = [s.strip() for s in args.sections.split(",") if s.strip()]
     bad = [s for s in args.section_list if s not in SECTIONS]

@@ -1,8 +1,8 @@
 """Text-to-image at SD v1.5 size: tinyrpo.pipeline.generate vs diffusers' StableDiffusionPipeline.
 
-    python3 bench/sample.py --steps 5                          # CPU, fp32: 50 steps take many minutes there
-    python3 bench/sample.py --device cuda --dtype fp16         # 512x512, 50 DDIM steps, batch 1, guidance 7.5
-    python3 bench/sample.py --device cuda --dtype fp16 --compile
+    python3 bench/sample.py --sample-steps 5                          # CPU, fp32: 50 steps take many minutes there
+    python3 bench/sample.py --device cuda --precision fp16     # 512x512, 50 DDIM steps, batch 1, guidance 7.5
+    python3 bench/sample.py --device cuda --precision fp16 --compile
 
 One image per call (batch 1, so each U-Net pass holds 2 latents: negative and conditional), the whole
 pipeline timed: text encoding, the denoising loop, the VAE decode. Both pipelines use the same random
@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import diffusers_unet  # noqa: E402
+from tinyrpo.cli import HelpFormatter, add_alias  # noqa: E402
 from tinyrpo.clip import CLIPTextConfig, CLIPTextModel  # noqa: E402
 from tinyrpo.pipeline import DTYPES, generate  # noqa: E402
 from tinyrpo.schedulers import SchedulerConfig  # noqa: E402
@@ -124,18 +125,24 @@ class PeakMemory:
             self.mib = max(self.peak, rss_mib()) - self.base
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default: %(default)s; use ~5 on a CPU)")
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps (default: %(default)s; use ~5 on a CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda (default: %(default)s)")
-    p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="model dtype (default: %(default)s)")
+    p.add_argument("--precision", default="fp32", choices=list(DTYPES), help="model dtype (default: %(default)s)")
     p.add_argument("--size", type=int, default=512, help="image height = width (default: %(default)s)")
     p.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=1, help="timed images per pipeline (default: %(default)s)")
     p.add_argument("--compile", action="store_true", help="torch.compile both U-Nets (default: off)")
-    args = p.parse_args()
-    dev, dtype = args.device, DTYPES[args.dtype]
+    for old, new in (("--steps", "--sample-steps"), ("--dtype", "--precision")):
+        add_alias(p, old, new)  # the spellings before one vocabulary (tinyrpo/cli.py)
+    return p
+
+
+def main():
+    args = build_parser().parse_args()
+    dev, dtype = args.device, DTYPES[args.precision]
 
     sd = build_ours(dev, dtype)
     with tempfile.TemporaryDirectory() as tmp:
@@ -161,15 +168,15 @@ def main():
         for k, f in fns.items():
             with PeakMemory(dev) as m:
                 t0 = time.perf_counter()
-                images[k] = f(args.steps)
+                images[k] = f(args.sample_steps)
                 if dev.startswith("cuda"):
                     torch.cuda.synchronize()
                 times[k].append(time.perf_counter() - t0)
             mem[k] = max(mem.get(k, 0.0), m.mib)
 
     diff = (images["tinyrpo"] - images["diffusers"]).abs() * 255
-    print(f"txt2img {args.size}x{args.size}, {args.steps} DDIM steps, batch 1, guidance {args.guidance}: "
-          f"device={dev} dtype={args.dtype} threads={torch.get_num_threads()} compile={args.compile} "
+    print(f"txt2img {args.size}x{args.size}, {args.sample_steps} DDIM steps, batch 1, guidance {args.guidance}: "
+          f"device={dev} dtype={args.precision} threads={torch.get_num_threads()} compile={args.compile} "
           f"repeats={args.repeats}")
     print(f"same image? max |tinyrpo - diffusers| = {diff.max():.2f}/255, mean {diff.mean():.3f}/255")
     med = {k: statistics.median(v) for k, v in times.items()}

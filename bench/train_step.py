@@ -57,6 +57,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.common import diffusers_unet, machine, peak_rss_mib, rss_mib, run_child, sync  # noqa: E402
+from tinyrpo.cli import HelpFormatter  # noqa: E402
 from tinyrpo.pipeline import DTYPES  # noqa: E402
 from tinyrpo import dreambench  # noqa: E402
 from tinyrpo.lora import add_lora, lora_disabled  # noqa: E402
@@ -300,8 +301,8 @@ def report(results: dict, args, F: float, params: int):
 
 # ---------------------------------------------------------------------------------------------- main
 
-def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda (default: %(default)s)")
     p.add_argument("--latent", type=int, help="latent height = width (default: 64 = 512 px on cuda, 32 on cpu)")
@@ -337,6 +338,11 @@ def parse_args():
                    help="width of the U-Net's first level: 320 = SD v1.5, smaller for a quicker CPU run "
                         "(default: %(default)s)")
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    return p
+
+
+def parse_args():
+    p = build_parser()
     args = p.parse_args()
 
     cuda = torch.device(args.device).type == "cuda"

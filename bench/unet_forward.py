@@ -2,8 +2,8 @@
 
     python3 bench/unet_forward.py                         # CPU, fp32, batch 2, 64x64 latent, 3 timed runs
     python3 bench/unet_forward.py --threads 1 --repeats 5 # steadier on a busy machine (CPU time barely moves)
-    python3 bench/unet_forward.py --device cuda --dtype bf16 --repeats 10
-    python3 bench/unet_forward.py --device cuda --dtype bf16 --compile
+    python3 bench/unet_forward.py --device cuda --precision bf16 --repeats 10
+    python3 bench/unet_forward.py --device cuda --precision bf16 --compile
 
 Speed: both models live in one process and share the same weight tensors (diffusers is built on the meta
 device and gets tinyrpo's state dict assigned, names match). After a warm-up of each, the runs are
@@ -28,6 +28,7 @@ import time
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from tinyrpo.cli import HelpFormatter, add_alias  # noqa: E402
 from tinyrpo.pipeline import DTYPES  # noqa: E402
 from tinyrpo.unet import UNet, UNetConfig  # noqa: E402
 
@@ -75,7 +76,7 @@ def memory_child(args):
     # Both children import the same libraries and build the same tinyrpo model first (the diffusers one then takes
     # over its weight tensors), so their allocation histories match up to the forward and the peaks compare.
     import diffusers  # noqa: F401
-    dtype = DTYPES[args.dtype]
+    dtype = DTYPES[args.precision]
     torch.manual_seed(0)
     model = build("ours", "cpu", dtype)
     if args.memory_child == "diffusers":
@@ -89,10 +90,11 @@ def memory_child(args):
     print(json.dumps({"before_forward_mib": before, "peak_mib": peak}))
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
-    p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="weights and inputs dtype (default: %(default)s)")
+    p.add_argument("--precision", default="fp32", choices=list(DTYPES),
+                   help="weights and inputs dtype (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed forwards per model (default: %(default)s)")
     p.add_argument("--batch", type=int, default=2, help="batch size (default: %(default)s)")
     p.add_argument("--size", type=int, default=64, help="latent height = width (default: %(default)s)")
@@ -100,13 +102,18 @@ def main():
     p.add_argument("--compile", action="store_true", help="torch.compile both models first (default: off)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--memory-child", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
-    args = p.parse_args()
+    add_alias(p, "--dtype", "--precision")  # the spelling before one vocabulary (tinyrpo/cli.py)
+    return p
+
+
+def main():
+    args = build_parser().parse_args()
     if args.memory_child:
         return memory_child(args)
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    dev, dtype = args.device, DTYPES[args.dtype]
+    dev, dtype = args.device, DTYPES[args.precision]
     torch.manual_seed(0)
     ours = build("ours", dev, dtype)
     ref = build("diffusers", dev, dtype, ours)
@@ -143,12 +150,12 @@ def main():
 
     if dev == "cpu" and not args.no_memory:
         for k, child in (("tinyrpo", "ours"), ("diffusers", "diffusers")):
-            cmd = [sys.executable, __file__, "--memory-child", child, "--dtype", args.dtype,
+            cmd = [sys.executable, __file__, "--memory-child", child, "--precision", args.precision,
                    "--batch", str(args.batch), "--size", str(args.size)]
             r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
             peaks[k] = f"peak RSS {r['peak_mib']:.0f} MiB ({r['before_forward_mib']:.0f} before the forward)"
 
-    print(f"SD v1.5 U-Net forward: device={dev} dtype={args.dtype} batch={args.batch} latent={args.size}x{args.size} "
+    print(f"SD v1.5 U-Net forward: device={dev} dtype={args.precision} batch={args.batch} latent={args.size}x{args.size} "
           f"threads={torch.get_num_threads()} compile={args.compile} repeats={args.repeats}; "
           f"max rel diff tinyrpo vs diffusers = {err:.1e}")
     med = {k: statistics.median(v) for k, v in times.items()}

@@ -10,6 +10,10 @@ import pytest
 
 import sample
 import train
+from bench import gpu as bench_gpu
+from bench import sample as bench_sample
+from bench import train_step as bench_train_step
+from bench import unet_forward as bench_unet_forward
 from tinyrpo import cli, compare, download, evaluate, export, report
 from tinyrpo.toy import __main__ as toy
 
@@ -22,6 +26,10 @@ COMMANDS = {
     "python -m tinyrpo.export": export.build_parser,
     "python -m tinyrpo.download": download.build_parser,
     "python -m tinyrpo.report": report.build_parser,
+    "bench/unet_forward.py": bench_unet_forward.build_parser,
+    "bench/sample.py": bench_sample.build_parser,
+    "bench/train_step.py": bench_train_step.build_parser,
+    "bench/gpu.py": bench_gpu.build_parser,
 }
 
 # idea -> (how its help or choices give it away, the one spelling). First match wins, so "validation images per
@@ -70,6 +78,8 @@ def test_one_spelling_per_idea_and_help_everywhere(name, parser):
         flag = a.option_strings[0] if a.option_strings else a.dest
         if isinstance(a, cli.DeprecatedAlias):
             continue  # tested below
+        if name.startswith("bench/") and a.help is argparse.SUPPRESS:
+            continue  # a benchmark's flag for its own child process (--memory-child, --child)
         assert a.help and a.help is not argparse.SUPPRESS, f"{name} {flag}: no help text"
         found = concept_of(a)
         if found:
@@ -108,6 +118,13 @@ def test_an_old_spelling_still_works_and_says_what_to_use(capsys):
     assert err == [f"note: {old} is now {new} (the old spelling goes in the next release)" for old, new in
                    (("--n", "--images-per-prompt"), ("--steps", "--sample-steps"), ("--dtype", "--precision"),
                     ("--batch-size", "--gen-batch-size"))]
+
+
+def test_a_bench_old_spelling_still_works(capsys):
+    args = bench_sample.build_parser().parse_args(["--steps", "5", "--dtype", "fp16"])
+    assert (args.sample_steps, args.precision) == (5, "fp16")
+    assert bench_unet_forward.build_parser().parse_args(["--dtype", "bf16"]).precision == "bf16"
+    assert "note: --steps is now --sample-steps" in capsys.readouterr().err
 
 
 def test_a_switch_alias_means_the_new_flag_with_its_value(capsys):
