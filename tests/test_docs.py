@@ -38,9 +38,9 @@ def test_code_map_names_every_module():
 
 
 def test_the_toy_page_quotes_the_probe_as_written():
-    from tinyrpo.toy.probe import table
+    from tinyrpo.toy.probe import auc_table
     probe = json.loads((ROOT / "weights" / "toy" / "probe.json").read_text())
-    assert table(probe["auc"]) in TOY_DOC.read_text()
+    assert auc_table(probe["auc"]) in TOY_DOC.read_text()
 
 
 @pytest.mark.parametrize("name", ["default", "all"])

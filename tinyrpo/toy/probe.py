@@ -118,7 +118,7 @@ def worst(result: dict) -> float:
     return min(a for subjects in result.values() for rows in subjects.values() for a in rows.values())
 
 
-def table(result: dict) -> str:
+def auc_table(result: dict) -> str:
     """A markdown table: one row per subject, CLIP-I and DINO side by side for each comparison."""
     models = list(result)
     head = "| subject | " + " | ".join(f"{ROWS[r]}: {m}" for r in ROWS for m in models) + " |"
@@ -138,5 +138,5 @@ def run_probe(weights: str = "weights/toy", n: int = 200, out: str | None = None
 
 def main_text(report: dict) -> str:
     verdict = "every AUC" if report["worst"] >= TARGET else "NOT every AUC"
-    return (table(report["auc"]) + f"\n\n{report['n']} pictures per set; worst AUC {report['worst']:.3f}: "
+    return (auc_table(report["auc"]) + f"\n\n{report['n']} pictures per set; worst AUC {report['worst']:.3f}: "
             f"{verdict} ≥ {TARGET}")
