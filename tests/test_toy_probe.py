@@ -10,6 +10,7 @@ from tinyrpo.formats.weights import load_clip, load_dino
 from tinyrpo.toy import probe as P
 from tinyrpo.toy.pretrain import PretrainConfig, rules, tower_config, tower_rules
 from tinyrpo.toy.subjects import HELD_OUT_PATTERNS, PROBE_PATTERNS, PROBE_SUBJECTS, SUBJECTS
+from tinyrpo.toy.world import visible_cells
 from tinyrpo.toy.towers import group_views, label_map, patch_labels, picture, sincos_positions
 from tinyrpo.toy.world import SIZE, Picture, Thing, dataset, render
 
@@ -68,6 +69,24 @@ def test_hard_negative_groups_differ_only_in_layout():
         assert len({(t.cls, t.colour, t.pattern_colour) for t in things}) == 1
         assert len({t.pattern for t in things}) == cfg.k
     assert [p.thing for p in a] == [p.thing for p in b]  # two views of each instance
+
+
+def test_near_groups_are_one_cell_apart():
+    """CLIP's groups (p_near 1): every instance has as many cells as the first, on visible cells, and
+    differs from it by exactly one cell (counted on the rendered pictures' truth, not near_pattern's code)."""
+    cfg = tower_config(PretrainConfig(), "clip")
+    assert cfg.p_near == 1.0
+    a, _ = group_views(np.random.default_rng(3), tower_rules(), cfg, (14, 22))
+    for g in range(cfg.groups):
+        things = [p.thing for p in a[g * cfg.k:(g + 1) * cfg.k]]
+        first = set(things[0].pattern)
+        if not first:
+            continue  # a plain object has no cell to move: its group is drawn at random
+        for t in things[1:]:
+            assert len(t.pattern) == len(first) and set(t.pattern) <= set(visible_cells(t.cls))
+            assert len(set(t.pattern) - first) == 1 and len(first - set(t.pattern)) == 1
+    dino = tower_config(PretrainConfig(), "dino")
+    assert dino.p_near == 0.0  # DINO's groups are random layouts (the shipped DINO)
 
 
 def test_patch_labels_against_the_rendered_picture():

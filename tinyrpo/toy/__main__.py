@@ -41,6 +41,7 @@ PRETRAIN_HELP = {
     "clip_image_steps": "CLIP image tower's steps of identity training (stage 4, tinyrpo/toy/towers.py)",
     "clip_image_lr": "learning rate of CLIP's image-tower stage",
     "clip_image_instance": "weight of the instance InfoNCE in CLIP's image-tower stage",
+    "clip_image_near": "share of CLIP's hard-negative groups whose layouts are one cell apart",
     "clip_image_caption": "weight of the caption InfoNCE in CLIP's image-tower stage",
     "clip_image_bw": "share of black-and-white views in CLIP's image-tower stage",
     "dino_steps": "DINO training steps (stage 5)", "dino_lr": "DINO learning rate",

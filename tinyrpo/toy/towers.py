@@ -21,8 +21,10 @@ transformers' ViTModel of the same shape. What made it learn, each piece measure
                steps later
     phase 2    plus InfoNCE (SimCLR's, Chen et al. 2020) between two views of each instance (another place,
                size and background), in batches of `groups` × `k` instances that share class and colours
-               and differ only in layout: every other instance of the group is a hard negative. For CLIP
-               also the contrastive caption loss (Radford et al. 2021) against the frozen text tower
+               and differ only in layout: every other instance of the group is a hard negative. In a
+               share `p_near` of the groups the layouts are one cell apart (`near_pattern`: one cell of
+               the first instance's moved), the hardest impostors there are. For CLIP also the
+               contrastive caption loss (Radford et al. 2021) against the frozen text tower
 
 The cell and patch losses stay on in phase 2 (weight 1). The heads are thrown away; what is kept is the
 embedding tinyrpo's reward and evaluation compare: DINO's class token after the final LayerNorm, CLIP's
@@ -39,7 +41,7 @@ from PIL import Image
 from tinyrpo.clip import CLIP_MEAN, CLIP_STD, CLIPModel
 from tinyrpo.dino import dino_preprocess
 from tinyrpo.toy.world import (BACKGROUNDS, MARGIN, SIZE, Picture, Thing, WorldRules, caption, in_pattern,
-                               random_pattern, random_picture, render, shape)
+                               random_pattern, random_picture, render, shape, visible_cells)
 
 N_LABELS = 19  # per patch: 0 background, 1 + c body in cell c, 10 + c pattern in cell c
 
@@ -60,6 +62,7 @@ class TowerConfig:
     temperature: float = 0.1
     caption: float = 0.0           # weight of the caption contrastive loss (CLIP only, phase 2)
     p_bw: float = 0.0              # share of black-and-white views (CLIP: its captions say "in black and white")
+    p_near: float = 0.0            # share of groups whose layouts are one cell apart (the hardest impostors)
 
 
 # ----------------------------------------------------------------------------------------------- pictures
@@ -86,11 +89,12 @@ def group_views(rng: np.random.Generator, rules: WorldRules, cfg: TowerConfig, s
     a, b = [], []
     while len(a) < cfg.groups * cfg.k:
         first = picture(rng, rules, sizes).thing
+        near = len(first.pattern) > 0 and rng.random() < cfg.p_near
         things, seen = [first], {first.pattern}
         for _ in range(30):
             if len(things) == cfg.k:
                 break
-            pattern = random_pattern(rng, first.cls)
+            pattern = near_pattern(rng, first) if near else random_pattern(rng, first.cls)
             if pattern not in seen and pattern not in rules.held_out_patterns:
                 seen.add(pattern)
                 things.append(replace(first, pattern=pattern))
@@ -101,6 +105,16 @@ def group_views(rng: np.random.Generator, rules: WorldRules, cfg: TowerConfig, s
             a += va
             b += vb
     return a, b
+
+
+def near_pattern(rng: np.random.Generator, thing: Thing) -> tuple:
+    """`thing`'s layout with one cell moved to another visible cell: as many cells, one apart."""
+    cells = list(thing.pattern)
+    free = [c for c in visible_cells(thing.cls) if c not in cells]
+    if not free:
+        return thing.pattern
+    cells[rng.integers(len(cells))] = free[rng.integers(len(free))]
+    return tuple(sorted(int(c) for c in cells))
 
 
 def some_grey(pictures: list, rng: np.random.Generator, rules: WorldRules, p: float) -> list:
