@@ -6,6 +6,7 @@ examples:
   python train.py --subject photos/my_mug --class-noun mug    # your own subject
   python train.py --subject refs/dog --method dreambooth      # a baseline: DreamBooth, prior preservation
   python train.py --subject refs/dog --method dpg             # look forward (Wei et al.): DPG with a critic
+  python train.py --subject refs/dog --method dco --lora 32   # DCO (Lee et al.): consistent with the base model
   python train.py --subject refs/dog --no-pref                # an RPO ablation: pure L_sim
   python train.py --out runs/dog --resume                     # continue an interrupted run
   python sample.py --ckpt runs/dog/best.safetensors --prompt "a sks dog on the beach"
@@ -62,21 +63,23 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
 
     a = group("training (defaults that depend on --method are the method's)")
     a("--method", default="rpo", choices=list(METHODS),
-      help="rpo (Miao et al.), dreambooth (prior preservation, Ruiz et al.) or dpg (look forward, Wei et al.) "
-           "(default: rpo)")
+      help="rpo (Miao et al.), dreambooth (prior preservation, Ruiz et al.), dpg (look forward, Wei et al.) or dco "
+           "(Direct Consistency Optimization, Lee et al.) (default: rpo)")
     a("--lr", type=float, default=None,
-      help="AdamW learning rate, constant (default: rpo 5e-6, dreambooth 5e-6, dpg 1e-6)")
-    a("--steps", type=int, default=None, help="training steps (default: rpo 400, dreambooth 800, dpg 1000)")
+      help="AdamW learning rate, constant (default: rpo 5e-6, dreambooth 5e-6, dpg 1e-6, dco 5e-6)")
+    a("--steps", type=int, default=None, help="training steps (default: rpo 400, dreambooth 800, dpg 1000, dco 2000)")
     a("--batch-size", type=int, default=1,
-      help="pairs (rpo), or instance images, each with a class image (dreambooth, dpg), per step (default: 1)")
+      help="pairs (rpo), instance images, each with a class image (dreambooth, dpg), or subject photos (dco), per "
+           "step (default: 1)")
     a("--grad-clip", type=float, default=1.0, help="gradient-norm clip (default: 1.0)")
     a("--resolution", type=int, default=512, help="training and generation resolution in pixels (default: 512)")
     a("--train-text-encoder", action="store_true", default=None,
-      help="fine-tune the text encoder too (default: on for dpg, off for rpo and dreambooth)")
+      help="fine-tune the text encoder too (default: on for dpg, off for rpo, dreambooth and dco)")
     a("--no-train-text-encoder", dest="train_text_encoder", action="store_false",
       help="keep the text encoder frozen")
     a("--lora", type=int, default=None, metavar="RANK",
-      help="train LoRA adapters of this rank on the U-Net instead of every weight (default lr then 1e-4)")
+      help="train LoRA adapters of this rank on the U-Net instead of every weight (default lr then 1e-4; dco "
+           "5e-5, its authors' for rank 32)")
     a("--lora-alpha", type=float, default=None, help="LoRA α; the update is scaled by α/rank (default: rank)")
     a("--lora-targets", default=None,
       help="comma-separated U-Net layers to adapt (default: to_q,to_k,to_v,to_out.0 of every attention)")
@@ -90,7 +93,7 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
       help="how the reward combines ALIGN-I and ALIGN-T (default: harmonic, eq. 5; arithmetic: Table 6)")
     a("--select", default=None, choices=["best", "last"],
       help="the checkpoint kept is the validation-reward argmax (best) or the final step (last) "
-           "(default: rpo best, dreambooth last, dpg last)")
+           "(default: rpo best, dreambooth last, dpg last, dco last)")
     a("--patience", type=int, default=None, help="stop after N validations without improvement (default: never)")
     a("--sample-steps", type=int, default=50, help="DDIM steps of every generated image (default: 50)")
     a("--guidance", type=float, default=7.5, help="classifier-free guidance of generated images (default: 7.5)")
@@ -127,6 +130,10 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     a("--critic-clip", type=float, default=None,
       help="gradient-norm clip of the critic's SGD step; 0: unclipped, the authors' step (default: 1.0)")
     a("--dino", default=None, help="DINO ViT-S/16 for --dpg-reward dino (default: weights/dino-vits16)")
+
+    a = group("DCO (--method dco)")
+    a("--dco-beta", type=float, default=None,
+      help="β of the DCO loss, on the per-element mean squared error (default: 1000.0, the authors')")
 
     a = group("machine and run")
     a("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")

@@ -115,7 +115,7 @@ def test_help_shows_each_methods_defaults():
     for key, flag in (("lr", "--lr"), ("steps", "--steps"), ("select", "--select")):
         shown = ", ".join(f"{n} " + f"{defaults[n][key]:g}".replace("e-0", "e-") if key == "lr" else f"{n} {defaults[n][key]}" for n in METHODS)
         assert shown in text, (flag, shown)
-    assert "on for dpg, off for rpo and dreambooth" in text
+    assert "on for dpg, off for rpo, dreambooth and dco" in text
     assert [n for n in METHODS if defaults[n]["train_text_encoder"]] == ["dpg"]
     options = {n: METHODS[n].Options() for n in METHODS}
     assert f"dreambooth {options['dreambooth'].num_class_images}, dpg {options['dpg'].num_class_images})" in text

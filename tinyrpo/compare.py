@@ -1,6 +1,6 @@
 """Compare training methods: every (method, subject, seed) trained by train.py and scored by tinyrpo.evaluate.
 
-    python -m tinyrpo.compare --methods rpo,dreambooth,dpg --subjects refs/dog,refs/backpack --seeds 0,1,2
+    python -m tinyrpo.compare --methods rpo,dreambooth,dpg,dco --subjects refs/dog,refs/backpack --seeds 0,1,2
     python -m tinyrpo.compare --dreambench refs --methods rpo,dreambooth --seeds 0 -- --val-every 100
     torchrun --nproc-per-node 8 -m tinyrpo.compare --dreambench refs --methods rpo,dreambooth,dpg --seeds 0,1,2
 

@@ -42,8 +42,8 @@ class TrainConfig:
     guidance: float = 7.5
     lambda_val: float = 0.3                # RPO paper's default for checkpoint selection
     mean: str = "harmonic"                 # the reward's mean: harmonic (eq. 5) or arithmetic (Table 6)
-    lr: float | None = None                # None: the method's default (RPO, DreamBooth 5e-6; look-forward 1e-6)
-    steps: int | None = None               # None: the method's default (400, 800, 1000)
+    lr: float | None = None                # None: the method's default (RPO, DreamBooth, DCO 5e-6; look-forward 1e-6)
+    steps: int | None = None               # None: the method's default (400, 800, 1000, 2000)
     batch_size: int = 1                    # pairs (RPO) or instance images (DreamBooth) per step
     grad_clip: float = 1.0
     val_every: int = 40
@@ -141,11 +141,11 @@ def resolve_config(cfg: TrainConfig, given: set[str] | None = None) -> TrainConf
     elif given is not None:
         cfg = subject_defaults(cfg, given)
     method = METHODS[cfg.method]
-    if cfg.lora:  # adapters train at a LoRA learning rate, and on the U-Net alone
-        cfg.lr = LORA_LR if cfg.lr is None else cfg.lr
+    if cfg.lora:  # adapters train at a LoRA learning rate (the method's, else LORA_LR), and on the U-Net alone
+        cfg.lr = method.defaults.get("lora_lr", LORA_LR) if cfg.lr is None else cfg.lr
         cfg.train_text_encoder = False
     for key, value in method.defaults.items():
-        if getattr(cfg, key) is None:
+        if key != "lora_lr" and getattr(cfg, key) is None:
             setattr(cfg, key, value)
     unknown = set(cfg.options) - {f.name for f in fields(method.Options)}
     if unknown:

@@ -17,9 +17,11 @@ Of the trainer, a method uses: `cfg` (the shared settings; its own are `self.opt
 folder), `subject`, `prompts` (the training prompts), `sd` (the base model: its VAE and scheduler),
 `policy_fwd` and `ref_fwd` (the trained and the frozen U-Net, as callables), `text_states(prompts)`,
 `reward(images, prompts, λ)` (eq. 5), and the contexts `autocast()` and `phase(name)` (timing).
+A method's `defaults` (lr, steps, select, train_text_encoder) fill the shared settings not given; `lora_lr` among
+them is the lr that --lora without --lr gets (DCO's authors' 5e-5; other methods tinyrpo.config.LORA_LR).
 The loop, validation, checkpoints, logging, LoRA, precision and resume are the trainer's and the same for
 every method. Each method lives in its own module next to its equations (tinyrpo/rpo.py,
-tinyrpo/dreambooth.py, tinyrpo/dpg.py) and is listed in tinyrpo/methods.py.
+tinyrpo/dreambooth.py, tinyrpo/dpg.py, tinyrpo/dco.py) and is listed in tinyrpo/methods.py.
 """
 import json
 from dataclasses import dataclass, fields
@@ -56,9 +58,10 @@ class Method:
     name = ""
     Options = MethodOptions
     # Defaults of shared settings that differ by method (the paper or code the method comes from):
-    # lr, steps, select ("best": the validation-reward argmax, "last": the final step), train_text_encoder.
+    # lr, steps, select ("best": the validation-reward argmax, "last": the final step), train_text_encoder, and
+    # lora_lr (the lr with --lora; without it, tinyrpo.config.LORA_LR).
     defaults: dict = {}
-    uses_reference = False  # True when the loss needs the frozen base U-Net's predictions (RPO)
+    uses_reference = False  # True when the loss needs the frozen base U-Net's predictions (RPO, DCO)
     diverged_hint = "lower --lr or use --precision fp32"  # what to try when the loss is no longer finite
 
     def __init__(self, trainer, options):

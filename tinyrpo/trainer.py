@@ -8,8 +8,8 @@
               λ_val-Harmonic reward (eq. 5 of RPO) in fp32; --select best keeps its argmax as the checkpoint
     save      last.pt every --save-every steps, at the end and on Ctrl-C/SIGTERM, for an exact --resume
 
-What a method is: tinyrpo/method.py; the methods: tinyrpo/rpo.py, tinyrpo/dreambooth.py, tinyrpo/dpg.py
-(registered in tinyrpo/methods.py). This file is the loop that
+What a method is: tinyrpo/method.py; the methods: tinyrpo/rpo.py, tinyrpo/dreambooth.py, tinyrpo/dpg.py,
+tinyrpo/dco.py (registered in tinyrpo/methods.py). This file is the loop that
 calls them, plus what a user needs from it: a run folder nobody can corrupt (tinyrpo/runs/runfolder.py), a log,
 atomic checkpoints and an exact resume.
 """
@@ -445,7 +445,7 @@ class Trainer:
 def build_policy(policy, cfg: TrainConfig, amp_dtype, uses_reference: bool):
     """What trains and how the U-Nets are called: -> (parameters to optimize, policy forward, reference forward).
 
-    Full fine-tune: every U-Net weight trains in fp32 and the frozen reference (methods that use one: RPO) is
+    Full fine-tune: every U-Net weight trains in fp32 and the frozen reference (methods that use one: RPO, DCO) is
     a copy of the base. --lora: only the adapters train and the reference is the same U-Net with its
     adapters switched off. --compile compiles the forwards.
     """
@@ -483,7 +483,7 @@ def check_lora_rank(model, rank: int, targets) -> None:
 
 
 def adapters_off(model, fwd):
-    """RPO's frozen reference with --lora: the same U-Net (compiled or not) with its adapters switched off."""
+    """The frozen reference with --lora (RPO, DCO): the same U-Net (compiled or not) with its adapters switched off."""
     def ref(x, t, c):
         with lora_disabled(model):
             return fwd(x, t, c)
