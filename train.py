@@ -112,6 +112,15 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
            "(default: pair)")
     a("--noise", default=None, choices=["shared", "independent"],
       help="one ε and t per pair (Diffusion-DPO) or drawn per image (the paper's eq. 4) (default: shared)")
+    # Beyond the paper (issue 21); the defaults are the paper's. docs/methods.md has what they cost and do.
+    a("--label-temperature", type=float, default=None, metavar="TAU",
+      help="τ of the Bradley-Terry labels, p = σ((h(w) - h(l)) / τ); below 1 sharpens them (default: 1.0, eq. 6)")
+    a("--labels", default=None, choices=["soft", "hard"],
+      help="soft: y drawn with probability p (eq. 6); hard: y = [h(w) > h(l)], a coin flip at a tie "
+           "(default: soft)")
+    a("--refresh-negatives", type=int, default=None, metavar="K",
+      help="remake the negative set with the policy being trained every K optimizer steps, rewards and labels "
+           "recomputed (the paper's 'online' future work); 0: never (default: 0)")
 
     a = group("DreamBooth (--method dreambooth, dpg)")
     a("--num-class-images", type=int, default=None,

@@ -1,8 +1,10 @@
 """train.py end to end with every method and the RPO ablations, and resume equal to the uninterrupted run."""
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import train
 from tests.test_methods import ONE_PROMPT, method_args
@@ -223,3 +225,131 @@ def test_full_disk_in_the_class_images_then_resume(models, setup, tmp_path, monk
     assert train.main(["--out", str(out), "--resume"]) == 0
     assert sorted(p.name for p in (out / "class_images").iterdir()) == ["000_00.png", "001_00.png", "index.json"]
     assert [(r["step"], bool(r.get("val"))) for r in records(out)] == [(0, True), (1, False), (2, False), (2, True)]
+
+
+# ------------------------------------------------------------------------------------ beyond the paper (issue 21)
+
+def test_labels_of_a_step_follow_the_options(models, setup, tmp_path, monkeypatch):
+    """--labels hard: each drawn pair's y is [h(w) > h(l)] of its own rewards; --label-temperature reaches the
+    label sampler (its arithmetic is tests/test_rpo.py's); both are written in config.json."""
+    from tests.test_methods import make_trainer
+    from tinyrpo import rpo
+    subject = setup[0]
+    tr = make_trainer(models, subject, tmp_path / "hard", "rpo", "--labels", "hard")
+    m, g = tr.method, torch.Generator().manual_seed(0)
+    for _ in range(20):
+        b = m.draw(g)
+        h_w = m.h_w[b["i"], m.l_prompt[b["j"]]]
+        assert torch.equal(b["y"], (h_w > m.h_l[b["j"]]).float())
+    assert json.loads((tr.out / "config.json").read_text())["labels"] == "hard"
+    seen = []
+    monkeypatch.setattr(rpo, "sample_label", lambda h_w, h_l, generator=None, **kw: seen.append(kw) or h_w)
+    tr = make_trainer(models, subject, tmp_path / "soft", "rpo", "--label-temperature", "0.1")
+    tr.method.draw(torch.Generator().manual_seed(0))
+    assert seen == [{"temperature": 0.1, "hard": False}]
+    cfg = json.loads((tr.out / "config.json").read_text())
+    assert (cfg["label_temperature"], cfg["labels"], cfg["refresh_negatives"]) == (0.1, "soft", 0)
+
+
+def _pngs(folder):
+    return [np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))]
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_refreshed_negatives_are_the_policys(models, setup, tmp_path, lora):
+    """--refresh-negatives K: once the weights moved, the set the next step draws from is the policy's (adapters
+    on, with --lora) with prepare's recipe — equal to a direct generation of the policy at the same prompts and
+    seeds, unlike the base set — and its rewards and latents are recomputed from those images."""
+    from tests.test_methods import make_trainer
+    from tinyrpo.method import encode_images
+    from tinyrpo.pipeline import generate, to_pil
+    tr = make_trainer(models, setup[0], tmp_path / "run", "rpo", "--refresh-negatives", "3", "--images-per-prompt",
+                      "2", *(["--lora", "2"] if lora else []))
+    m, cfg, g = tr.method, tr.cfg, torch.Generator().manual_seed(0)
+    base_h, base_latents = m.h_l.clone(), m.l_latents.clone()
+    m.draw(g)  # step 1: nothing to refresh
+    assert torch.equal(m.h_l, base_h) and not (tr.out / "refresh").exists()
+    with torch.no_grad():  # what training does to the trained weights (LoRA: the adapters, B = 0 until now)
+        for p in tr.params:
+            p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    m.steps_done = 2
+    m.draw(g)
+    assert not (tr.out / "refresh").exists()  # 2 is no multiple of K
+    m.steps_done = 3
+    tr.policy.train()  # as in training (after the first validation)
+    m.draw(g)
+    folder = tr.out / "refresh" / "step_00003"
+    assert m.negatives_step == 3 and (folder / "index.json").exists()
+    direct = to_pil(generate(tr.sd, tr.prompts, n=2, steps=cfg.sample_steps, guidance=cfg.guidance, seed=cfg.seed,
+                             height=cfg.resolution, width=cfg.resolution, batch_size=cfg.gen_batch_size,
+                             unet=tr.policy, progress=False)[0])
+    refreshed, base = _pngs(folder), _pngs(tr.out / "negatives")
+    assert len(refreshed) == len(direct) == 16
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(refreshed, direct))
+    assert any(not np.array_equal(a, b) for a, b in zip(refreshed, base))
+    want = tr.reward(direct, [tr.prompts[p] for p in range(8) for _ in range(2)], 0.0).reward.cpu()
+    assert torch.allclose(m.h_l, want, atol=1e-6, rtol=0) and not torch.allclose(m.h_l, base_h, atol=1e-4)
+    assert torch.tensor(json.loads((folder / "rewards.json").read_text())["negatives"]).allclose(want, atol=1e-6)
+    assert torch.allclose(m.l_latents, encode_images(tr.sd.vae, direct, tr.device), atol=1e-6)
+    assert not torch.allclose(m.l_latents, base_latents, atol=1e-4)
+    assert tr.policy.training  # back to training mode after generating
+    m.draw(g)  # the same step count again: no second refresh
+    assert sorted(p.name for p in (tr.out / "refresh").iterdir()) == ["step_00003"]
+
+
+@pytest.mark.parametrize("stop", [2, 3])
+def test_refresh_resume_matches_uninterrupted(models, setup, tmp_path, stop):
+    """Stopped at a refresh's step (2: the set of step 2 is not made yet) or after it (3: made, kept in the run
+    folder, read back), then resumed: the same refreshed sets, weights and log as the uninterrupted run."""
+    subject, prompts, _ = setup
+    full, part = tmp_path / "full", tmp_path / "part"
+
+    def run(out, steps, *more):
+        return train.main(method_args(models, subject, out, "rpo", "--refresh-negatives", "2", "--images-per-prompt",
+                                      "2", "--val-every", "2", "--lr", "1e-2", "--steps", str(steps), *more,
+                                      prompts=prompts))
+    assert run(full, 5) == 0
+    assert sorted(p.name for p in (full / "refresh").iterdir()) == ["step_00002", "step_00004"]
+    assert any(not np.array_equal(a, b) for a, b in zip(_pngs(full / "refresh" / "step_00004"), _pngs(full / "negatives")))
+    assert run(part, stop) == 0
+    assert (part / "refresh").exists() == (stop == 3)
+    assert run(part, 5, "--resume") == 0
+    a, b = torch.load(full / "last.pt", weights_only=True), torch.load(part / "last.pt", weights_only=True)
+    assert all(torch.equal(a["unet"][k], b["unet"][k]) for k in a["unet"])
+    assert a["method"] == b["method"] == {"steps_done": 5, "negatives_step": 4}
+    # the part run's last step is validated (as any run's is): the one record the uninterrupted run lacks at 3
+    assert records(full) == [r for r in records(part) if not (r.get("val") and r["step"] == 3)]
+    for step in ("step_00002", "step_00004"):
+        assert all(np.array_equal(x, y) for x, y in zip(_pngs(full / "refresh" / step), _pngs(part / "refresh" / step)))
+    assert json.loads((full / "summary.json").read_text())["seconds"]["refresh"] > 0
+    with pytest.raises(UserError, match="refresh_negatives"):  # the schedule is the run's: a resume may not change it
+        run(part, 6, "--resume", "--refresh-negatives", "3")
+
+
+def test_a_resume_without_its_refreshed_set_is_refused(models, setup, tmp_path):
+    """The set in use when last.pt was saved is read back, never remade with the later weights: missing, the
+    resume stops with one line."""
+    import shutil
+    subject, prompts, _ = setup
+    out = tmp_path / "run"
+    args = method_args(models, subject, out, "rpo", "--refresh-negatives", "1", "--steps", "2", prompts=prompts)
+    assert train.main(args) == 0
+    shutil.rmtree(out / "refresh" / "step_00001")
+    with pytest.raises(UserError, match=r"cannot resume from .*last.pt .*refresh/step_00001 is incomplete"):
+        train.main(["--out", str(out), "--resume", "--steps", "3"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--label-temperature", "0"], "error: --label-temperature must be positive (got 0.0)"),
+    (["--label-temperature", "nan"], "error: --label-temperature must be a finite number (got nan)"),
+    (["--labels", "hard", "--label-temperature", "0.1"], "error: --label-temperature sets soft labels' sharpness"),
+    (["--refresh-negatives", "-2"], "error: --refresh-negatives must be a number of steps, or 0 for never (got -2)"),
+    (["--refresh-negatives", "5", "--no-pref"], "error: --refresh-negatives with --no-pref would remake negatives"),
+])
+def test_bad_values_beyond_the_paper_are_one_line(models, setup, tmp_path, flags, message):
+    from tests.test_train import run_cli
+    out = tmp_path / "run"
+    r = run_cli(method_args(models, setup[0], out, "rpo", "--steps", "1", *flags))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and r.stderr.startswith(message), r.stderr
+    assert not out.exists()

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from tinyrpo import dreambench
-from tinyrpo.rpo import (align_i, align_t, delta, harmonic_reward, l_pref, preference_probability,
-                         rpo_loss, sample_label)
+from tinyrpo.rpo import (RPOOptions, align_i, align_t, delta, hard_preference_probability, harmonic_reward, l_pref,
+                         preference_probability, rpo_loss, sample_label)
 
 
 def test_harmonic_reward_paper_example():
@@ -53,6 +53,72 @@ def test_bradley_terry_frequencies():
     # equal rewards -> a fair coin
     y = sample_label(h_l, h_l, generator=torch.Generator().manual_seed(1))
     assert y.mean().item() == pytest.approx(0.5, abs=0.005)
+
+
+def test_label_temperature_hand_computed():
+    """p = σ((h(w) − h(l)) / τ), each value computed here with math.exp: τ = 1 is eq. (6), τ < 1 sharpens."""
+    h_w = torch.tensor([0.9, 0.3, 0.5, 0.62], dtype=torch.float64)
+    h_l = torch.tensor([0.2, 0.6, 0.5, 0.60], dtype=torch.float64)
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    expect = {1.0: [sig(0.7), sig(-0.3), 0.5, sig(0.02)],  # 0.668, 0.426, 0.5, 0.505
+              0.1: [sig(7.0), sig(-3.0), 0.5, sig(0.2)],   # 0.99909, 0.0474, 0.5, 0.5498
+              0.02: [sig(35.0), sig(-15.0), 0.5, sig(1.0)]}  # 1 − 6e-16, 3.06e-7, 0.5, 0.731
+    for tau, want in expect.items():
+        assert preference_probability(h_w, h_l, tau).tolist() == pytest.approx(want, rel=1e-9, abs=1e-12), tau
+    assert preference_probability(h_w, h_l).tolist() == pytest.approx(expect[1.0], rel=1e-12)  # default: the paper
+    assert preference_probability(h_w, h_l, 0.1)[3].item() == pytest.approx(0.549834, abs=1e-6)  # a literal too
+
+
+def test_sampled_labels_follow_the_temperature():
+    """y ~ Bernoulli(σ(Δh / τ)): at Δh = 0.05 the paper's τ = 1 is nearly a coin (0.512), τ = 0.1 is not (0.622)."""
+    h_w, h_l = torch.full((200_000,), 0.55), torch.full((200_000,), 0.5)
+    for tau, p in ((1.0, 1 / (1 + math.exp(-0.05))), (0.1, 1 / (1 + math.exp(-0.5))), (0.02, 1 / (1 + math.exp(-2.5)))):
+        y = sample_label(h_w, h_l, generator=torch.Generator().manual_seed(0), temperature=tau)
+        assert y.mean().item() == pytest.approx(p, abs=0.004), tau
+    y = sample_label(h_l, h_w, generator=torch.Generator().manual_seed(0), temperature=0.1)  # l better: w rarely wins
+    assert y.mean().item() == pytest.approx(1 / (1 + math.exp(0.5)), abs=0.004)
+
+
+def test_hard_labels_are_the_reward_ranking_and_a_coin_at_a_tie():
+    h_w = torch.tensor([0.9, 0.3, 0.5, 0.500001])
+    h_l = torch.tensor([0.2, 0.6, 0.5, 0.5])
+    assert hard_preference_probability(h_w, h_l).tolist() == [1.0, 0.0, 0.5, 1.0]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):  # outright 1.0 / 0.0 wherever the rewards differ, however little
+        y = sample_label(h_w[[0, 1, 3]], h_l[[0, 1, 3]], generator=g, hard=True)
+        assert y.tolist() == [1.0, 0.0, 1.0]
+    ties = sample_label(torch.full((200_000,), 0.5), torch.full((200_000,), 0.5), generator=g, hard=True)
+    assert set(ties.unique().tolist()) == {0.0, 1.0} and ties.mean().item() == pytest.approx(0.5, abs=0.004)
+    # the soft label of a near-tie stays a coin; the hard one does not
+    near = sample_label(torch.full((200_000,), 0.501), torch.full((200_000,), 0.5), generator=g)
+    assert near.mean().item() == pytest.approx(0.5, abs=0.004)
+
+
+def test_soft_and_hard_labels_draw_the_same_stream():
+    """Both kinds take one uniform per pair, so the rest of a run's draws do not depend on --labels."""
+    a, b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    sample_label(torch.rand(7), torch.rand(7), generator=a, temperature=0.1)
+    sample_label(torch.rand(7), torch.rand(7), generator=b, hard=True)
+    assert torch.equal(a.get_state(), b.get_state())
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"label_temperature": 0.0}, "--label-temperature must be positive (got 0.0)"),
+    ({"label_temperature": -0.1}, "--label-temperature must be positive (got -0.1)"),
+    ({"labels": "sharp"}, "--labels must be soft or hard (got 'sharp')"),
+    ({"labels": "hard", "label_temperature": 0.1}, "--label-temperature sets soft labels' sharpness and hard labels "
+                                                   "have none; drop one of them"),
+    ({"refresh_negatives": -1}, "--refresh-negatives must be a number of steps, or 0 for never (got -1)"),
+    ({"refresh_negatives": 5, "pref": False}, "--refresh-negatives with --no-pref would remake negatives"),
+])
+def test_options_beyond_the_paper_refuse_bad_values(options, message):
+    from tinyrpo.errors import UserError, need
+    with pytest.raises(UserError) as e:
+        RPOOptions(**options).validate(need)
+    assert str(e.value).startswith(message)
+    RPOOptions(labels="hard").validate(need)  # the defaults, and hard labels at the default τ, are fine
+    RPOOptions(label_temperature=0.02, refresh_negatives=50).validate(need)
+    assert (RPOOptions().label_temperature, RPOOptions().labels, RPOOptions().refresh_negatives) == (1.0, "soft", 0)
 
 
 def test_l_pref_and_gradient_hand_computed():

@@ -175,8 +175,8 @@ def test_pair_winner_is_scored_against_the_pairs_training_prompt(models, tmp_pat
     assert not torch.allclose(by_prompt[tr.prompts[0]], by_prompt[tr.subject.reference_prompt])  # the test can tell
     seen = []
     real = rpo.sample_label
-    monkeypatch.setattr(rpo, "sample_label", lambda h_w, h_l, generator=None: (seen.append(h_w.clone()),
-                                                                                 real(h_w, h_l, generator))[1])
+    monkeypatch.setattr(rpo, "sample_label", lambda h_w, h_l, generator=None, **kw: (
+        seen.append(h_w.clone()), real(h_w, h_l, generator, **kw))[1])
     g = torch.Generator().manual_seed(0)
     for _ in range(6):
         b = m.draw(g)

@@ -10,8 +10,9 @@ A method is a class with these methods, and nothing else is asked of it:
                      the run's one generator, so a resumed run continues the exact same sequence
     loss(batch)      the loss of one step, from the U-Net predictions, as pure functions of its own module
     after_step(batch, out), state_dict(), load_state_dict(state)
-                     (optional) a method with a state of its own (look forward's critic) updates it after the
-                     optimizer step and saves it in last.pt, for an exact --resume
+                     (optional) a method with a state of its own (look forward's critic; RPO's count of steps
+                     for --refresh-negatives) updates it after the optimizer step and saves it in last.pt, for an
+                     exact --resume
 
 Of the trainer, a method uses: `cfg` (the shared settings; its own are `self.opt`), `device`, `out` (the run
 folder), `subject`, `prompts` (the training prompts), `sd` (the base model: its VAE and scheduler),
@@ -23,6 +24,7 @@ The loop, validation, checkpoints, logging, LoRA, precision and resume are the t
 every method. Each method lives in its own module next to its equations (tinyrpo/rpo.py,
 tinyrpo/dreambooth.py, tinyrpo/dpg.py, tinyrpo/dco.py) and is listed in tinyrpo/methods.py.
 """
+import contextlib
 import json
 from dataclasses import dataclass, fields
 from typing import NamedTuple
@@ -31,6 +33,7 @@ import torch
 from PIL import Image
 
 from tinyrpo.data import load_rgb, to_tensor
+from tinyrpo.errors import UserError
 from tinyrpo.pipeline import generate, to_pil
 from tinyrpo.runs.atomic import atomic_save_image, atomic_write_json
 
@@ -106,19 +109,23 @@ def encode_images(vae, images: list[Image.Image], device, batch_size: int = 8) -
     return torch.cat(out)
 
 
-def generated_images(trainer, folder: str, prompts: list[str], n: int, seed: int, desc: str
-                     ) -> tuple[list[Image.Image], list[int]]:
+def generated_images(trainer, folder: str, prompts: list[str], n: int, seed: int, desc: str,
+                     policy_step: int | None = None) -> tuple[list[Image.Image], list[int]]:
     """n images of the base model per prompt, cached as PNGs in run/<folder>/; -> (images, prompt index).
 
     Prompt p uses seed + p (tinyrpo.pipeline's seeding rule), so its images do not depend on which other
     prompts are generated with it: the prompts are generated in groups that fill --gen-batch-size, each
     group saved as soon as it is done, and an interrupted generation resumes at the first missing group.
     The settings are in index.json; a cache made with other settings is regenerated.
+    With `policy_step` the images are the trained policy's after that many steps (RPO's --refresh-negatives),
+    not the base model's, timed as the phase "refresh".
     """
     cfg = trainer.cfg
     root = trainer.out / folder
     settings = {"prompts": prompts, "images_per_prompt": n, "seed": seed, "resolution": cfg.resolution,
                 "sample_steps": cfg.sample_steps, "guidance": cfg.guidance, "base": str(cfg.weights)}
+    if policy_step is not None:
+        settings["policy_step"] = policy_step
     index_path = root / "index.json"
     done = {}
     if index_path.exists():
@@ -130,16 +137,17 @@ def generated_images(trainer, folder: str, prompts: list[str], n: int, seed: int
     todo = [p for p in range(len(prompts)) if done.get(p) != names[p]
             or not all((root / f).exists() for f in names[p])]
     group = max(1, cfg.gen_batch_size // n)
+    unet = None if policy_step is None else trainer.policy_fwd  # None: the base model's (sd.unet before step 1)
     for g in range(0, len(todo), group):
         ps = todo[g:g + group]
-        with trainer.phase(folder), trainer.autocast():
+        with trainer.phase(folder if policy_step is None else "refresh"), trainer.autocast(), sampling(trainer):
             # generate() seeds its k-th prompt with seed + k: pass seed + ps[0] and consecutive prompts only
             runs = _consecutive(ps)
             for run in runs:
                 images, _ = generate(trainer.sd, [prompts[p] for p in run], n=n, steps=cfg.sample_steps,
                                      guidance=cfg.guidance, seed=seed + run[0], height=cfg.resolution,
                                      width=cfg.resolution, batch_size=cfg.gen_batch_size, progress=True,
-                                     desc=f"{desc} {min(g + len(ps), len(todo))}/{len(todo)}")
+                                     unet=unet, desc=f"{desc} {min(g + len(ps), len(todo))}/{len(todo)}")
                 for k, im in enumerate(to_pil(images)):
                     p = run[k // n]
                     atomic_save_image(im, root / names[p][k % n])
@@ -148,6 +156,32 @@ def generated_images(trainer, folder: str, prompts: list[str], n: int, seed: int
         atomic_write_json(index_path, {"settings": settings, "files": {str(p): f for p, f in sorted(done.items())}})
     images = [load_rgb(root / f) for p in range(len(prompts)) for f in names[p]]
     return images, [p for p in range(len(prompts)) for _ in range(n)]
+
+
+def read_generated(trainer, folder: str) -> list[Image.Image]:
+    """The images generated_images wrote in run/<folder>/, read back in its order, never made anew (the
+    weights that made them may be gone); UserError if index.json or an image is missing."""
+    root = trainer.out / folder
+    try:
+        files = json.loads((root / "index.json").read_text())["files"]
+        names = [f for p in sorted(files, key=int) for f in files[p]]
+        return [load_rgb(root / f) for f in names]
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{root} is incomplete ({e.__class__.__name__}: {e})") from None
+
+
+@contextlib.contextmanager
+def sampling(trainer):
+    """The U-Net and the text encoder in eval mode while generating (as validation does), then as they were."""
+    modules = (trainer.sd.unet, trainer.sd.text_encoder)
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
 
 
 def _consecutive(ps: list[int]) -> list[list[int]]:

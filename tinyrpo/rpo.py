@@ -4,17 +4,20 @@ The reward (eq. 5) scores images; Bradley–Terry (eq. 6) turns two rewards into
 the loss (eqs. 7–9) is a denoising similarity term on the reference image plus a DPO-style preference term
 (as in Diffusion-DPO, Wallace et al. 2023) comparing the policy U-Net with the frozen base U-Net.
 Each is a small pure function. Below them, `RPO` is the method the shared loop (tinyrpo/trainer.py) runs:
-the negative set and its rewards (prepare), the pair and label of a step (draw), eqs. 7-9 (loss).
+the negative set and its rewards (prepare), the pair and label of a step (draw), eqs. 7-9 (loss), and, beyond the
+paper, the negative set remade by the policy every --refresh-negatives K steps (refresh_negatives).
 """
+import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from tinyrpo import kernels
 from tinyrpo.losses import per_sample_mse
-from tinyrpo.method import Method, MethodOptions, StepOutput, encode_images, generated_images
+from tinyrpo.method import Method, MethodOptions, StepOutput, encode_images, generated_images, read_generated
 from tinyrpo.runs.atomic import atomic_write_json
 
 
@@ -53,14 +56,33 @@ REWARD_MEANS = {"harmonic": harmonic_reward, "arithmetic": arithmetic_reward}  #
 
 # ---------------------------------------------------------------- preference labels (eq. 6)
 
-def preference_probability(h_w: torch.Tensor, h_l: torch.Tensor) -> torch.Tensor:
-    """Bradley–Terry, eq. (6): p(w ≻ l) = σ(h(w) − h(l))."""
-    return torch.sigmoid(h_w - h_l)
+def preference_probability(h_w: torch.Tensor, h_l: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Bradley–Terry, eq. (6): p(w ≻ l) = σ(h(w) − h(l)).
+
+    `temperature` τ is beyond the paper (--label-temperature, issue 21): p = σ((h(w) − h(l)) / τ), τ = 1 being
+    eq. 6. With h ∈ [0, 1], eq. 6 stays within [σ(−1), σ(1)] = [0.27, 0.73], close to coin flips; τ < 1
+    sharpens the labels toward the reward's ranking.
+    """
+    return torch.sigmoid((h_w - h_l) / temperature)
 
 
-def sample_label(h_w: torch.Tensor, h_l: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """y ~ Bernoulli(σ(h(w) − h(l))): 1 means "w is preferred". Re-drawn every time a pair is used."""
-    p = preference_probability(h_w, h_l)
+def hard_preference_probability(h_w: torch.Tensor, h_l: torch.Tensor) -> torch.Tensor:
+    """Hard labels, beyond the paper (--labels hard): p = [h(w) > h(l)], the τ → 0 limit of eq. (6) above.
+
+    A tie, h(w) = h(l), is that limit too: p = 1/2, a fair coin, so a tie favours neither side.
+    """
+    return (torch.sign(h_w - h_l) + 1) / 2
+
+
+def sample_label(h_w: torch.Tensor, h_l: torch.Tensor, generator: torch.Generator | None = None,
+                 temperature: float = 1.0, hard: bool = False) -> torch.Tensor:
+    """y ~ Bernoulli(p(w ≻ l)): 1 means "w is preferred". Re-drawn every time a pair is used.
+
+    p is eq. (6) (at `temperature`), or with `hard` the hard label: 1.0 or 0.0 outright (u ∈ [0, 1) is below
+    1 and never below 0), a coin flip at a tie. Both consume the same uniform draw, so the run's random
+    stream does not depend on the labels' kind.
+    """
+    p = hard_preference_probability(h_w, h_l) if hard else preference_probability(h_w, h_l, temperature)
     u = torch.rand(p.shape, generator=generator, device=p.device if generator is None else generator.device)
     return (u.to(p.device) < p).to(p.dtype)
 
@@ -130,6 +152,11 @@ class RPOOptions(MethodOptions):
     # −0.058 ± 0.022, shared better, so "shared".
     winner_prompt: str = "pair"
     noise: str = "shared"
+    # Beyond the paper (issue 21), each at the paper's behaviour by default; measured by
+    # `python -m tinyrpo.toy experiment beyond` (docs/methods.md).
+    label_temperature: float = 1.0   # τ of the labels: p = σ((h(w) − h(l)) / τ); 1 is eq. (6)
+    labels: str = "soft"             # "soft": y ~ Bernoulli(p), eq. (6); "hard": y = [h(w) > h(l)]
+    refresh_negatives: int = 0       # K: the negative set made again by the policy every K steps; 0: never (paper)
 
     def validate(self, need):
         need(self.beta > 0, f"--beta must be positive (got {self.beta})")
@@ -139,6 +166,14 @@ class RPOOptions(MethodOptions):
         need(self.winner_prompt in ("reference", "pair"),
              f"--winner-prompt must be reference or pair (got {self.winner_prompt!r})")
         need(self.noise in ("shared", "independent"), f"--noise must be shared or independent (got {self.noise!r})")
+        need(self.label_temperature > 0, f"--label-temperature must be positive (got {self.label_temperature})")
+        need(self.labels in ("soft", "hard"), f"--labels must be soft or hard (got {self.labels!r})")
+        need(self.labels == "soft" or self.label_temperature == 1.0,
+             "--label-temperature sets soft labels' sharpness and hard labels have none; drop one of them")
+        need(self.refresh_negatives >= 0,
+             f"--refresh-negatives must be a number of steps, or 0 for never (got {self.refresh_negatives})")
+        need(self.pref or not self.refresh_negatives,
+             "--refresh-negatives with --no-pref would remake negatives that pure L_sim never uses; drop one of them")
 
 
 def draw_pairs(gen: torch.Generator, n_w: int, n_l: int, B: int, T: int, latent_shape, shared_noise: bool):
@@ -177,6 +212,11 @@ def rpo_forward(policy, ref, x_t, t, cond, noise, y, beta: float, autocast) -> R
     return RPOLoss(*loss_fn(model_pred, ref_pred, noise, y, beta))
 
 
+def refresh_folder(step: int) -> str:
+    """Where the negative set remade by the policy of `step` is kept, in the run folder."""
+    return f"refresh/step_{step:05d}"
+
+
 class RPO(Method):
     """Reward Preference Optimization: L_sim on the reference images + a DPO loss against the base model."""
 
@@ -187,8 +227,9 @@ class RPO(Method):
 
     def prepare(self):
         tr, opt = self.trainer, self.opt
-        negatives, self.l_prompt = generated_images(tr, "negatives", tr.prompts, opt.images_per_prompt,
-                                                    tr.cfg.seed, "negative set")
+        negatives, l_prompt = generated_images(tr, "negatives", tr.prompts, opt.images_per_prompt, tr.cfg.seed,
+                                               "negative set")
+        self.l_prompt = torch.tensor(l_prompt)
         with tr.phase("rewards"):
             # h for each reference image and each generated image (eq. 5), with the training λ
             refs = tr.subject.images
@@ -196,24 +237,66 @@ class RPO(Method):
                 h_w = tr.reward(refs, [tr.subject.reference_prompt] * len(refs), opt.lambda_train).reward
             else:  # one reward per (reference image, training prompt): [n_w, P]
                 h_w = torch.stack([tr.reward(refs, [p] * len(refs), opt.lambda_train).reward for p in tr.prompts], 1)
-            h_l = tr.reward(negatives, [tr.prompts[p] for p in self.l_prompt], opt.lambda_train).reward
-            self.h_w, self.h_l = h_w.cpu(), h_l.cpu()
+            self.h_w = h_w.cpu()
+            self.use_negatives(negatives)
             atomic_write_json(tr.out / "rewards.json", {"lambda_train": opt.lambda_train,
                                                         "winner_prompt": opt.winner_prompt,
                                                         "reference": self.h_w.tolist(), "negatives": self.h_l.tolist()})
             # Everything a step needs, computed once: latents of both sides of a pair.
             self.w_latents = encode_images(tr.sd.vae, refs, tr.device)
-            self.l_latents = encode_images(tr.sd.vae, negatives, tr.device)
-            self.l_prompt = torch.tensor(self.l_prompt)
+        # --refresh-negatives: steps done, and the step whose policy made the set in use (0: the base model)
+        self.steps_done, self.negatives_step = 0, 0
+
+    def use_negatives(self, images):
+        """The loser side of the pairs: each generated image's reward h(l) (eq. 5, against the training prompt
+        it was made from) and its latent. The labels are drawn from h at every step, so they follow."""
+        tr = self.trainer
+        self.h_l = tr.reward(images, [tr.prompts[p] for p in self.l_prompt.tolist()], self.opt.lambda_train).reward.cpu()
+        self.l_latents = encode_images(tr.sd.vae, images, tr.device)
+
+    def refresh_negatives(self):
+        """On-policy negatives (--refresh-negatives K), the paper's "online" future work: the negative set made
+        again by the current policy (LoRA or full) with prepare's recipe — the same prompts, images per prompt
+        and seeds — and its rewards recomputed. Kept in RUN/refresh/step_NNNNN/ (images, index.json,
+        rewards.json), which a resumed run reads back instead of remaking with weights it no longer has."""
+        tr, step = self.trainer, self.steps_done
+        folder = refresh_folder(step)
+        t0 = time.perf_counter()
+        images, _ = generated_images(tr, folder, tr.prompts, self.opt.images_per_prompt, tr.cfg.seed,
+                                     f"negatives @ {step}", policy_step=step)
+        with tr.phase("refresh"):
+            self.use_negatives(images)
+            atomic_write_json(tr.out / folder / "rewards.json", {"step": step, "negatives": self.h_l.tolist()})
+        self.negatives_step = step
+        tqdm.write(f"negative set remade by the policy of step {step} in {time.perf_counter() - t0:.2f} s "
+                   f"({len(images)} images, {tr.out / folder})")
 
     def draw(self, gen):
-        tr, B = self.trainer, self.trainer.cfg.batch_size
+        tr, B, K = self.trainer, self.trainer.cfg.batch_size, self.opt.refresh_negatives
+        # The steps after step n·K use the set of step n·K's policy, made here when first needed: a run that
+        # ends at step n·K makes none, and resumed with more --steps it makes it now, as the uninterrupted run.
+        if K and self.steps_done % K == 0 and self.negatives_step != self.steps_done:
+            self.refresh_negatives()
         i, j, t, eps = draw_pairs(gen, len(self.w_latents), len(self.l_latents), B,
                                   tr.sd.scheduler.cfg.num_train_timesteps, self.w_latents.shape[1:],
                                   self.opt.noise == "shared")
         h_w = self.h_w[i] if self.h_w.ndim == 1 else self.h_w[i, self.l_prompt[j]]
-        y = sample_label(h_w, self.h_l[j], generator=gen)  # eq. (6), re-drawn every time a pair is used
+        # eq. (6), re-drawn every time a pair is used (--label-temperature, --labels hard: beyond the paper)
+        y = sample_label(h_w, self.h_l[j], generator=gen, temperature=self.opt.label_temperature,
+                         hard=self.opt.labels == "hard")
         return {"i": i, "j": j, "t": t, "eps": eps, "y": y}
+
+    def after_step(self, batch, out):
+        self.steps_done += 1
+
+    def state_dict(self):
+        return {"steps_done": self.steps_done, "negatives_step": self.negatives_step}
+
+    def load_state_dict(self, state):
+        # a last.pt from before --refresh-negatives has no state: its runs never refresh, so the counts do not matter
+        self.steps_done, self.negatives_step = state.get("steps_done", 0), state.get("negatives_step", 0)
+        if self.negatives_step:
+            self.use_negatives(read_generated(self.trainer, refresh_folder(self.negatives_step)))
 
     def inputs(self, batch):
         """The U-Net inputs of a step: x_t of both sides (forward process of x_0 with the drawn ε, t) and
