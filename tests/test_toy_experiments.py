@@ -1,5 +1,6 @@
 """The experiment tables of tinyrpo/toy/experiments.py, on hand-made validation records."""
 import math
+from pathlib import Path
 
 import pytest
 
@@ -89,3 +90,114 @@ def test_labels_read_the_rewards_of_the_runs(tmp_path):
     deltas = [0.9 - 0.4, 0.9 - 0.6, 0.5 - 0.2, 0.5 - 0.1, 0.7 - 0.4, 0.7 - 0.6, 0.3 - 0.2, 0.3 - 0.1]
     assert data["pairs"] == 8 and data["delta_mean"] == pytest.approx(sum(deltas) / 8)
     assert data["p_max"] == pytest.approx(1 / (1 + math.exp(-0.5)))
+
+
+# ------------------------------------------------------------------------------------ beyond the paper (issue 21)
+
+def kept(step, identity, fidelity):
+    """A run whose h_0.3 peaks at `step` (the kept validation), after a lower step 0."""
+    return [val(0, 0.6, 0.6, 0.0, 0.95), val(step, 0.8, 0.8, identity, fidelity)]
+
+
+# pure L_sim, the same trajectory on every run: (identity, fidelity) (0, .95) → (.3, .85) → (.5, .7) → (.6, .5);
+# h_0.3 peaks at step 80, so L_sim + early stopping keeps (.3, .85)
+LSIM = [val(0, 0.6, 0.6, 0.0, 0.95), val(80, 0.8, 0.8, 0.3, 0.85), val(160, 0.7, 0.7, 0.5, 0.7),
+        val(240, 0.7, 0.6, 0.6, 0.5)]
+KEYS = ("toy/seed0", "toy/seed1", "ball/seed0")
+
+
+def beyond_runs():
+    return {"lsim": {k: LSIM for k in KEYS},
+            # identity .4: L_sim's most faithful checkpoint with identity ≥ .4 is step 160 (.5, .7): +.2, +.18, +.22
+            "tau0.1": {k: kept(120, 0.4, f) for k, f in zip(KEYS, (0.9, 0.88, 0.92))},
+            # identity .3: matched by step 80 (.3, .85): −.01, +.01, 0
+            "rpo": {k: kept(80, 0.3, f) for k, f in zip(KEYS, (0.84, 0.86, 0.85))},
+            # identity .7, above every L_sim checkpoint: against its most identifiable, (.6, .5): −.1, −.12, −.08
+            "hard": {k: kept(40, 0.7, f) for k, f in zip(KEYS, (0.4, 0.38, 0.42))},
+            # DreamBooth keeps its last step (.5, .75) though h peaks at step 80
+            "dreambooth": {k: [val(0, 0.6, 0.6, 0.0, 0.95), val(80, 0.9, 0.9, 0.2, 0.9), val(800, 0.6, 0.6, 0.5, 0.75)]
+                           for k in KEYS}}
+
+
+def test_matched_fidelity_is_lsims_most_faithful_checkpoint_at_least_as_identifiable():
+    assert ex.matched_fidelity(val(1, 0, 0, 0.4, 0.9), LSIM) == pytest.approx((0.9 - 0.7, 0.4 - 0.5))
+    assert ex.matched_fidelity(val(1, 0, 0, 0.3, 0.8), LSIM) == pytest.approx((0.8 - 0.85, 0.0))
+    assert ex.matched_fidelity(val(1, 0, 0, 0.0, 0.9), LSIM) == pytest.approx((0.9 - 0.95, 0.0))
+    assert ex.matched_fidelity(val(1, 0, 0, 0.7, 0.6), LSIM) == pytest.approx((0.6 - 0.5, 0.7 - 0.6))  # none reaches .7
+
+
+def test_beyond_table_and_its_reading():
+    minutes = {"lsim": dict(zip(KEYS, (5.0, 6.0, 7.0))), "rpo": dict(zip(KEYS, (8.0, 8.0, 8.0)))}
+    text, data = ex.beyond(beyond_runs(), 0.3, minutes)
+    reading = data["reading"]
+    tau = reading["RPO, label temperature τ 0.1"]
+    assert tau["fidelity_diff"] == pytest.approx(0.2) and tau["identity_diff"] == pytest.approx(-0.1)
+    assert tau["se"] == pytest.approx(0.02 / math.sqrt(3)) and tau["verdict"] == "buys fidelity" and tau["n"] == 3
+    paper = reading["RPO as the paper: τ 1, soft labels, negatives never remade, β 1"]
+    assert paper["fidelity_diff"] == pytest.approx(0.0, abs=1e-12) and paper["verdict"] == "within noise"
+    hard = reading["RPO, hard labels"]
+    assert hard["fidelity_diff"] == pytest.approx(-0.1) and hard["identity_diff"] == pytest.approx(0.1)
+    assert hard["verdict"] == "loses fidelity"
+    db = reading["DreamBooth (--method dreambooth), last step"]
+    assert db["fidelity_diff"] == pytest.approx(0.05) and db["identity_diff"] == pytest.approx(0.0)
+    assert [c["step"] for c in data["rows"]["DreamBooth (--method dreambooth), last step"]] == [800] * 3
+    assert [c["step"] for c in data["rows"]["DreamBooth + early stopping"]] == [80] * 3
+    # only the variants that ran have rows; the columns: identity, fidelity, exact score, kept step, wall minutes
+    assert "β 0.01" not in text and "every 50 steps" not in text
+    score = 2 * 0.3 * 0.85 / 1.15
+    assert f"| pure L_sim (--no-pref) + early stopping | 0.300 ± 0.000 | 0.850 ± 0.000 | {score:.3f} ± 0.000 | 80 ± 0 | 6.0 ± 1.0 |" in text
+    assert "| RPO, hard labels | 0.700 ± 0.000 | 0.400 ± 0.020 |" in text and text.count("| — |") >= 3  # no minutes
+    assert data["conclusion"] == ("- reading: L_pref buys fidelity at equal identity over pure L_sim with early "
+                                  "stopping with: RPO, label temperature τ 0.1 (+0.200)")
+    assert "- RPO, label temperature τ 0.1: fidelity at matched identity +0.200 ± 0.012 (paired, n = 3" in text
+
+
+def test_beyond_reading_when_nothing_buys_fidelity():
+    runs = beyond_runs()
+    del runs["tau0.1"]
+    _, data = ex.beyond(runs, 0.3, {})
+    assert data["conclusion"] == ("- reading: no change makes L_pref buy fidelity at equal identity over pure L_sim "
+                                  "with early stopping (1 of 2 RPO rows within noise, 1 losing fidelity)")
+    one = {v: {"toy/seed0": r["toy/seed0"]} for v, r in runs.items()}  # one run each: nothing to read
+    assert ex.beyond(one, 0.3, {})[1]["conclusion"].startswith("- reading: too few runs to read")
+
+
+def test_experiment_beyond_writes_its_tables_from_the_run_folders(tmp_path, monkeypatch):
+    """The command end to end on fabricated run folders: each cell's wall time is its summary.json's total, and
+    beyond.md / beyond.json are written; a cell shared with the paper's tables (rpo, beta) is one folder."""
+    import json
+    subjects = []
+    for name in ("toy", "ball"):
+        (tmp_path / "refs" / name).mkdir(parents=True)
+        (tmp_path / "refs" / name / "subject.json").write_text("{}")
+        subjects.append(str(tmp_path / "refs" / name))
+    runs, made = beyond_runs(), []
+
+    def fake_cell(out, variant, subject, seed, extra):
+        run = ex.run_dir(out, variant, subject, seed)
+        run.mkdir(parents=True, exist_ok=True)
+        key = f"{Path(subject).name}/seed{seed}"
+        vals = runs.get(variant, {}).get(key, LSIM)
+        (run / "log.jsonl").write_text("".join(json.dumps(v | {"reward": ex.h_val(v, 0.3)}) + "\n" for v in vals))
+        (run / "config.json").write_text(json.dumps({"lambda_val": 0.3, "images_per_prompt": 1}))
+        (run / "summary.json").write_text(json.dumps({"seconds": {"total": 60.0 * (1 + len(made))}}))
+        (run / "rewards.json").write_text(json.dumps({"reference": [0.6], "negatives": [0.5]}))
+        made.append((variant, key))
+        return run
+    monkeypatch.setattr(ex, "train_cell", fake_cell)
+    data = ex.run_experiment("beyond", tmp_path / "out", seeds=(0,), subjects=subjects)
+    assert [v for v, _ in made] == [v for v in ex.EXPERIMENTS["beyond"] for _ in subjects]
+    assert set(ex.EXPERIMENTS["beyond"]) == {"lsim", "rpo", "tau0.1", "tau0.02", "hard", "refresh200", "refresh50",
+                                             "beta", "beta0.01", "dreambooth"}
+    md = (tmp_path / "out" / "beyond.md").read_text()
+    assert data["conclusion"] in md and "| RPO, β 0.01 |" in md
+    # wall minutes: pure L_sim's two cells were the 1st and 2nd made: 1 and 2 minutes
+    assert [c["minutes"] for c in data["rows"]["pure L_sim (--no-pref) + early stopping"]] == [1.0, 2.0]
+    assert json.loads((tmp_path / "out" / "beyond.json").read_text())["experiment"] == "beyond"
+
+
+def test_beyond_variants_change_one_thing_from_the_papers_rpo():
+    assert ex.VARIANTS["tau0.1"] == ["--label-temperature", "0.1"] and ex.VARIANTS["hard"] == ["--labels", "hard"]
+    assert ex.VARIANTS["refresh50"] == ["--refresh-negatives", "50"] and ex.VARIANTS["beta0.01"] == ["--beta", "0.01"]
+    assert "dreambooth" in ex.PRESET and "beta0.01" not in ex.PRESET  # DreamBooth has no β; β 0.01 overrides β 1
+    assert ex.EXPERIMENTS["all"] == ["rpo", "lsim", "reference", "independent", "beta"]  # unchanged by beyond

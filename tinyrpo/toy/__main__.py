@@ -7,6 +7,7 @@
     python -m tinyrpo.toy score runs/toy               # exact identity/fidelity/leak of a run's validations
     python -m tinyrpo.toy show --pictures 64           # a grid of pretraining pictures and their captions
     python -m tinyrpo.toy experiment all               # the paper's claims, measured (tinyrpo/toy/experiments.py)
+    python -m tinyrpo.toy experiment beyond            # beyond the paper: labels, on-policy negatives, β
 """
 import argparse
 import dataclasses
@@ -173,8 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_alias(s, "--steps", "--sample-steps")
 
     s = command("experiment", "train RPO variants on both toy subjects and write the paper's tables")
-    s.add_argument("name", choices=["overfit", "table2", "lambda", "choices", "all", "default"],
-                   help="which experiment (default: the default run at --seeds, evaluated against the base model)")
+    s.add_argument("name", choices=["overfit", "table2", "lambda", "choices", "all", "default", "beyond"],
+                   help="which experiment (default: the default run at --seeds, evaluated against the base model; "
+                        "beyond: label temperature, hard labels, on-policy negatives and β against pure L_sim and "
+                        "DreamBooth)")
     s.add_argument("--out", default="runs/toy-experiments", help="parent folder of the runs and the tables")
     s.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     s.add_argument("--subjects", default="refs/toy,refs/ball", help="comma-separated toy subject folders")

@@ -6,6 +6,8 @@
     python -m tinyrpo.toy experiment lambda     # Table 3: λ_val ∈ {0.3, 0.5, 0.7}
     python -m tinyrpo.toy experiment choices    # tinyrpo's two departures from the paper, decided by measurement
     python -m tinyrpo.toy experiment all        # every table from one set of runs
+    python -m tinyrpo.toy experiment beyond     # beyond the paper (issue 21): label temperature, hard labels,
+                                                #   on-policy negatives, β, against pure L_sim and DreamBooth
 
 Each experiment trains RPO variants (train.py's own code, the toy preset of the subject folders) on both toy
 subjects with --seeds (default 0,1,2), one run folder per (variant, subject, seed) under --out, and reads the
@@ -29,6 +31,10 @@ What is measured, and how:
   step h_λval keeps and that optimum.
 - A choice is decided by the paired difference (same subject and seed) of the exact score; "within
   noise" when |mean| < its standard error × 2.
+- Beyond the paper, "fidelity at matched identity": a kept checkpoint's fidelity minus that of pure L_sim's most
+  faithful validation (same subject and seed) that is at least as identifiable (pure L_sim's most identifiable
+  one when none is, which favours L_sim). Positive beyond noise: the preference term bought fidelity at equal
+  identity, which pure L_sim with early stopping could not have had by stopping elsewhere.
 """
 import json
 import math
@@ -48,16 +54,40 @@ VARIANTS = {
     "reference": ["--winner-prompt", "reference"],      # h(w) against the reference prompt ("a photo of sks toy")
     "independent": ["--noise", "independent"],          # ε and t drawn for w and l separately (paper, eq. 4)
     "beta": ["--beta", "0.1"],                          # RPO at the toy preset's β
+    # Beyond the paper (issue 21), one change each from "rpo" (τ 1, soft labels, negatives never remade, β 1),
+    # which is also the τ = 1, K = never and β = 1 cell of each sweep, as "beta" is its β = 0.1 cell.
+    "tau0.1": ["--label-temperature", "0.1"],
+    "tau0.02": ["--label-temperature", "0.02"],
+    "hard": ["--labels", "hard"],
+    "refresh200": ["--refresh-negatives", "200"],
+    "refresh50": ["--refresh-negatives", "50"],
+    "beta0.01": ["--beta", "0.01"],
+    "dreambooth": ["--method", "dreambooth"],           # the baseline, at the toy preset (it has no β)
 }
-# Every variant runs at the paper's β = 1 (the toy preset's β would otherwise apply), but "beta" and the
-# default run ("default": `python train.py` as it is, the toy preset, at other seeds).
+# Every variant runs at the paper's β = 1 (the toy preset's β would otherwise apply), but "beta", DreamBooth
+# and the default run ("default": `python train.py` as it is, the toy preset, at other seeds).
 PAPER = ["--beta", "1.0"]
-PRESET = ("beta", "default")
+PRESET = ("beta", "dreambooth", "default")
 VARIANTS["default"] = []
 EXPERIMENTS = {"overfit": ["lsim", "rpo"], "table2": ["lsim", "rpo", "beta"], "lambda": ["rpo"],
                "choices": ["rpo", "reference", "independent"]}
 EXPERIMENTS["all"] = sorted({v for vs in EXPERIMENTS.values() for v in vs}, key=list(VARIANTS).index)
 EXPERIMENTS["default"] = ["default"]  # the default run, its kept checkpoint evaluated against the base model
+# (row label, variant, which validation is kept: "early" = the h_λval argmax, "last" = the final step)
+BEYOND_ROWS = [
+    ("pure L_sim (--no-pref) + early stopping", "lsim", "early"),
+    ("RPO as the paper: τ 1, soft labels, negatives never remade, β 1", "rpo", "early"),
+    ("RPO, label temperature τ 0.1", "tau0.1", "early"),
+    ("RPO, label temperature τ 0.02", "tau0.02", "early"),
+    ("RPO, hard labels", "hard", "early"),
+    ("RPO, negatives remade by the policy every 200 steps", "refresh200", "early"),
+    ("RPO, negatives remade by the policy every 50 steps", "refresh50", "early"),
+    ("RPO, β 0.1", "beta", "early"),
+    ("RPO, β 0.01", "beta0.01", "early"),
+    ("DreamBooth (--method dreambooth), last step", "dreambooth", "last"),
+    ("DreamBooth + early stopping", "dreambooth", "early"),
+]
+EXPERIMENTS["beyond"] = list(dict.fromkeys(variant for _, variant, _ in BEYOND_ROWS))
 METRICS = ("identity", "body", "fidelity", "leak")
 
 
@@ -132,10 +162,11 @@ def fmt(xs: list[float], digits: int = 3) -> str:
 
 def table(rows: list[tuple[str, list[dict]]], cols=("identity", "body", "fidelity", "leak", "score", "h", "step")) -> str:
     names = {"identity": "identity ↑", "body": "body colour", "fidelity": "fidelity ↑", "leak": "leak ↓", "score": "exact score ↑",
-             "h": "h_λval", "step": "step kept"}
+             "h": "h_λval", "step": "step kept", "minutes": "wall min"}
+    digits = {"step": 0, "minutes": 1}
     lines = ["| | " + " | ".join(names[c] for c in cols) + " |", "| --- |" + " --- |" * len(cols)]
     for name, cells in rows:
-        lines.append(f"| {name} | " + " | ".join(fmt([cell[col] for cell in cells], 0 if col == "step" else 3)
+        lines.append(f"| {name} | " + " | ".join(fmt([cell[col] for cell in cells], digits.get(col, 3))
                                                  for col in cols) + " |")
     return "\n".join(lines)
 
@@ -213,6 +244,64 @@ def choices(runs: dict, lam: float) -> tuple[str, dict]:
     text = table(rows) + "\n\n" + "\n".join(f"- exact score, {name} minus the default: {verdicts[k]}"
                                             for k, name in (("reference", "(a)"), ("independent", "(b)")))
     return text, {"rows": {n: cells for n, cells in rows}, "verdicts": verdicts}
+
+
+def matched_fidelity(kept: dict, lsim_vals: list[dict]) -> tuple[float, float]:
+    """A kept checkpoint against pure L_sim's most faithful validation (same subject and seed) that is at least as
+    identifiable (its most identifiable one when none is): -> (fidelity difference, identity difference)."""
+    identity = kept["exact"]["identity"]
+    reached = [v for v in lsim_vals if v["exact"]["identity"] >= identity]
+    match = (max(reached, key=lambda v: (v["exact"]["fidelity"], -v["step"])) if reached
+             else max(lsim_vals, key=lambda v: (v["exact"]["identity"], -v["step"])))
+    return kept["exact"]["fidelity"] - match["exact"]["fidelity"], identity - match["exact"]["identity"]
+
+
+def verdict(diffs: list[float], words=("better", "worse")) -> tuple[str, float, float]:
+    """-> (verdict, mean, standard error) of paired differences: within noise when |mean| < 2 standard errors."""
+    m, s = mean_std(diffs)
+    se = s / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
+    if len(diffs) < 2:
+        return "too few runs to compare", m, se
+    return ("within noise" if abs(m) < 2 * se else (words[0] if m > 0 else words[1])), m, se
+
+
+def beyond(runs: dict, lam: float, minutes: dict) -> tuple[str, dict]:
+    """Issue 21: each change beyond the paper (label temperature, hard labels, on-policy negatives, β) and
+    DreamBooth, against pure L_sim with early stopping; the reading is computed from the numbers: which
+    change, if any, makes L_pref buy fidelity at equal identity. `minutes`: variant -> run -> wall minutes."""
+    rows, reading, lines = [], {}, []
+    for name, variant, rule in BEYOND_ROWS:
+        if variant not in runs:
+            continue
+        kept = {key: early_stop(vals, lam) if rule == "early" else vals[-1] for key, vals in runs[variant].items()}
+        rows.append((name, [row_of(v, lam) | {"minutes": minutes.get(variant, {}).get(key)} for key, v in kept.items()]))
+        if variant == "lsim" or "lsim" not in runs:
+            continue
+        pairs = [matched_fidelity(v, runs["lsim"][key]) for key, v in kept.items() if key in runs["lsim"]]
+        said, m, se = verdict([d for d, _ in pairs], ("buys fidelity", "loses fidelity"))
+        gap = mean_std([g for _, g in pairs])[0]
+        reading[name] = {"variant": variant, "fidelity_diff": m, "se": se, "identity_diff": gap, "n": len(pairs),
+                         "verdict": said}
+        exact = f"; exact score minus L_sim + early stopping {paired(runs['lsim'], runs[variant], lam)}" if rule == "early" else ""
+        lines.append(f"- {name}: fidelity at matched identity {m:+.3f} ± {se:.3f} (paired, n = {len(pairs)}; "
+                     f"identity {gap:+.3f} vs the matched L_sim checkpoints): {said}{exact}")
+    text = table(rows, cols=("identity", "fidelity", "score", "step", "minutes"))
+    rpo_rows = [n for n, r in reading.items() if r["variant"] != "dreambooth"]
+    buys = [n for n in rpo_rows if reading[n]["verdict"] == "buys fidelity"]
+    if buys:
+        conclusion = ("- reading: L_pref buys fidelity at equal identity over pure L_sim with early stopping with: "
+                      + "; ".join(f"{n} ({reading[n]['fidelity_diff']:+.3f})" for n in buys))
+    elif rpo_rows and all(reading[n]["n"] >= 2 for n in rpo_rows):
+        conclusion = ("- reading: no change makes L_pref buy fidelity at equal identity over pure L_sim with early "
+                      f"stopping ({sum(reading[n]['verdict'] == 'within noise' for n in rpo_rows)} of {len(rpo_rows)} "
+                      "RPO rows within noise, "
+                      f"{sum(reading[n]['verdict'] == 'loses fidelity' for n in rpo_rows)} losing fidelity)")
+    else:
+        conclusion = ("- reading: too few runs to read: every RPO row needs pure L_sim runs of at least 2 of its "
+                      "(subject, seed) pairs")
+    lines.append(conclusion)
+    return text + "\n\n" + "\n".join(lines), {"rows": {n: c for n, c in rows}, "reading": reading,
+                                              "conclusion": conclusion}
 
 
 def labels(out: Path, runs: dict) -> tuple[str, dict]:
@@ -308,16 +397,22 @@ def run_experiment(name: str, out="runs/toy-experiments", seeds=(0, 1, 2), subje
             raise UserError(f"{s} is not a toy subject folder (no subject.json); run from the repository root "
                             f"or regenerate it with python -m tinyrpo.toy subjects")
     out, extra = Path(out), list(extra or [])
-    runs = {}
+    runs, wall = {}, {}
     cells = [(v, s, k) for v in EXPERIMENTS[name] for s in subjects for k in seeds]
     for i, (variant, subject, seed) in enumerate(cells):
         print(f"[{i + 1}/{len(cells)}] {variant} {subject} seed {seed}", flush=True)
         run = train_cell(out, variant, subject, seed, extra)
-        runs.setdefault(variant, {})[f"{Path(subject).name}/seed{seed}"] = read_vals(run)
+        key = f"{Path(subject).name}/seed{seed}"
+        runs.setdefault(variant, {})[key] = read_vals(run)
+        # The run's own clock (summary.json, over all its processes), not this call's: finished runs are skipped.
+        wall.setdefault(variant, {})[key] = json.loads((run / "summary.json").read_text())["seconds"]["total"] / 60
     if name == "default":
         text, data = default_run(out, runs, subjects, seeds)
         sections = [text]
         names = []
+    elif name == "beyond":
+        text, data = beyond(runs, lam, wall)
+        sections, names = [f"### beyond\n\n{text}"], []
     else:
         names = [n for n in TABLES if n != "all"] if name == "all" else [name]
         sections, data = [], {}
@@ -329,8 +424,7 @@ def run_experiment(name: str, out="runs/toy-experiments", seeds=(0, 1, 2), subje
         notes.append(labels(out, runs))
     sections.append("### notes\n\n" + "\n".join(text for text, _ in notes))
     data["leak"], data["labels"] = notes[0][1], notes[1][1] if len(notes) > 1 else {}
-    # The runs' own clocks (summary.json), not this call's: finished runs are skipped, not retrained.
-    per_run = [json.loads((run_dir(out, *c) / "summary.json").read_text())["seconds"]["total"] / 60 for c in cells]
+    per_run = [m for by_run in wall.values() for m in by_run.values()]
     minutes = sum(per_run)
     header = (f"Toy world, subjects {', '.join(Path(s).name for s in subjects)}, seeds {', '.join(map(str, seeds))}, "
               f"λ_val {lam}; {len(cells)} runs of {min(per_run):.1f}-{max(per_run):.1f} min, {minutes:.0f} min "
