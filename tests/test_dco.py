@@ -214,12 +214,13 @@ def test_dco_defaults_help_and_errors(models, setup, tmp_path):
 def test_compare_takes_dco():
     """tinyrpo.compare accepts --methods …,dco and gives each cell its own options."""
     from tinyrpo import compare
+    from tinyrpo.evaluation import comparison
     assert "dco" in compare.build_parser().format_help()
     args = ["--lr", "1e-4", "--beta", "2", "--dco-beta", "500", "--num-class-images=3", "--steps", "5"]
-    assert compare.method_args(args, "dco") == ["--lr", "1e-4", "--dco-beta", "500", "--steps", "5"]
-    assert compare.method_args(args, "rpo") == ["--lr", "1e-4", "--beta", "2", "--steps", "5"]
-    compare.check_method_options(args, ["rpo", "dreambooth", "dco"])  # every flag belongs to one of them
+    assert comparison.method_args(args, "dco") == ["--lr", "1e-4", "--dco-beta", "500", "--steps", "5"]
+    assert comparison.method_args(args, "rpo") == ["--lr", "1e-4", "--beta", "2", "--steps", "5"]
+    comparison.check_method_options(args, ["rpo", "dreambooth", "dco"])  # every flag belongs to one of them
     with pytest.raises(UserError, match="--dco-beta is not a setting of rpo or dreambooth"):
-        compare.check_method_options(["--dco-beta", "500"], ["rpo", "dreambooth"])
-    cells = compare.plan(["rpo", "dco"], [compare.Path("refs/toy")], [0])
+        comparison.check_method_options(["--dco-beta", "500"], ["rpo", "dreambooth"])
+    cells = comparison.plan(["rpo", "dco"], [comparison.Path("refs/toy")], [0])
     assert [c.label() for c in cells] == ["rpo/toy/seed0", "dco/toy/seed0"]
