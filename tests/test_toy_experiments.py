@@ -201,3 +201,13 @@ def test_beyond_variants_change_one_thing_from_the_papers_rpo():
     assert ex.VARIANTS["refresh50"] == ["--refresh-negatives", "50"] and ex.VARIANTS["beta0.01"] == ["--beta", "0.01"]
     assert "dreambooth" in ex.PRESET and "beta0.01" not in ex.PRESET  # DreamBooth has no β; β 0.01 overrides β 1
     assert ex.EXPERIMENTS["all"] == ["rpo", "lsim", "reference", "independent", "beta"]  # unchanged by beyond
+
+
+def test_train_args_after_the_double_dash_in_any_order():
+    """What follows `--` is train.py's, wherever the experiment's own options stand."""
+    from tinyrpo.toy.__main__ import parse_args
+    for argv in (["experiment", "beyond", "--seeds", "0", "--", "--steps", "40"],
+                 ["experiment", "--seeds", "0", "beyond", "--", "--steps", "40"]):
+        args = parse_args(argv)
+        assert (args.name, args.seeds, args.train_args) == ("beyond", "0", ["--steps", "40"])
+    assert parse_args(["experiment", "all"]).train_args == []

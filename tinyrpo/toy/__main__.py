@@ -196,7 +196,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv):
-    return build_parser().parse_args(argv)
+    # What follows `--` is train.py's, split off first: argparse fills the positional `train_args` right after
+    # `name`, so `experiment beyond --seeds 0 -- --steps 40` would otherwise be refused.
+    argv = list(argv)
+    rest = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = build_parser().parse_args(argv[:len(argv) - len(rest) - (1 if "--" in argv else 0)])
+    if rest:
+        if args.command != "experiment":
+            raise UserError(f"`python -m tinyrpo.toy {args.command}` takes no train.py arguments after --")
+        args.train_args = list(args.train_args) + rest
+    return args
 
 
 def main(argv=None):
