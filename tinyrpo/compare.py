@@ -9,22 +9,7 @@ Before `--`: this command's options and the evaluation's (the same as `python -m
 train.py's arguments, given to every cell (each method keeps its own defaults for what is not given;
 --subject, --out, --method and --seed are set per cell).
 
-Each cell is a train.py run folder, OUT/<method>/<subject>/seed<k>/, evaluated into its eval/ with the
-evaluation's defaults (DreamBench's 25 prompts of the subject's set, 4 images each, DINO, CLIP-I, CLIP-T and
-h_λ; exact metrics too where the evaluation reports them). Every cell sees the same evaluation noise
-(--seed), so methods are compared on the same draws. The runner resumes: a cell with a finished eval.json
-is skipped, a training run that was interrupted continues with --resume, a finished one is only evaluated.
-
-The table (compare.md and compare.json, in the schema of tinyrpo.evaluation.pages.write_comparison_report; report.html
-beside them): per method and metric, the mean ± sample standard deviation over all its cells (subjects × seeds, each
-cell weighted equally) and their number, with the published DreamBench figures under it. Those are means
-over DreamBench's 30 subjects: they compare with a --dreambench run, not with other subjects.
-
-Scale-out: under torchrun (WORLD_SIZE > 1; multi-node with torchrun's rendezvous too) the cells are dealt
-round-robin to the ranks, each rank training its own cells one after another on its LOCAL_RANK's GPU when
-there are GPUs (its own --device otherwise). A gloo process group only coordinates: rank 0 collects every
-rank's results (collective calls, no shared file system needed for the table) and writes the outputs; the
-report page links run folders, so give all nodes one shared --out to see every run there.
+How the cells are run, resumed, dealt to torchrun's ranks and tabulated: tinyrpo/evaluation/comparison.py.
 """
 import argparse
 import sys

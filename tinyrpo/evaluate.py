@@ -5,24 +5,8 @@
     python -m tinyrpo.evaluate --real --subject refs/dog                      # the reference photos themselves
     python -m tinyrpo.compare --dreambench refs --methods rpo --seeds 0 -- --steps 400   # every subject, trained
 
-For each of the 25 official prompts of the subject's set (live for dogs and cats, object otherwise) the model
-draws --images-per-prompt images (DDIM, seed + p for prompt p, as sample.py), and each image is scored:
-
-    DINO    cosine of DINO ViT-S/16 class-token embeddings, averaged over all (reference, generated) pairs
-    CLIP-I  the same with CLIP image embeddings (ViT-B/32 by default, as DreamBooth)
-    CLIP-T  cosine of the CLIP embeddings of the image and of its prompt with the subject token removed
-            ("a sks dog on the beach" is scored as "a dog on the beach": CLIP has never seen "sks")
-    h_λ     RPO's λ-Harmonic reward (eq. 5) at --lambda-val, with the evaluation CLIP:
-            ALIGN-I = (cos + 1) / 2 averaged over references, ALIGN-T = (cos + 1) / 2
-
-A prompt's score is the mean over its images, the overall score the mean over all images (= over prompts).
-The reference photos are scored against each other too (each pair once per direction, never an image with
-itself): the "real images" row. Its CLIP-T is the photos against "a photo of a {class}" (not in the paper).
-Reference photos are loaded as train.py loads them (EXIF-rotated, RGB, center-cropped to --resolution).
-
-Writes into --out (default <ckpt folder>/eval, or runs/base-<subject>/eval, runs/real-<subject>/eval):
-eval.json (per prompt and overall, with the settings and the model paths; written last, so it marks a
-finished evaluation), eval.md (the table printed at the end) and grids/pNN-<prompt>.png.
+What each metric is, how a prompt's images are drawn and scored, and what is written into --out (eval.json,
+eval.md, grids/): tinyrpo/evaluation/scores.py (`python -m pydoc tinyrpo.evaluation.scores`).
 
 Training and evaluating every DreamBench subject is the comparison runner's job, `python -m tinyrpo.compare
 --dreambench ROOT` (it builds on this module). `--dreambench ROOT` given here, the older spelling, prints that
@@ -87,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m tinyrpo.evaluate", description=__doc__.split("\n\n")[0],
         epilog=f"examples:\n{examples}\n\n"
-               "The metrics and outputs are described in `python -m pydoc tinyrpo.evaluate`.",
+               "The metrics and outputs are described in `python -m pydoc tinyrpo.evaluation.scores`.",
         formatter_class=HelpFormatter)
     a = p.add_argument
     a("--ckpt", default=None, help="the best.safetensors (a fine-tuned U-Net or a LoRA) written by train.py "
