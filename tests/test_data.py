@@ -304,3 +304,12 @@ def test_exact_metrics_hook_errors(tmp_path, spec, says):
 def test_exact_metrics_hook_of_the_toy_subject():
     from tinyrpo.toy.metrics import exact_columns
     assert load_subject(ROOT / "refs" / "toy", resolution=32).exact_metrics is exact_columns
+
+
+def test_a_mistyped_subject_folder_is_named_before_its_class(tmp_path):
+    """Without --class-noun the class is looked up from the folder; a folder that is not there is the mistake."""
+    from tinyrpo.data import resolve_class
+    with pytest.raises(UserError, match="does not exist; pass --subject DIR"):
+        resolve_class(tmp_path / "dgo", None)
+    (tmp_path / "dog").mkdir()
+    assert resolve_class(tmp_path / "dog", None) == "dog"

@@ -9,10 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
+from tinyrpo.errors import UserError
 from tinyrpo.formats.weights import load_clip, load_dino, load_sd
 from tinyrpo.pipeline import generate
 from tinyrpo.reward import CLIPScorer
 from tinyrpo.toy import models
+from tinyrpo.toy.pretrain import PretrainConfig
 from tinyrpo.toy.quality import quality_prompts, run_quality
 from tinyrpo.toy.subjects import SUBJECTS
 from tinyrpo.toy.world import Picture, Thing, render
@@ -195,3 +197,18 @@ def test_a_new_image_tower_keeps_the_text_tower():
     assert torch.equal(first.logit_scale, new.logit_scale)
     ids = torch.tensor([[49406, 320, 49407]])
     assert torch.equal(first.encode_text(ids), new.encode_text(ids))
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--clip-image-near", "2", "--clip-image-near is a share between 0 and 1"),
+    ("--clip-image-steps", "-5", "--clip-image-steps must be positive"),
+    ("--tower-k", "1", "--tower-k must be at least 2"),
+    ("--tower-big-steps", "-1", "--tower-big-steps must be 0 or more"),
+])
+def test_pretrain_refuses_values_no_stage_can_use(tmp_path, flag, value, message):
+    """One sentence before an hour of pretraining starts, and nothing written."""
+    from tinyrpo.toy.__main__ import main
+    with pytest.raises(UserError, match=message):
+        main(["pretrain", "--out", str(tmp_path / "toy"), flag, value])
+    assert not (tmp_path / "toy").exists()
+    PretrainConfig().check()  # the defaults pass

@@ -150,7 +150,9 @@ def resolve_config(cfg: TrainConfig, given: set[str] | None = None) -> TrainConf
     unknown = set(cfg.options) - {f.name for f in fields(method.Options)}
     if unknown:
         flags = ", ".join("--" + k.replace("_", "-") for k in sorted(unknown))
-        raise UserError(f"{flags} {'is' if len(unknown) == 1 else 'are'} not a setting of --method {cfg.method}")
+        one = len(unknown) == 1
+        raise UserError(f"{flags} {'is' if one else 'are'} not a setting of --method {cfg.method}; drop "
+                        f"{'it' if one else 'them'} (python train.py --help lists each method's own settings)")
     return cfg
 
 

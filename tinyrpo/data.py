@@ -113,16 +113,21 @@ def to_tensor(im: Image.Image) -> torch.Tensor:
     return x.permute(2, 0, 1)
 
 
-def load_subject_images(folder, resolution: int = 512) -> list[Image.Image]:
-    """All readable images of a subject folder, resized and center-cropped to `resolution`.
-
-    Unreadable files among good ones are skipped with a warning; a folder with none is an error.
-    """
+def check_subject_folder(folder) -> Path:
     folder = Path(folder)
     if not folder.exists():
         raise UserError(f"subject folder {folder} does not exist; pass --subject DIR with 3-6 photos of your subject")
     if not folder.is_dir():
         raise UserError(f"--subject {folder} is a file, not a folder; put the photos in a folder and pass that folder")
+    return folder
+
+
+def load_subject_images(folder, resolution: int = 512) -> list[Image.Image]:
+    """All readable images of a subject folder, resized and center-cropped to `resolution`.
+
+    Unreadable files among good ones are skipped with a warning; a folder with none is an error.
+    """
+    folder = check_subject_folder(folder)
     files = sorted(p for p in folder.iterdir() if not p.is_dir() and not p.name.startswith("."))
     for p in files:
         check_input(p, "the subject photo")
@@ -229,6 +234,7 @@ def resolve_class(folder, class_noun: str | None) -> str:
     """The class noun: given, else the folder's subject.json's, else looked up for a DreamBench folder name."""
     if class_noun:
         return class_noun.strip()
+    check_subject_folder(folder)  # a mistyped folder is named as such, not as an unknown class
     from_file = read_subject_file(folder).get("class_noun")
     if from_file:
         return from_file.strip()

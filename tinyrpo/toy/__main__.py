@@ -71,6 +71,7 @@ def cmd_subjects(args):
 def cmd_pretrain(args, argv):
     from tinyrpo.toy.pretrain import PretrainConfig, pretrain
     cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig)})
+    cfg.check()
     pretrain(cfg, argv)
 
 

@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from tinyrpo.clip import CLIP_MEAN, CLIP_STD
 from tinyrpo.dino import dino_preprocess
+from tinyrpo.errors import UserError
 from tinyrpo.runs.atomic import atomic_torch_save
 from tinyrpo.schedulers import NoiseSchedule
 from tinyrpo.tokenizer import CLIPTokenizer
@@ -90,6 +91,30 @@ class PretrainConfig:
     check_prompts: int = 48        # quick quality check of the U-Net at the end of its stage ...
     check_every: int = 600         # ... and every this many steps (0: only at the end)
     guidance: float = 5.0          # of the checks (5 read best in the pilots; 7.5 oversaturates backgrounds)
+
+    def check(self) -> None:
+        """Refuse values no stage can use, before an hour of pretraining starts (one sentence each)."""
+        shares = ("caption_dropout", "clip_image_near", "clip_image_bw", "ema")
+        counts = ("threads", "tower_groups", "probe_pictures", "check_pictures", "check_prompts", "check_every")
+        for name, value in asdict(self).items():
+            flag = "--" + name.replace("_", "-")
+            if name in shares and not 0 <= value <= 1:
+                raise UserError(f"{flag} is a share between 0 and 1 (got {value})")
+            if name in ("tower_supervised_steps", "tower_big_steps"):
+                if value < 0:
+                    raise UserError(f"{flag} must be 0 or more (got {value})")
+            elif (name.endswith(("_steps", "_batch", "_pictures", "_lr")) or name in counts) and not value > 0:
+                raise UserError(f"{flag} must be positive (got {value})")
+            if name.endswith(("_instance", "_caption", "_kl")) or name in ("min_snr", "guidance"):
+                if value < 0:
+                    raise UserError(f"{flag} must be 0 or more (got {value})")
+        if self.tower_k < 2:
+            raise UserError(f"--tower-k must be at least 2: a group needs another layout as its hard negative "
+                            f"(got {self.tower_k})")
+        if not self.tower_temperature > 0:
+            raise UserError(f"--tower-temperature must be positive (got {self.tower_temperature})")
+        if self.tower_supervised_steps > min(self.clip_image_steps, self.dino_steps):
+            raise UserError("--tower-supervised-steps must not exceed --clip-image-steps or --dino-steps")
 
 
 STAGES = ("vae", "clip", "unet", "clip_image", "dino")
