@@ -12,7 +12,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 import train
-from tests.test_methods import Recorder, latents, make_trainer, method_args, oracles, text_states  # noqa: F401
+from tests.test_methods import latents, record, make_trainer, method_args, oracles, text_states  # noqa: F401
 from tests.test_methods_train import records
 from tests.test_train import make_subject, models  # noqa: F401  (models and oracles are fixtures)
 from tinyrpo.formats.checkpoint import load_checkpoint
@@ -105,7 +105,7 @@ def test_step_inputs_and_the_reference_is_the_frozen_base(models, oracles, base_
     with torch.no_grad():  # move the policy: every trained weight (with LoRA: the adapters, B = 0 at init)
         for p in tr.params:
             p.add_((0.3 if lora else 0.02) * torch.randn(p.shape, generator=g))
-    tr.policy_fwd, tr.ref_fwd = Recorder(tr.policy_fwd), Recorder(tr.ref_fwd)
+    record(tr, "policy_fwd", "ref_fwd")
     batch = tr.method.draw(torch.Generator().manual_seed(2))
     out = tr.method.loss(batch)
     (x_p, t_p, c_p, pred), (x_r, t_r, c_r, ref) = tr.policy_fwd.calls[0], tr.ref_fwd.calls[0]

@@ -3,6 +3,7 @@
 Oracles are independent of the code under test: values worked out by hand, diffusers' noise schedule and
 VAE, transformers' CLIP text model and ViT (DINO), all reading the same tiny checkpoint files.
 """
+import dataclasses
 import json
 
 import numpy as np
@@ -147,6 +148,15 @@ class Recorder:
         return out
 
 
+def record(tr, *names, recorder=Recorder):
+    """Wrap the forwards `names` (policy_fwd, ref_fwd) in recorders where the method calls them, its RunContext;
+    the trainer's attributes name the same recorders, for the asserts."""
+    wrapped = {n: recorder(getattr(tr.method.ctx, n)) for n in names}
+    tr.method.ctx = dataclasses.replace(tr.method.ctx, **wrapped)
+    for n, r in wrapped.items():
+        setattr(tr, n, r)
+
+
 def method_args(models, subject, out, method, *extra, prompts=None):
     args = base_args(models, subject, out, "--method", method, *extra)
     if method != "rpo":  # the negative set's size is RPO's setting
@@ -225,7 +235,7 @@ def test_dreambooth_step(models, oracles, tmp_path):
     tr = make_trainer(models, subject, tmp_path / "run", "dreambooth", "--batch-size", "2",
                       "--num-class-images", "3", "--prior-weight", "0.7")
     assert len(class_images(tr.out)) == 3
-    tr.policy_fwd = Recorder(tr.policy_fwd)
+    record(tr, "policy_fwd")
     batch = tr.method.draw(torch.Generator().manual_seed(1))
     out = tr.method.loss(batch)
     check_step_inputs(tr, oracles, batch, tr.policy_fwd.calls[0], 2)
@@ -257,7 +267,7 @@ def test_look_forward_step(models, oracles, dino_path, tmp_path, reward):
     m = tr.method
     side = RES // 2
     exact_critic(m.critic, 4, side)
-    tr.policy_fwd = Recorder(tr.policy_fwd)
+    record(tr, "policy_fwd")
     batch = m.draw(torch.Generator().manual_seed(1))
     out = m.loss(batch)
     x0, ab = check_step_inputs(tr, oracles, batch, tr.policy_fwd.calls[0], 2)

@@ -13,6 +13,7 @@ from diffusers import AutoencoderKL, DDPMScheduler
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from tests.test_methods import record
 from tests.test_train import RES, base_args, make_subject, models  # noqa: F401  (models is a fixture)
 from tinyrpo.config import TrainConfig
 from tinyrpo.data import to_tensor
@@ -73,7 +74,7 @@ def latents(oracles, image: Image.Image):
 def test_pair_inputs(models, oracles, tmp_path, noise):
     subject = make_subject(tmp_path / "subject", n=3)
     tr = make_trainer(models, subject, tmp_path / "run", "--noise", noise, "--batch-size", "2")
-    tr.policy_fwd, tr.ref_fwd = Recorder(tr.policy_fwd), Recorder(tr.ref_fwd)
+    record(tr, "policy_fwd", "ref_fwd", recorder=Recorder)
     batch = tr.method.draw(torch.Generator().manual_seed(5))
     out = tr.method.loss(batch)
     (x_p, t_p, c_p, pred), (x_r, t_r, c_r, ref_pred) = tr.policy_fwd.calls[0], tr.ref_fwd.calls[0]

@@ -102,29 +102,29 @@ class DCO(Method):
     diverged_hint = "lower --lr or --dco-beta, or use --precision fp32"
 
     def prepare(self):
-        tr = self.trainer
-        with tr.phase("latents"):
-            self.latents = encode_images(tr.sd.vae, tr.subject.images, tr.device)
+        ctx = self.ctx
+        with ctx.phase("latents"):
+            self.latents = encode_images(ctx.sd.vae, ctx.subject.images, ctx.device)
 
     def draw(self, gen):
-        tr = self.trainer
-        i, t, eps = draw_photos(gen, len(self.latents), tr.cfg.batch_size, tr.sd.scheduler.cfg.num_train_timesteps,
+        ctx = self.ctx
+        i, t, eps = draw_photos(gen, len(self.latents), ctx.cfg.batch_size, ctx.sd.scheduler.cfg.num_train_timesteps,
                                 self.latents.shape[1:])
         return {"i": i, "t": t, "eps": eps}
 
     def inputs(self, batch):
         """x_t of each photo (forward process with its ε and t) and the subject's prompt. -> x_t, t, cond, eps."""
-        tr = self.trainer
-        i, t, eps = batch["i"].to(tr.device), batch["t"].to(tr.device), batch["eps"].to(tr.device)
-        cond = tr.text_states([tr.subject.reference_prompt]).expand(len(i), -1, -1)
-        return tr.sd.scheduler.add_noise(self.latents[i], eps, t), t, cond, eps
+        ctx = self.ctx
+        i, t, eps = batch["i"].to(ctx.device), batch["t"].to(ctx.device), batch["eps"].to(ctx.device)
+        cond = ctx.text_states([ctx.subject.reference_prompt]).expand(len(i), -1, -1)
+        return ctx.sd.scheduler.add_noise(self.latents[i], eps, t), t, cond, eps
 
     def loss(self, batch):
-        tr = self.trainer
+        ctx = self.ctx
         x_t, t, cond, eps = self.inputs(batch)
-        with tr.autocast():
-            pred = tr.policy_fwd(x_t, t, cond)
+        with ctx.autocast():
+            pred = ctx.policy_fwd(x_t, t, cond)
             with torch.no_grad():  # the base model: the same x_t, t and text (a constant in the graph)
-                ref_pred = tr.ref_fwd(x_t, t, cond)
+                ref_pred = ctx.ref_fwd(x_t, t, cond)
         out = dco_objective(pred, ref_pred, eps, self.opt.dco_beta)
         return StepOutput(out.loss, {"e_theta": out.e_theta, "e_ref": out.e_ref, "t": batch["t"]})

@@ -162,45 +162,45 @@ class LookForward(DreamBooth):
                      "residuals) or --lr, or use --precision fp32")
 
     def load(self):
-        tr, opt = self.trainer, self.opt
-        vae = tr.sd.vae
-        side = tr.cfg.resolution // vae.downsample_factor
-        gen = torch.Generator().manual_seed(tr.cfg.seed)
-        self.critic = Critic(vae.cfg.latent_channels, side, side).reset_parameters(gen).to(tr.device)
+        ctx, opt = self.ctx, self.opt
+        vae = ctx.sd.vae
+        side = ctx.cfg.resolution // vae.downsample_factor
+        gen = torch.Generator().manual_seed(ctx.cfg.seed)
+        self.critic = Critic(vae.cfg.latent_channels, side, side).reset_parameters(gen).to(ctx.device)
         self.critic_opt = torch.optim.SGD(self.critic.parameters(), lr=opt.critic_lr)
         self.dino = None
         if opt.dpg_reward == "dino":
             from tinyrpo.formats.weights import load_dino
             if not Path(opt.dino).exists():
                 raise UserError(missing_weights_message("dino", opt.dino, "--dino"))
-            with tr.phase("load"):
-                self.dino = load_dino(opt.dino, device=tr.device, dtype=torch.float32).eval().requires_grad_(False)
+            with ctx.phase("load"):
+                self.dino = load_dino(opt.dino, device=ctx.device, dtype=torch.float32).eval().requires_grad_(False)
 
     def prepare(self):
         super().prepare()
         if self.dino is not None:
-            with self.trainer.phase("latents"):
-                self.ref_dino = self.dino_embed(self.trainer.subject.images)  # one per photo, [n_instance, D]
+            with self.ctx.phase("latents"):
+                self.ref_dino = self.dino_embed(self.ctx.subject.images)  # one per photo, [n_instance, D]
 
     @torch.no_grad()
     def dino_embed(self, images) -> torch.Tensor:
         from tinyrpo.dino import dino_preprocess
-        x = dino_preprocess(images, self.dino.config.image_size).to(self.trainer.device)
-        with torch.autocast(self.trainer.device.type, enabled=False):  # fp32: the cost is a small difference
+        x = dino_preprocess(images, self.dino.config.image_size).to(self.ctx.device)
+        with torch.autocast(self.ctx.device.type, enabled=False):  # fp32: the cost is a small difference
             return self.dino(x).float()
 
     def loss(self, batch):
-        tr, opt = self.trainer, self.opt
+        ctx, opt = self.ctx, self.opt
         x_t, t, cond, eps, x0 = self.inputs(batch)
         B = len(batch["i"])
-        with tr.autocast():
-            pred = tr.policy_fwd(x_t, t, cond)
+        with ctx.autocast():
+            pred = ctx.policy_fwd(x_t, t, cond)
         # DreamBooth's eq. 2 without its instance term (look forward: the critic replaces it), or with it (dino)
         db = dreambooth_loss(pred, eps, B, opt.prior_weight, instance_weight=float(opt.dpg_reward == "dino"))
-        ab = tr.sd.scheduler.alpha_bar(t[:B], pred.device)
+        ab = ctx.sd.scheduler.alpha_bar(t[:B], pred.device)
         x0_hat = look_forward(x_t[:B], pred[:B], ab)
         r = residual(x0_hat, x0[:B])
-        with torch.autocast(tr.device.type, enabled=False):
+        with torch.autocast(ctx.device.type, enabled=False):
             q = self.critic(r)
         loss = db.loss + opt.dpg_weight * (discount(t[:B], opt.gamma) * q).mean()
         # what after_step trains the critic on: this step's residual and its cost, before the U-Net moves
@@ -214,11 +214,11 @@ class LookForward(DreamBooth):
         if self.dino is None:
             return batch["lookforward"]
         from tinyrpo.pipeline import to_pil
-        tr = self.trainer
-        with torch.no_grad(), tr.autocast():
-            images = tr.sd.vae.decode_latents(batch["x0_hat"])
+        ctx = self.ctx
+        with torch.no_grad(), ctx.autocast():
+            images = ctx.sd.vae.decode_latents(batch["x0_hat"])
         emb = self.dino_embed(to_pil((images.float() + 1) / 2))  # [-1, 1] -> 8-bit images
-        return dino_cost(emb, self.ref_dino[batch["i"].to(tr.device)])
+        return dino_cost(emb, self.ref_dino[batch["i"].to(ctx.device)])
 
     def after_step(self, batch, out):
         """One SGD step of the critic on this step's (r, cost), its gradient norm clipped to --critic-clip (0: the
@@ -226,7 +226,7 @@ class LookForward(DreamBooth):
         the critic's objective and are dropped first (as the authors do)."""
         cost = self.cost(batch)
         self.critic_opt.zero_grad(set_to_none=True)
-        with torch.autocast(self.trainer.device.type, enabled=False):
+        with torch.autocast(self.ctx.device.type, enabled=False):
             lq = critic_loss(self.critic(batch["r"]), cost)
         lq.backward()
         # returns the norm before clipping (logged); an infinite bound scales by exactly 1: the authors' step

@@ -104,22 +104,22 @@ class DreamBooth(Method):
 
     @property
     def class_prompt(self) -> str:
-        return CLASS_PROMPT.format(self.trainer.subject.class_noun)
+        return CLASS_PROMPT.format(self.ctx.subject.class_noun)
 
     def prepare(self):
-        tr = self.trainer
+        ctx = self.ctx
         # One prompt slot per image (seed + k), so the cache is saved every --gen-batch-size images and an
         # interrupted generation resumes where it stopped.
-        images, _ = generated_images(tr, "class_images", [self.class_prompt] * self.opt.num_class_images, 1,
-                                     tr.cfg.seed, "class images")
-        with tr.phase("latents"):
-            self.instance_latents = encode_images(tr.sd.vae, tr.subject.images, tr.device)
-            self.class_latents = encode_images(tr.sd.vae, images, tr.device)
+        images, _ = generated_images(ctx, "class_images", [self.class_prompt] * self.opt.num_class_images, 1,
+                                     ctx.cfg.seed, "class images")
+        with ctx.phase("latents"):
+            self.instance_latents = encode_images(ctx.sd.vae, ctx.subject.images, ctx.device)
+            self.class_latents = encode_images(ctx.sd.vae, images, ctx.device)
 
     def draw(self, gen):
-        tr = self.trainer
+        ctx = self.ctx
         i, k, t, eps = draw_instance_and_class(gen, len(self.instance_latents), len(self.class_latents),
-                                               tr.cfg.batch_size, tr.sd.scheduler.cfg.num_train_timesteps,
+                                               ctx.cfg.batch_size, ctx.sd.scheduler.cfg.num_train_timesteps,
                                                self.instance_latents.shape[1:])
         return {"i": i, "k": k, "t": t, "eps": eps}
 
@@ -127,18 +127,18 @@ class DreamBooth(Method):
         """The U-Net inputs: x_t of each row (forward process of its x_0 with its own ε and t) and its
         conditioning, the subject's prompt for instance rows and the class prompt for class rows.
         -> x_t, t, cond, eps, x_0."""
-        tr = self.trainer
-        i, k = batch["i"].to(tr.device), batch["k"].to(tr.device)
-        t, eps = batch["t"].to(tr.device), batch["eps"].to(tr.device)
+        ctx = self.ctx
+        i, k = batch["i"].to(ctx.device), batch["k"].to(ctx.device)
+        t, eps = batch["t"].to(ctx.device), batch["eps"].to(ctx.device)
         x0 = torch.cat([self.instance_latents[i], self.class_latents[k]])
-        states = tr.text_states([tr.subject.reference_prompt, self.class_prompt])
+        states = ctx.text_states([ctx.subject.reference_prompt, self.class_prompt])
         cond = torch.cat([states[0:1].expand(len(i), -1, -1), states[1:2].expand(len(k), -1, -1)])
-        return tr.sd.scheduler.add_noise(x0, eps, t), t, cond, eps, x0
+        return ctx.sd.scheduler.add_noise(x0, eps, t), t, cond, eps, x0
 
     def loss(self, batch):
-        tr = self.trainer
+        ctx = self.ctx
         x_t, t, cond, eps, _ = self.inputs(batch)
-        with tr.autocast():
-            pred = tr.policy_fwd(x_t, t, cond)
+        with ctx.autocast():
+            pred = ctx.policy_fwd(x_t, t, cond)
         out = dreambooth_loss(pred, eps, len(batch["i"]), self.opt.prior_weight)
         return StepOutput(out.loss, {"l_instance": out.l_instance, "l_prior": out.l_prior, "t": batch["t"]})

@@ -14,10 +14,11 @@ A method is a class with these methods, and nothing else is asked of it:
                      for --refresh-negatives) updates it after the optimizer step and saves it in last.pt, for an
                      exact --resume
 
-Of the trainer, a method uses: `cfg` (the shared settings; its own are `self.opt`), `device`, `out` (the run
-folder), `subject`, `prompts` (the training prompts), `sd` (the base model: its VAE and scheduler),
-`policy_fwd` and `ref_fwd` (the trained and the frozen U-Net, as callables), `text_states(prompts)`,
-`reward(images, prompts, λ)` (eq. 5), and the contexts `autocast()` and `phase(name)` (timing).
+What a method sees of the run is a RunContext (below), made by the trainer and handed to the method as
+`self.ctx`: the shared settings, the device, the run folder, the subject and its training prompts, the base
+model, the trained and the frozen U-Net as callables, the text conditioning, the reward (eq. 5) and two
+contexts (autocast, the timing of a phase). Nothing else of the trainer is reachable, so a method cannot
+depend on the loop's internals; its own options are `self.opt`.
 A method's `defaults` (lr, steps, select, train_text_encoder) fill the shared settings not given; `lora_lr` among
 them is the lr that --lora without --lr gets (DCO's authors' 5e-5; other methods tinyrpo.config.LORA_LR).
 The loop, validation, checkpoints, logging, LoRA, precision and resume are the trainer's and the same for
@@ -27,12 +28,13 @@ tinyrpo/dreambooth.py, tinyrpo/dpg.py, tinyrpo/dco.py) and is listed in tinyrpo/
 import contextlib
 import json
 from dataclasses import dataclass, fields
-from typing import NamedTuple
+from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 from PIL import Image
 
-from tinyrpo.data import load_rgb, to_tensor
+from tinyrpo.data import Subject, load_rgb, to_tensor
 from tinyrpo.errors import UserError
 from tinyrpo.pipeline import generate, to_pil
 from tinyrpo.runs.atomic import atomic_save_image, atomic_write_json
@@ -55,6 +57,24 @@ class MethodOptions:
         """Check the values; `need(ok, message)` raises the one-line user error."""
 
 
+@dataclass(frozen=True)
+class RunContext:
+    """What a method sees of the run (the trainer fills it once the models are loaded)."""
+    cfg: object                   # the shared settings (tinyrpo.config.TrainConfig); a method's own are its opt
+    device: torch.device
+    out: Path                     # the run folder: a method caches what it makes once here (tinyrpo/runs/)
+    subject: Subject              # the photos, token, class noun (tinyrpo/data.py)
+    prompts: list                 # the training prompts, the token filled in
+    sd: object                    # the base model (tinyrpo.formats.weights.StableDiffusion): VAE, tokenizer,
+                                  # scheduler; its U-Net is the policy being trained
+    policy_fwd: Callable          # (x_t, t, states) -> ε of the trained U-Net (with --lora: the adapters on)
+    ref_fwd: Callable | None      # the same of the frozen base U-Net, for a method with uses_reference
+    text_states: Callable         # prompts -> [N, 77, D] conditioning (cached while the text encoder is frozen)
+    reward: Callable              # (images, prompts, λ) -> Scores: the λ-Harmonic reward of eq. 5, in fp32
+    autocast: Callable            # () -> the run's autocast context (--precision)
+    phase: Callable               # name -> a context adding its block's time to summary.json's "seconds"
+
+
 class Method:
     """The interface; see the module docstring. Subclasses set the class attributes and override."""
 
@@ -67,8 +87,8 @@ class Method:
     uses_reference = False  # True when the loss needs the frozen base U-Net's predictions (RPO, DCO)
     diverged_hint = "lower --lr or use --precision fp32"  # what to try when the loss is no longer finite
 
-    def __init__(self, trainer, options):
-        self.trainer = trainer
+    def __init__(self, ctx: RunContext, options):
+        self.ctx = ctx
         self.opt = options
 
     def load(self) -> None:
@@ -109,7 +129,7 @@ def encode_images(vae, images: list[Image.Image], device, batch_size: int = 8) -
     return torch.cat(out)
 
 
-def generated_images(trainer, folder: str, prompts: list[str], n: int, seed: int, desc: str,
+def generated_images(ctx: RunContext, folder: str, prompts: list[str], n: int, seed: int, desc: str,
                      policy_step: int | None = None) -> tuple[list[Image.Image], list[int]]:
     """n images of the base model per prompt, cached as PNGs in run/<folder>/; -> (images, prompt index).
 
@@ -120,8 +140,8 @@ def generated_images(trainer, folder: str, prompts: list[str], n: int, seed: int
     With `policy_step` the images are the trained policy's after that many steps (RPO's --refresh-negatives),
     not the base model's, timed as the phase "refresh".
     """
-    cfg = trainer.cfg
-    root = trainer.out / folder
+    cfg = ctx.cfg
+    root = ctx.out / folder
     settings = {"prompts": prompts, "images_per_prompt": n, "seed": seed, "resolution": cfg.resolution,
                 "sample_steps": cfg.sample_steps, "guidance": cfg.guidance, "base": str(cfg.weights)}
     if policy_step is not None:
@@ -137,14 +157,14 @@ def generated_images(trainer, folder: str, prompts: list[str], n: int, seed: int
     todo = [p for p in range(len(prompts)) if done.get(p) != names[p]
             or not all((root / f).exists() for f in names[p])]
     group = max(1, cfg.gen_batch_size // n)
-    unet = None if policy_step is None else trainer.policy_fwd  # None: the base model's (sd.unet before step 1)
+    unet = None if policy_step is None else ctx.policy_fwd  # None: the base model's (sd.unet before step 1)
     for g in range(0, len(todo), group):
         ps = todo[g:g + group]
-        with trainer.phase(folder if policy_step is None else "refresh"), trainer.autocast(), sampling(trainer):
+        with ctx.phase(folder if policy_step is None else "refresh"), ctx.autocast(), sampling(ctx):
             # generate() seeds its k-th prompt with seed + k: pass seed + ps[0] and consecutive prompts only
             runs = _consecutive(ps)
             for run in runs:
-                images, _ = generate(trainer.sd, [prompts[p] for p in run], n=n, steps=cfg.sample_steps,
+                images, _ = generate(ctx.sd, [prompts[p] for p in run], n=n, steps=cfg.sample_steps,
                                      guidance=cfg.guidance, seed=seed + run[0], height=cfg.resolution,
                                      width=cfg.resolution, batch_size=cfg.gen_batch_size, progress=True,
                                      unet=unet, desc=f"{desc} {min(g + len(ps), len(todo))}/{len(todo)}")
@@ -158,10 +178,10 @@ def generated_images(trainer, folder: str, prompts: list[str], n: int, seed: int
     return images, [p for p in range(len(prompts)) for _ in range(n)]
 
 
-def read_generated(trainer, folder: str) -> list[Image.Image]:
+def read_generated(ctx: RunContext, folder: str) -> list[Image.Image]:
     """The images generated_images wrote in run/<folder>/, read back in its order, never made anew (the
     weights that made them may be gone); UserError if index.json or an image is missing."""
-    root = trainer.out / folder
+    root = ctx.out / folder
     try:
         files = json.loads((root / "index.json").read_text())["files"]
         names = [f for p in sorted(files, key=int) for f in files[p]]
@@ -171,9 +191,9 @@ def read_generated(trainer, folder: str) -> list[Image.Image]:
 
 
 @contextlib.contextmanager
-def sampling(trainer):
+def sampling(ctx: RunContext):
     """The U-Net and the text encoder in eval mode while generating (as validation does), then as they were."""
-    modules = (trainer.sd.unet, trainer.sd.text_encoder)
+    modules = (ctx.sd.unet, ctx.sd.text_encoder)
     modes = [m.training for m in modules]
     for m in modules:
         m.eval()

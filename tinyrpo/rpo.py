@@ -226,59 +226,61 @@ class RPO(Method):
     uses_reference = True
 
     def prepare(self):
-        tr, opt = self.trainer, self.opt
-        negatives, l_prompt = generated_images(tr, "negatives", tr.prompts, opt.images_per_prompt, tr.cfg.seed,
+        ctx, opt = self.ctx, self.opt
+        negatives, l_prompt = generated_images(ctx, "negatives", ctx.prompts, opt.images_per_prompt, ctx.cfg.seed,
                                                "negative set")
         self.l_prompt = torch.tensor(l_prompt)
-        with tr.phase("rewards"):
+        with ctx.phase("rewards"):
             # h for each reference image and each generated image (eq. 5), with the training λ
-            refs = tr.subject.images
+            refs = ctx.subject.images
             if opt.winner_prompt == "reference":
-                h_w = tr.reward(refs, [tr.subject.reference_prompt] * len(refs), opt.lambda_train).reward
+                h_w = ctx.reward(refs, [ctx.subject.reference_prompt] * len(refs), opt.lambda_train).reward
             else:  # one reward per (reference image, training prompt): [n_w, P]
-                h_w = torch.stack([tr.reward(refs, [p] * len(refs), opt.lambda_train).reward for p in tr.prompts], 1)
+                h_w = torch.stack([ctx.reward(refs, [p] * len(refs), opt.lambda_train).reward
+                                   for p in ctx.prompts], 1)
             self.h_w = h_w.cpu()
             self.use_negatives(negatives)
-            atomic_write_json(tr.out / "rewards.json", {"lambda_train": opt.lambda_train,
-                                                        "winner_prompt": opt.winner_prompt,
-                                                        "reference": self.h_w.tolist(), "negatives": self.h_l.tolist()})
+            atomic_write_json(ctx.out / "rewards.json", {"lambda_train": opt.lambda_train,
+                                                         "winner_prompt": opt.winner_prompt,
+                                                         "reference": self.h_w.tolist(), "negatives": self.h_l.tolist()})
             # Everything a step needs, computed once: latents of both sides of a pair.
-            self.w_latents = encode_images(tr.sd.vae, refs, tr.device)
+            self.w_latents = encode_images(ctx.sd.vae, refs, ctx.device)
         # --refresh-negatives: steps done, and the step whose policy made the set in use (0: the base model)
         self.steps_done, self.negatives_step = 0, 0
 
     def use_negatives(self, images):
         """The loser side of the pairs: each generated image's reward h(l) (eq. 5, against the training prompt
         it was made from) and its latent. The labels are drawn from h at every step, so they follow."""
-        tr = self.trainer
-        self.h_l = tr.reward(images, [tr.prompts[p] for p in self.l_prompt.tolist()], self.opt.lambda_train).reward.cpu()
-        self.l_latents = encode_images(tr.sd.vae, images, tr.device)
+        ctx = self.ctx
+        prompts = [ctx.prompts[p] for p in self.l_prompt.tolist()]
+        self.h_l = ctx.reward(images, prompts, self.opt.lambda_train).reward.cpu()
+        self.l_latents = encode_images(ctx.sd.vae, images, ctx.device)
 
     def refresh_negatives(self):
         """On-policy negatives (--refresh-negatives K), the paper's "online" future work: the negative set made
         again by the current policy (LoRA or full) with prepare's recipe — the same prompts, images per prompt
         and seeds — and its rewards recomputed. Kept in RUN/refresh/step_NNNNN/ (images, index.json,
         rewards.json), which a resumed run reads back instead of remaking with weights it no longer has."""
-        tr, step = self.trainer, self.steps_done
+        ctx, step = self.ctx, self.steps_done
         folder = refresh_folder(step)
         t0 = time.perf_counter()
-        images, _ = generated_images(tr, folder, tr.prompts, self.opt.images_per_prompt, tr.cfg.seed,
+        images, _ = generated_images(ctx, folder, ctx.prompts, self.opt.images_per_prompt, ctx.cfg.seed,
                                      f"negatives @ {step}", policy_step=step)
-        with tr.phase("refresh"):
+        with ctx.phase("refresh"):
             self.use_negatives(images)
-            atomic_write_json(tr.out / folder / "rewards.json", {"step": step, "negatives": self.h_l.tolist()})
+            atomic_write_json(ctx.out / folder / "rewards.json", {"step": step, "negatives": self.h_l.tolist()})
         self.negatives_step = step
         tqdm.write(f"negative set remade by the policy of step {step} in {time.perf_counter() - t0:.2f} s "
-                   f"({len(images)} images, {tr.out / folder})")
+                   f"({len(images)} images, {ctx.out / folder})")
 
     def draw(self, gen):
-        tr, B, K = self.trainer, self.trainer.cfg.batch_size, self.opt.refresh_negatives
+        ctx, B, K = self.ctx, self.ctx.cfg.batch_size, self.opt.refresh_negatives
         # The steps after step n·K use the set of step n·K's policy, made here when first needed: a run that
         # ends at step n·K makes none, and resumed with more --steps it makes it now, as the uninterrupted run.
         if K and self.steps_done % K == 0 and self.negatives_step != self.steps_done:
             self.refresh_negatives()
         i, j, t, eps = draw_pairs(gen, len(self.w_latents), len(self.l_latents), B,
-                                  tr.sd.scheduler.cfg.num_train_timesteps, self.w_latents.shape[1:],
+                                  ctx.sd.scheduler.cfg.num_train_timesteps, self.w_latents.shape[1:],
                                   self.opt.noise == "shared")
         h_w = self.h_w[i] if self.h_w.ndim == 1 else self.h_w[i, self.l_prompt[j]]
         # eq. (6), re-drawn every time a pair is used (--label-temperature, --labels hard: beyond the paper)
@@ -296,24 +298,24 @@ class RPO(Method):
         # a last.pt from before --refresh-negatives has no state: its runs never refresh, so the counts do not matter
         self.steps_done, self.negatives_step = state.get("steps_done", 0), state.get("negatives_step", 0)
         if self.negatives_step:
-            self.use_negatives(read_generated(self.trainer, refresh_folder(self.negatives_step)))
+            self.use_negatives(read_generated(self.ctx, refresh_folder(self.negatives_step)))
 
     def inputs(self, batch):
         """The U-Net inputs of a step: x_t of both sides (forward process of x_0 with the drawn ε, t) and
         their conditioning — the reference prompt for w, the loser's own training prompt for l."""
-        tr = self.trainer
-        i, j = batch["i"].to(tr.device), batch["j"].to(tr.device)
-        t, eps = batch["t"].to(tr.device), batch["eps"].to(tr.device)
+        ctx = self.ctx
+        i, j = batch["i"].to(ctx.device), batch["j"].to(ctx.device)
+        t, eps = batch["t"].to(ctx.device), batch["eps"].to(ctx.device)
         x0 = torch.cat([self.w_latents[i], self.l_latents[j]])
-        states = tr.text_states([tr.subject.reference_prompt] + tr.prompts)
-        cond = torch.cat([states[0:1].expand(len(i), -1, -1), states[1:][self.l_prompt.to(tr.device)[j]]])
-        return tr.sd.scheduler.add_noise(x0, eps, t), t, cond, eps
+        states = ctx.text_states([ctx.subject.reference_prompt] + ctx.prompts)
+        cond = torch.cat([states[0:1].expand(len(i), -1, -1), states[1:][self.l_prompt.to(ctx.device)[j]]])
+        return ctx.sd.scheduler.add_noise(x0, eps, t), t, cond, eps
 
     def loss(self, batch):
-        tr, opt = self.trainer, self.opt
+        ctx, opt = self.ctx, self.opt
         x_t, t, cond, eps = self.inputs(batch)
-        y = batch["y"].to(tr.device)
-        out = rpo_forward(tr.policy_fwd, tr.ref_fwd, x_t, t, cond, eps, y, opt.beta, tr.autocast())
+        y = batch["y"].to(ctx.device)
+        out = rpo_forward(ctx.policy_fwd, ctx.ref_fwd, x_t, t, cond, eps, y, opt.beta, ctx.autocast())
         loss = out.loss if (opt.pref and opt.sim) else (out.l_sim if opt.sim else out.l_pref)
         return StepOutput(loss, {"l_sim": out.l_sim, "l_pref": out.l_pref, "delta": out.delta, "label": y,
                                  "t": batch["t"]})

@@ -36,6 +36,7 @@ from tinyrpo.formats.checkpoint import BEST, LAST, save_checkpoint
 from tinyrpo.formats.weights import load_clip, load_sd
 from tinyrpo.lora import (DEFAULT_TARGETS, _matches, add_lora, load_lora_state_dict, lora_config, lora_disabled,
                           lora_state_dict)
+from tinyrpo.method import RunContext
 from tinyrpo.methods import METHODS
 from tinyrpo.pipeline import DTYPES, generate, resolve_device, to_pil
 from tinyrpo.reward import CLIPScorer, Scores, score
@@ -161,8 +162,14 @@ class Trainer:
             if self.train_text_encoder:
                 self.params += list(self.sd.text_encoder.parameters())
         self._text_cache = {}
-        self.method = self.method_cls(self, self.options)
+        self.method = self.method_cls(self.method_context(), self.options)
         self.method.load()  # what the method needs beyond these models (look forward's DINO), still unwritten
+
+    def method_context(self) -> RunContext:
+        """All a method sees of this run (tinyrpo/method.py)."""
+        return RunContext(cfg=self.cfg, device=self.device, out=self.out, subject=self.subject, prompts=self.prompts,
+                          sd=self.sd, policy_fwd=self.policy_fwd, ref_fwd=self.ref_fwd, text_states=self.text_states,
+                          reward=self.reward, autocast=self.autocast, phase=self.phase)
 
     def text_states(self, prompts: list[str]) -> torch.Tensor:
         """Text-encoder conditioning [N, 77, D]: computed once per prompt list while the text encoder is
