@@ -1,6 +1,8 @@
 import os
+import signal
 import subprocess
 import sys
+import warnings
 
 # The Triton kernels run on the CPU through Triton's interpreter in CI (there is no GPU there).
 # This must be set before triton is first imported.
@@ -13,6 +15,19 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers_restored(request):
+    """Every test leaves Ctrl-C and SIGTERM handled as it found them: a handler left behind (a trainer's, which only
+    records the signal) would swallow the interrupt a later test sends (test_export's Ctrl-C during the folder
+    swap). One left behind is put back and named in a warning, so the test that leaked it can be found."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, h in before.items():
+        if signal.getsignal(s) is not h:
+            warnings.warn(f"{request.node.nodeid} left the {s.name} handler changed; restored")
+            signal.signal(s, h)
 
 
 # A full disk and a read-only target, for the tests of writing (test_atomic.py, test_export.py)

@@ -18,7 +18,7 @@ from tinyrpo.clip import (
     CLIPVisionConfig,
     clip_preprocess,
     clip_preprocess_tensor,
-    to_rgb,
+    convert_to_rgb,
 )
 
 MANIFESTS = Path(__file__).parent / "manifests"
@@ -204,7 +204,7 @@ def test_preprocess_tensor_approximates_pil():
     images = synthetic_images()
     batch = clip_preprocess(images)
     for image, ref in zip(images, batch):
-        x = torch.from_numpy(np.array(to_rgb(image))).permute(2, 0, 1)[None].float() / 255
+        x = torch.from_numpy(np.array(convert_to_rgb(image))).permute(2, 0, 1)[None].float() / 255
         ours = clip_preprocess_tensor(x)[0]
         assert ours.shape == ref.shape
         err = (ours - ref).abs().mean().item()

@@ -16,7 +16,7 @@ from tinyrpo import evaluate
 from tinyrpo.compare import main
 from tinyrpo.errors import UserError
 from tinyrpo.evaluation import comparison
-from tinyrpo.evaluation.comparison import Cell, PUBLISHED, markdown, mean_std, method_args, plan, shard, summarize
+from tinyrpo.evaluation.comparison import Cell, PUBLISHED, comparison_markdown, mean_std, method_args, plan, shard, summarize
 from tinyrpo.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +61,7 @@ def test_table_by_hand():
     assert mean_std([1.0, 3.0]) == {"mean": 2.0, "std": math.sqrt(2.0), "n": 2}
     data = {"methods": ["rpo", "dreambooth"], "subjects": ["dog", "can"], "seeds": [0, 1], "metrics": metrics,
             "cells": cells, "table": table, "published": PUBLISHED, "lambda_val": 0.5}
-    md = markdown(data)
+    md = comparison_markdown(data)
     assert "| **rpo** | 0.700 ± 0.100 (3) | 0.800 ± 0.000 (3) | 0.320 ± 0.020 (3) | 0.700 ± 0.000 (3) | " \
            "0.500 ± 0.500 (3) |" in md
     assert "| DreamBooth, SD (DreamBooth, Table 1) | 0.668 | 0.803 | 0.305 | – | – |" in md

@@ -46,7 +46,7 @@ def test_paired_verdicts():
     assert ex.paired(better, runs, 0.3).endswith("worse")
     noisy = {k: [val(0, 0.6, 0.7, 0.5 + (0.3 if i % 2 else -0.3), 0.5)] for i, k in enumerate("abcd")}
     assert ex.paired(runs, noisy, 0.3).endswith("within noise")
-    assert math.isnan(ex.mean_std([])[0])
+    assert math.isnan(ex.spread([])[0])
 
 
 def test_at_the_runs_own_lambda_the_kept_step_is_the_trainers(tmp_path):

@@ -99,3 +99,8 @@ def check_out_folder(out, flag: str = "--out") -> None:
     if not os.access(existing, os.W_OK | os.X_OK):  # also False on a read-only file system, even for root
         raise UserError(f"{flag} {out}: cannot write into {existing} (read-only or no permission); choose a folder "
                         "you can write to")
+
+
+def fmt(v, digits: int = 3) -> str:
+    """A number in a command's tables: `digits` decimals, – when there is none."""
+    return "–" if v is None else f"{v:.{digits}f}"

@@ -253,7 +253,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
+def convert_to_rgb(image: Image.Image) -> Image.Image:
     """RGB, with any transparency composited onto white (as transformers' convert_to_rgb)."""
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
@@ -269,7 +269,7 @@ def resize_center_crop(image: Image.Image, resize: int, crop: int, round_offset:
     (`round_offset=True`); they differ by a pixel when H - crop is odd.
     """
     assert resize >= crop, f"cannot crop {crop} pixels out of a {resize}-pixel side"
-    image = to_rgb(image)
+    image = convert_to_rgb(image)
     w, h = image.size
     if w <= h:
         w, h = resize, int(resize * h / w)

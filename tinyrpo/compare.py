@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tinyrpo import dreambench
 from tinyrpo.errors import UserError, run_cli
-from tinyrpo.evaluation.comparison import check_method_options, compare, distributed, markdown, plan
+from tinyrpo.evaluation.comparison import check_method_options, comparison_markdown, compare, distributed, plan
 
 
 def find_subjects(root, wanted: str | None) -> list[Path]:
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
             import torch.distributed as dist
             dist.destroy_process_group()
     if data is not None:
-        print("\n" + markdown(data))
+        print("\n" + comparison_markdown(data))
         print(f"wrote {out / 'compare.md'}, {out / 'compare.json'} and {out / 'report.html'}")
     return 0
 

@@ -131,7 +131,7 @@ def resolve_config(cfg: TrainConfig, given: set[str] | None = None) -> TrainConf
     if cfg.resume:
         out = Path(cfg.out or Path("runs") / Path(cfg.subject).name)
         if (out / "config.json").exists():
-            old = read_json(out / "config.json")
+            old = read_json(out / "config.json", "the run's settings")
             keep = {k: old[k] for k in SHARED if k in old and (given is not None and k not in given)}
             method = METHODS.get(keep.get("method", cfg.method), METHODS[cfg.method])
             opts = {f.name: old[f.name] for f in fields(method.Options) if f.name in old}

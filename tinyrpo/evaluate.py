@@ -24,7 +24,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from tinyrpo.cli import HelpFormatter, add_alias
 from tinyrpo.errors import UserError, run_cli
-from tinyrpo.evaluation.scores import EvalSettings, evaluate_subject, markdown
+from tinyrpo.evaluation.scores import EvalSettings, eval_markdown, evaluate_subject
 from tinyrpo.pipeline import PRECISIONS
 from tinyrpo.runs.paths import DEFAULT_DINO, DEFAULT_EVAL_CLIP, DEFAULT_SD
 
@@ -145,7 +145,7 @@ def main(argv=None):
     result = evaluate_subject(args.subject, out=args.out, ckpt=args.ckpt, weights=args.weights,
                               eval_clip=args.eval_clip, dino=args.dino, token=args.token,
                               class_noun=args.class_noun, live=args.live, real=args.real, settings=settings)
-    print(markdown(result))
+    print(eval_markdown(result))
     where = Path(result["out"])
     print(f"wrote {where / 'eval.json'}, {where / 'eval.md'}" + ("" if args.real else f" and {where / 'grids'}/"))
     return 0

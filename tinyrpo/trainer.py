@@ -342,9 +342,12 @@ class Trainer:
         log, start, end = self.set_up()
         pending = []  # per-step values stay on the device until the next log flush (no host sync per step)
         stopped_early, step = end < cfg.steps, start
-        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        bar = tqdm(range(start + 1, end + 1), initial=start, total=cfg.steps, desc="training", unit="step")
+        handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        bar = None
         try:
+            for s in handlers:
+                signal.signal(s, self._on_signal)
+            bar = tqdm(range(start + 1, end + 1), initial=start, total=cfg.steps, desc="training", unit="step")
             for step in bar:
                 pending.append(self.train_step(step))
                 validating = step % cfg.val_every == 0 or step == cfg.steps
@@ -366,8 +369,9 @@ class Trainer:
                     stopped_early = True
                     tqdm.write(f"stopping early: {cfg.patience} validations without improvement")
                     break
-        finally:
-            bar.close()
+        finally:  # the handlers as they were, whatever happened after they were set
+            if bar is not None:
+                bar.close()
             for s, h in handlers.items():
                 signal.signal(s, h)
         return self.finish(step, stopped_early)

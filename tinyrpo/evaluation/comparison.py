@@ -29,7 +29,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tinyrpo.cli import fmt
 from tinyrpo.errors import UserError
+from tinyrpo.evaluation.pages import duration
 
 # Published DreamBench figures (means over the 30 subjects, 25 prompts each).
 PUBLISHED = [
@@ -108,11 +110,7 @@ def summarize(methods: list[str], cells: list[dict]) -> tuple[list[str], list[di
     return metrics, table
 
 
-def fmt(v, digits=3) -> str:
-    return "–" if v is None else f"{v:.{digits}f}"
-
-
-def markdown(data: dict) -> str:
+def comparison_markdown(data: dict) -> str:
     metrics = data["metrics"]
     head = "| method | " + " | ".join(NAMES.get(m, m) for m in metrics) + " |"
     rule = "|---" * (len(metrics) + 1) + "|"
@@ -229,12 +227,6 @@ class CellRunner:
         return result, False
 
 
-def duration(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
 def run_cells(cells: list[Cell], runner, prefix: str = "") -> list[dict]:
     """Run `cells` in order with `runner`; -> one compare.json cell record each. Prints one line per cell."""
     records, spent, done_here = [], 0.0, 0
@@ -325,6 +317,6 @@ def compare(cells: list[Cell], out: Path, train_args: list[str], args, settings,
             "cells": records, "table": table, "published": PUBLISHED, "lambda_val": settings.lambda_val,
             "train_args": train_args, "ranks": world, "seconds": round(time.perf_counter() - t0, 1)}
     atomic_write_json(out / "compare.json", data)
-    atomic_write_bytes(out / "compare.md", markdown(data).encode())
+    atomic_write_bytes(out / "compare.md", comparison_markdown(data).encode())
     write_comparison_report(out)
     return data

@@ -34,6 +34,7 @@ from tinyrpo.errors import UserError
 from tinyrpo.evaluation.grids import grid_cells, labelled_grid
 from tinyrpo.evaluation.svgplot import Series, ema, line_chart
 from tinyrpo.runs.atomic import atomic_write_text
+from tinyrpo.runs.runfolder import read_json
 from tinyrpo.runs.tracking import numbers
 
 THUMB = 128          # px of an embedded grid cell (the full-size PNG is one click away)
@@ -70,13 +71,6 @@ figure img { display: block; } figcaption { margin-bottom: 4px; }
 
 
 # -------------------------------------------------------------------------------------------- reading
-
-def read_json(path: Path, what: str):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {what} {path} ({e}); is it a complete file?") from None
-
 
 def read_log(path: Path) -> list[dict]:
     """log.jsonl's records; a line still being written (a run in progress) is skipped."""
@@ -280,6 +274,7 @@ def grids_section(run: Run) -> str:
 
 
 def duration(s: float) -> str:
+    """Seconds as m:ss, or h:mm:ss from an hour."""
     s = round(s)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from tinyrpo import dreambench
-from tinyrpo.cli import check_input, check_out_folder
+from tinyrpo.cli import check_input, check_out_folder, fmt
 from tinyrpo.data import load_subject, read_subject_file, resolve_class
 from tinyrpo.dino import DINO, dino_preprocess
 from tinyrpo.errors import UserError
@@ -340,7 +340,7 @@ def write_outputs(out: Path, grids: list, result: dict) -> None:
     try:
         for rel, image in grids:
             atomic_save_image(image, stage / rel)
-        atomic_write_text(stage / "eval.md", markdown(result))
+        atomic_write_text(stage / "eval.md", eval_markdown(result))
         atomic_write_json(stage / "eval.json", result)
         (out / "eval.json").unlink(missing_ok=True)  # from here until the last rename, `out` is unfinished
         for rel in [rel for rel, _ in grids] + [Path("eval.md"), Path("eval.json")]:
@@ -378,11 +378,7 @@ def free_memory(device):
 
 # ------------------------------------------------------------------------------------------------- tables
 
-def fmt(v) -> str:
-    return "–" if v is None else f"{v:.3f}"
-
-
-def markdown(result: dict) -> str:
+def eval_markdown(result: dict) -> str:
     r, models = result, result["models"]
     lines = [f"# DreamBench evaluation: {r['subject']} ({r['class_noun']}, {r['kind']})", ""]
     model = models["ckpt"] or models["weights"] or "reference photos"

@@ -43,7 +43,7 @@ def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return ticks
 
 
-def fmt(v: float) -> str:
+def tick_label(v: float) -> str:
     """Compact tick and tooltip numbers: 0.6132, 1.2e-05, 400."""
     if v == 0:
         return "0"
@@ -92,10 +92,10 @@ def line_chart(series: list[Series], title: str = "", xlabel: str = "step", ylab
            f'<text x="{left}" y="15" class="title">{escape(title)}</text>']
     for t in yt:
         out.append(f'<line x1="{left}" x2="{left + pw}" y1="{py(t):.1f}" y2="{py(t):.1f}" class="grid"/>'
-                   f'<text x="{left - 5}" y="{py(t) + 4:.1f}" text-anchor="end">{fmt(t)}</text>')
+                   f'<text x="{left - 5}" y="{py(t) + 4:.1f}" text-anchor="end">{tick_label(t)}</text>')
     for t in xt:
         out.append(f'<line x1="{px(t):.1f}" x2="{px(t):.1f}" y1="{top}" y2="{top + ph}" class="grid"/>'
-                   f'<text x="{px(t):.1f}" y="{top + ph + 14}" text-anchor="middle">{fmt(t)}</text>')
+                   f'<text x="{px(t):.1f}" y="{top + ph + 14}" text-anchor="middle">{tick_label(t)}</text>')
     out.append(f'<text x="{left + pw / 2}" y="{top + ph + 28}" text-anchor="middle">{escape(xlabel)}</text>')
     if ylabel:
         out.append(f'<text transform="translate(12 {top + ph / 2}) rotate(-90)" text-anchor="middle">'
@@ -111,7 +111,7 @@ def line_chart(series: list[Series], title: str = "", xlabel: str = "step", ylab
         out.append(f'<polyline data-series="{escape(s.name)}" points="{pts}" fill="none" {style}/>')
         if s.markers:
             out += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{s.color}">'
-                    f'<title>{escape(s.name)} at {fmt(x)}: {y:.4f}</title></circle>' for x, y in s.points]
+                    f'<title>{escape(s.name)} at {tick_label(x)}: {y:.4f}</title></circle>' for x, y in s.points]
     for r, row in enumerate(rows if legend else []):
         y = top + ph + 44 + 16 * r
         for x_at, s in row:

@@ -171,7 +171,7 @@ def make_folder(folder):
         raise UserError(f"cannot create folder {folder}: {_reason(e)}; use a folder you can write to") from None
 
 
-def write_error(e, part):
+def download_write_error(e, part):
     if e.errno == errno.ENOSPC:
         return UserError(f"disk full while writing {part}: free some space and run the same command again "
                          f"(it resumes from {part.name})")
@@ -198,7 +198,7 @@ def _write_sidecar(part: Path, url: str, validator: str | None) -> None:
     try:
         _sidecar(part).write_text(json.dumps({"url": url, "validator": validator}))
     except OSError as e:
-        raise write_error(e, _sidecar(part)) from None
+        raise download_write_error(e, _sidecar(part)) from None
 
 
 def _discard(part: Path) -> None:
@@ -287,7 +287,7 @@ def _transfer(url, part, progress, timeout, hint, desc, token, token_host) -> li
             f = open(part, mode)
         except OSError as e:
             bar.close()
-            raise write_error(e, part) from None
+            raise download_write_error(e, part) from None
         with f, bar:
             while True:
                 try:
@@ -299,7 +299,7 @@ def _transfer(url, part, progress, timeout, hint, desc, token, token_host) -> li
                 try:
                     f.write(chunk)
                 except OSError as e:
-                    raise write_error(e, part) from None
+                    raise download_write_error(e, part) from None
                 got += len(chunk)
                 bar.update(len(chunk))
     # http.client returns b"" rather than raising when the server hangs up early: check the count.
@@ -308,7 +308,7 @@ def _transfer(url, part, progress, timeout, hint, desc, token, token_host) -> li
     return chain
 
 
-def probe(url, timeout=30.0, token=None, token_host=None) -> tuple[int | None, tuple[str, str] | None]:
+def probe_url(url, timeout=30.0, token=None, token_host=None) -> tuple[int | None, tuple[str, str] | None]:
     """(size, published hash) of the file at `url` without downloading it; (None, None) when unreachable.
 
     A one-byte Range GET rather than HEAD: urllib turns HEAD into GET on a redirect, and CDN links
@@ -355,7 +355,7 @@ def fetch(url, path, *, sha256=None, retries=3, progress=True, timeout=60.0, hin
             if file_hash(path, "sha256") == sha256:
                 return False
         else:
-            size, published = probe(url, timeout, token, token_host)
+            size, published = probe_url(url, timeout, token, token_host)
             if size is None or (size == path.stat().st_size
                                 and (published is None or file_hash(path, published[0]) == published[1])):
                 return False
@@ -388,6 +388,6 @@ def fetch(url, path, *, sha256=None, retries=3, progress=True, timeout=60.0, hin
     try:
         os.replace(part, path)
     except OSError as e:
-        raise write_error(e, path) from None
+        raise download_write_error(e, path) from None
     _sidecar(part).unlink(missing_ok=True)
     return True

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tinyrpo.errors import UserError
-from tinyrpo.formats.fetch import NotFound, fetch, hf_token, host_of, make_folder, write_error
+from tinyrpo.formats.fetch import NotFound, fetch, hf_token, host_of, make_folder, download_write_error
 from tinyrpo.runs.paths import DEFAULT_DIR, DEFAULT_REFS  # where the other commands look by default
 
 # HF_ENDPOINT is the variable huggingface_hub reads for a mirror; honouring it costs nothing.
@@ -222,7 +222,7 @@ def download_dreambench(dest=DEFAULT_REFS, *, github_url=GITHUB_URL, retries=3, 
                         shutil.copyfileobj(src, dst)
                     os.replace(tmp, target)
                 except OSError as e:
-                    raise write_error(e, tmp) from None
+                    raise download_write_error(e, tmp) from None
     except zipfile.BadZipFile:
         archive.unlink()
         raise UserError(f"the file from {url} is not a valid zip (a broken transfer or an error page); "

@@ -36,8 +36,12 @@ RESUMABLE = ("steps", "patience", "log_every", "save_every", "gen_batch_size", "
              "threads")
 
 
-def read_json(path):
-    return json.loads(Path(path).read_text())
+def read_json(path, what: str = "the file"):
+    """A run's JSON file (config.json, summary.json, compare.json); one sentence for a missing or broken one."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {what} {path} ({e}); is it a complete file?") from None
 
 
 def config_differences(old: dict, new: dict, allowed=RESUMABLE) -> tuple[list[str], list[str]]:
@@ -199,7 +203,7 @@ class RunFolder:
 
     def refuse_changes(self, new: dict) -> list[str]:
         """Raise if `new` changes a setting of the run that --resume may not change; -> the allowed changes."""
-        old = read_json(self.path / "config.json") if (self.path / "config.json").exists() else {}
+        old = read_json(self.path / "config.json", "the run's settings") if (self.path / "config.json").exists() else {}
         old.pop("out", None)  # a run folder may be moved or copied
         refused, allowed = config_differences({k: v for k, v in old.items() if k in new},
                                               {k: v for k, v in new.items() if k in old})
@@ -224,7 +228,7 @@ class RunFolder:
         if steps < done:
             raise UserError(f"--steps {steps} is fewer than the {done} steps {self.path} has trained (last.pt); "
                             f"pass --steps {done} or more to continue it, or start a new run with --out DIR")
-        summary = read_json(self.path / "summary.json") if (self.path / "summary.json").exists() else {}
+        summary = read_json(self.path / "summary.json", "the run's summary") if (self.path / "summary.json").exists() else {}
         stopped = patience is not None and state.get("bad_vals", 0) >= patience
         if summary.get("steps_run") == done and (done >= steps or stopped):  # summary.json: written last
             more = "a larger --patience" if stopped else f"--steps N above {done}"

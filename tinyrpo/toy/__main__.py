@@ -29,7 +29,8 @@ from tinyrpo.errors import UserError, run_cli
 PRETRAIN_HELP = {
     "out": "folder the toy models are written to, in the public layouts",
     "seed": "seed of the pictures and of the initial weights",
-    "threads": "torch threads",
+    "threads": "torch threads of each stage but the CLIP image tower's",
+    "clip_image_threads": "torch threads of the CLIP image tower's stage (the shipped tower: 1)",
     "vae_steps": "VAE training steps", "vae_batch": "VAE pictures per step", "vae_lr": "VAE learning rate",
     "vae_kl": "KL weight per latent element: keeps the latents near N(0, σ²) without blurring",
     "clip_steps": "CLIP contrastive training steps", "clip_batch": "CLIP pairs per step",

@@ -38,10 +38,10 @@ What is measured, and how:
 """
 import json
 import math
-import statistics
 from pathlib import Path
 
 from tinyrpo.errors import UserError
+from tinyrpo.evaluation.comparison import mean_std
 from tinyrpo.rpo import harmonic_reward
 
 SUBJECTS = ("refs/toy", "refs/ball")
@@ -148,15 +148,17 @@ def row_of(v: dict, lam: float) -> dict:
     return {"step": v["step"], "h": h_val(v, lam), "score": exact_score(v), **{m: v["exact"].get(m) for m in METRICS}}
 
 
-def mean_std(xs: list[float]) -> tuple[float, float]:
+def spread(xs: list[float]) -> tuple[float, float]:
+    """(mean, sample std) of the values that are numbers (tinyrpo.evaluation.comparison.mean_std); NaNs if none."""
     xs = [x for x in xs if x is not None and x == x]
     if not xs:
         return float("nan"), float("nan")
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+    ms = mean_std(xs)
+    return ms["mean"], ms["std"]
 
 
-def fmt(xs: list[float], digits: int = 3) -> str:
-    m, s = mean_std(xs)
+def pm(xs: list[float], digits: int = 3) -> str:
+    m, s = spread(xs)
     return "—" if m != m else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
@@ -166,7 +168,7 @@ def table(rows: list[tuple[str, list[dict]]], cols=("identity", "body", "fidelit
     digits = {"step": 0, "minutes": 1}
     lines = ["| | " + " | ".join(names[c] for c in cols) + " |", "| --- |" + " --- |" * len(cols)]
     for name, cells in rows:
-        lines.append(f"| {name} | " + " | ".join(fmt([cell[col] for cell in cells], digits.get(col, 3))
+        lines.append(f"| {name} | " + " | ".join(pm([cell[col] for cell in cells], digits.get(col, 3))
                                                  for col in cols) + " |")
     return "\n".join(lines)
 
@@ -185,7 +187,7 @@ def overfit(runs: dict, lam: float) -> tuple[str, dict]:
             at = [next(v for v in vals if v["step"] == s) for vals in runs[variant].values()
                   if any(v["step"] == s for v in vals)]
             rows.append((s, [row_of(v, lam) for v in at]))
-        data[variant] = {s: {m: mean_std([c[m] for c in cells]) for m in (*METRICS, "score", "h")}
+        data[variant] = {s: {m: spread([c[m] for c in cells]) for m in (*METRICS, "score", "h")}
                          for s, cells in rows}
         title = "pure L_sim (--no-pref)" if variant == "lsim" else "RPO (L_sim + L_pref)"
         out.append(f"**{title}**, validation images, mean ± std over {len(runs[variant])} runs\n\n"
@@ -210,8 +212,8 @@ def table2(runs: dict, lam: float) -> tuple[str, dict]:
                          "step_gap": abs(kept["step"] - best["step"]),
                          "score_gap": exact_score(best) - exact_score(kept)})
     text = table(rows) + "\n\n" + "\n".join(
-        f"- early stopping by h_{lam} vs the exact optimum, {name}: |step gap| {fmt([g['step_gap'] for g in gaps if g['variant'] == v], 0)}, "
-        f"exact score lost {fmt([g['score_gap'] for g in gaps if g['variant'] == v])}"
+        f"- early stopping by h_{lam} vs the exact optimum, {name}: |step gap| {pm([g['step_gap'] for g in gaps if g['variant'] == v], 0)}, "
+        f"exact score lost {pm([g['score_gap'] for g in gaps if g['variant'] == v])}"
         for v, name in (("rpo", "RPO"), ("lsim", "pure L_sim")))
     return text, {"rows": {n: cells for n, cells in rows}, "gaps": gaps}
 
@@ -226,7 +228,7 @@ def paired(a: dict, b: dict, lam: float) -> str:
     diffs = [exact_score(early_stop(b[k], lam)) - exact_score(early_stop(a[k], lam)) for k in a if k in b]
     if len(diffs) < 2:
         return "too few runs to compare"
-    m, s = mean_std(diffs)
+    m, s = spread(diffs)
     se = s / math.sqrt(len(diffs))
     verdict = "within noise" if abs(m) < 2 * se else ("better" if m > 0 else "worse")
     return f"{m:+.3f} ± {se:.3f} (paired, n = {len(diffs)}): {verdict}"
@@ -258,7 +260,7 @@ def matched_fidelity(kept: dict, lsim_vals: list[dict]) -> tuple[float, float]:
 
 def verdict(diffs: list[float], words=("better", "worse")) -> tuple[str, float, float]:
     """-> (verdict, mean, standard error) of paired differences: within noise when |mean| < 2 standard errors."""
-    m, s = mean_std(diffs)
+    m, s = spread(diffs)
     se = s / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
     if len(diffs) < 2:
         return "too few runs to compare", m, se
@@ -279,7 +281,7 @@ def beyond(runs: dict, lam: float, minutes: dict) -> tuple[str, dict]:
             continue
         pairs = [matched_fidelity(v, runs["lsim"][key]) for key, v in kept.items() if key in runs["lsim"]]
         said, m, se = verdict([d for d, _ in pairs], ("buys fidelity", "loses fidelity"))
-        gap = mean_std([g for _, g in pairs])[0]
+        gap = spread([g for _, g in pairs])[0]
         reading[name] = {"variant": variant, "fidelity_diff": m, "se": se, "identity_diff": gap, "n": len(pairs),
                          "verdict": said}
         exact = f"; exact score minus L_sim + early stopping {paired(runs['lsim'], runs[variant], lam)}" if rule == "early" else ""
@@ -372,15 +374,15 @@ def default_run(out: Path, runs: dict, subjects, seeds) -> tuple[str, dict]:
         rows.append((f"{name}: `python train.py --subject {subject}`, kept checkpoint", kept))
         gain = [k["identity"] - base["identity"] for k in kept]
         drop = [base["fidelity"] - k["fidelity"] for k in kept]
-        data[name] = {"base": base, "kept": kept, "identity_gain": mean_std(gain), "fidelity_drop": mean_std(drop)}
+        data[name] = {"base": base, "kept": kept, "identity_gain": spread(gain), "fidelity_drop": spread(drop)}
     lines = ["| | " + " | ".join(cols) + " | step kept | minutes |", "| --- |" + " --- |" * (len(cols) + 2)]
     for label, cells in rows:
-        lines.append(f"| {label} | " + " | ".join(fmt([c.get(k) for c in cells]) for k in cols) + " | "
-                     + " | ".join(fmt([c.get(k) for c in cells], d) if k in cells[0] else "—"
+        lines.append(f"| {label} | " + " | ".join(pm([c.get(k) for c in cells]) for k in cols) + " | "
+                     + " | ".join(pm([c.get(k) for c in cells], d) if k in cells[0] else "—"
                                   for k, d in (("step", 0), ("minutes", 1))) + " |")
-    notes = [f"- {n}: pattern identity {fmt([k['identity'] for k in d['kept']])} vs the base model's "
+    notes = [f"- {n}: pattern identity {pm([k['identity'] for k in d['kept']])} vs the base model's "
              f"{d['base']['identity']:.3f} (gain {d['identity_gain'][0]:+.3f} ± {d['identity_gain'][1]:.3f}); "
-             f"fidelity {fmt([k['fidelity'] for k in d['kept']])} vs {d['base']['fidelity']:.3f} (drop "
+             f"fidelity {pm([k['fidelity'] for k in d['kept']])} vs {d['base']['fidelity']:.3f} (drop "
              f"{d['fidelity_drop'][0]:+.3f} ± {d['fidelity_drop'][1]:.3f})" for n, d in data.items()]
     return "\n".join(lines) + "\n\n" + "\n".join(notes), data
 

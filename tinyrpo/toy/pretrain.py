@@ -15,17 +15,20 @@
               layout, on the class token after the final LayerNorm, the embedding tinyrpo.evaluate compares.
               So DINO scores say "the same object", whatever the background: what DreamBench's DINO is for.
 
-Each stage saves its weights under OUT/stages/ when done, so an interrupted run continues with the next
-stage. At the end the models are written in the public layouts (tinyrpo/toy/models.py) under OUT/sd,
-OUT/clip, OUT/dino, and OUT/pretrain.log and OUT/pretrain.json say what was done, how long it took (wall
+Stages 1 and 2, and 4 and 5, need nothing from each other, so each pair runs side by side, one process a
+stage (GROUPS below). Each stage saves its weights under OUT/stages/ when done, so an interrupted run
+continues with the next stage. At the end the models are written in the public layouts
+(tinyrpo/toy/models.py) under OUT/sd, OUT/clip, OUT/dino, and OUT/pretrain.log and OUT/pretrain.json say what was done, how long it took (wall
 and CPU time) and how good each model is, measured exactly with tinyrpo/toy/metrics.py.
 """
 import copy
 import json
 import math
+import multiprocessing
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -44,7 +47,7 @@ from tinyrpo.tokenizer import CLIPTokenizer
 from tinyrpo.toy import metrics, models
 from tinyrpo.toy.probe import run_probe
 from tinyrpo.toy.subjects import HELD_OUT_PATTERNS, PROBE_PATTERNS
-from tinyrpo.toy.towers import Tower, TowerConfig, train_tower
+from tinyrpo.toy.towers import Tower, TowerConfig, lr_at, train_tower
 from tinyrpo.toy.world import SIZE, WorldRules, dataset, held_out_triples, moved, parse, render, sample
 
 
@@ -81,6 +84,8 @@ class PretrainConfig:
     dino_instance: float = 0.5
     clip_image_seed: int = 1          # of its picture stream (the tower shipped)
     dino_seed: int = 1
+    clip_image_threads: int = 1       # the shipped tower was trained at one thread: torch's sums depend on the
+                                      # thread count, so it is part of the recipe that reproduces the file
     tower_groups: int = 16            # hard-negative groups per batch ...
     tower_k: int = 4                  # ... of this many instances that differ only in layout
     tower_temperature: float = 0.1
@@ -95,7 +100,8 @@ class PretrainConfig:
     def check(self) -> None:
         """Refuse values no stage can use, before an hour of pretraining starts (one sentence each)."""
         shares = ("caption_dropout", "clip_image_near", "clip_image_bw", "ema")
-        counts = ("threads", "tower_groups", "probe_pictures", "check_pictures", "check_prompts", "check_every")
+        counts = ("threads", "clip_image_threads", "tower_groups", "probe_pictures", "check_pictures",
+                  "check_prompts", "check_every")
         for name, value in asdict(self).items():
             flag = "--" + name.replace("_", "-")
             if name in shares and not 0 <= value <= 1:
@@ -117,8 +123,15 @@ class PretrainConfig:
             raise UserError("--tower-supervised-steps must not exceed --clip-image-steps or --dino-steps")
 
 
+SCHEDULE = (0.05, 0.1)  # stages 1-3: warm-up over 5 % of the steps, cosine to a tenth (towers.lr_at)
 STAGES = ("vae", "clip", "unet", "clip_image", "dino")
 STAGE_NET = {"vae": "vae", "clip": "clip", "unet": "unet", "clip_image": "clip", "dino": "dino"}  # what each trains
+NEEDS = {"vae": (), "clip": (), "unet": ("vae", "clip"), "clip_image": ("clip",), "dino": ()}  # earlier stages used
+# The stages of a group need nothing from each other, only from earlier groups, so they run side by side, one
+# process each at its own thread count (so each file is the one a run alone makes, byte for byte): the VAE
+# (which keeps only ~1.3 of its 2 threads busy) beside the text tower, the CLIP image tower beside DINO.
+GROUPS = (("vae", "clip"), ("unet",), ("clip_image", "dino"))
+BAR_POSITION = 0  # the line of this process's progress bars: a group's stages draw theirs one under the other
 
 
 def rules() -> WorldRules:
@@ -131,14 +144,6 @@ def tower_rules() -> WorldRules:
     (Stages 1-3 keep the world they were trained in; the probe measures the towers only.)"""
     r = rules()
     return replace(r, held_out_patterns=r.held_out_patterns + PROBE_PATTERNS)
-
-
-def lr_at(step: int, steps: int, base: float, warmup: float = 0.05) -> float:
-    """Linear warm-up over the first 5 % of the steps, then a cosine decay to a tenth."""
-    w = max(1, int(warmup * steps))
-    if step < w:
-        return base * (step + 1) / w
-    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, steps - w))))
 
 
 def to_unit(images: np.ndarray) -> torch.Tensor:
@@ -156,8 +161,9 @@ def clip_pixels(images: np.ndarray) -> torch.Tensor:
 class Log:
     """Lines to OUT/pretrain.log (and the terminal), each with the time since the start."""
 
-    def __init__(self, path: Path):
-        self.path, self.t0 = path, time.perf_counter()
+    def __init__(self, path: Path, t0: float | None = None):
+        # perf_counter is the system's monotonic clock, so a stage's process can share the run's start
+        self.path, self.t0 = path, time.perf_counter() if t0 is None else t0
 
     def __call__(self, msg: str):
         line = f"[{time.perf_counter() - self.t0:7.1f}s] {msg}"
@@ -184,7 +190,7 @@ def train_vae(cfg: PretrainConfig, vae, log) -> dict:
     g = torch.Generator().manual_seed(cfg.seed)
     world = rules()
     vae.train()
-    bar = tqdm(range(cfg.vae_steps), desc="VAE", unit="step")
+    bar = tqdm(range(cfg.vae_steps), desc="VAE", unit="step", position=BAR_POSITION)
     for step in bar:
         images, _, _ = dataset(cfg.seed * 100 + 1, cfg.vae_batch, world, start=step * cfg.vae_batch)
         x = to_unit(images)
@@ -194,7 +200,7 @@ def train_vae(cfg: PretrainConfig, vae, log) -> dict:
         kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).mean()
         loss = (rec - x).abs().mean() + F.mse_loss(rec, x) + cfg.vae_kl * kl
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg.vae_steps, cfg.vae_lr)
+            group["lr"] = lr_at(step, cfg.vae_steps, cfg.vae_lr, *SCHEDULE)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -234,7 +240,7 @@ def train_clip(cfg: PretrainConfig, clip, log) -> dict:
     opt = torch.optim.AdamW(clip.parameters(), lr=cfg.clip_lr, weight_decay=0.1)
     world = rules()
     clip.train()
-    bar = tqdm(range(cfg.clip_steps), desc="CLIP", unit="step")
+    bar = tqdm(range(cfg.clip_steps), desc="CLIP", unit="step", position=BAR_POSITION)
     for step in bar:
         images, captions, _ = dataset(cfg.seed * 100 + 4, cfg.clip_batch, world, start=step * cfg.clip_batch)
         ids = tokenizer(captions)
@@ -246,7 +252,7 @@ def train_clip(cfg: PretrainConfig, clip, log) -> dict:
         target = same / same.sum(1, keepdim=True)  # identical captions are all positives
         loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg.clip_steps, cfg.clip_lr)
+            group["lr"] = lr_at(step, cfg.clip_steps, cfg.clip_lr, *SCHEDULE)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -317,7 +323,7 @@ def train_unet(cfg: PretrainConfig, unet, data: dict, scale: float, log, check=N
     n = len(data["mean"])
     order = torch.randperm(n, generator=g)
     unet.train()
-    bar = tqdm(range(cfg.unet_steps), desc="U-Net", unit="step")
+    bar = tqdm(range(cfg.unet_steps), desc="U-Net", unit="step", position=BAR_POSITION)
     pos = 0
     for step in bar:
         if pos + cfg.unet_batch > n:
@@ -333,7 +339,7 @@ def train_unet(cfg: PretrainConfig, unet, data: dict, scale: float, log, check=N
         err = (unet(sched.add_noise(x0, noise, t), t, data["states"][cap]) - noise).pow(2).mean((1, 2, 3))  # eq. (14)
         loss = (min_snr_weight(sched, t, cfg.min_snr) * err).mean()
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg.unet_steps, cfg.unet_lr)
+            group["lr"] = lr_at(step, cfg.unet_steps, cfg.unet_lr, *SCHEDULE)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -366,7 +372,7 @@ def train_clip_image(cfg: PretrainConfig, clip, log) -> tuple:
     clip.text_model.requires_grad_(False)
     clip.text_projection.requires_grad_(False)
     tower = Tower(clip)
-    with tqdm(total=cfg.clip_image_steps, desc="CLIP image tower", unit="step") as bar:
+    with tqdm(total=cfg.clip_image_steps, desc="CLIP image tower", unit="step", position=BAR_POSITION) as bar:
         loss = train_tower(tower, tower_config(cfg, "clip"), tower_rules(), cfg.clip_image_seed, bar,
                            CLIPTokenizer.from_bpe_gz())
     with torch.no_grad():  # the precision the file stores
@@ -380,7 +386,7 @@ def train_clip_image(cfg: PretrainConfig, clip, log) -> tuple:
 def train_dino(cfg: PretrainConfig, dino, log) -> dict:
     """Stage 5."""
     tower = Tower(dino)
-    with tqdm(total=cfg.dino_steps, desc="DINO", unit="step") as bar:
+    with tqdm(total=cfg.dino_steps, desc="DINO", unit="step", position=BAR_POSITION) as bar:
         loss = train_tower(tower, tower_config(cfg, "dino"), tower_rules(), cfg.dino_seed, bar)
     check = dino_check(dino, cfg.seed * 100 + 8, rules(), cfg.check_pictures // 4)
     log(f"DINO: final loss {loss:.3f}; {check}")
@@ -422,71 +428,127 @@ def stage_path(out: Path, name: str) -> Path:
     return out / "stages" / f"{name}.pt"
 
 
+def stage_threads(cfg: PretrainConfig, name: str) -> int:
+    return cfg.clip_image_threads if name == "clip_image" else cfg.threads
+
+
+def load_stages(nets: dict, out: Path, names) -> None:
+    """Put the weights of the finished stages `names` (OUT/stages/) into `nets`."""
+    for name in names:
+        state = torch.load(stage_path(out, name), map_location="cpu", weights_only=True)
+        if name == "clip_image":
+            nets["clip"] = models.with_new_image_tower(nets["clip"])
+        nets[STAGE_NET[name]].load_state_dict(state["weights"])
+        if name == "vae":
+            nets["vae"].cfg.scaling_factor = state["scaling_factor"]
+
+
+def run_stage(cfg: PretrainConfig, name: str, t0: float | None = None, bar_position: int = 0) -> dict:
+    """Train one stage, starting from the weights of the stages it needs, and save its weights under
+    OUT/stages/; -> its record (result, wall and CPU time, threads, load). Runs in a process of its own when
+    its group has more than one stage to do."""
+    global BAR_POSITION
+    BAR_POSITION = bar_position
+    out = Path(cfg.out)
+    torch.set_num_threads(stage_threads(cfg, name))
+    log = Log(out / "pretrain.log", t0)
+    nets = models.new_models(cfg.seed)  # the same initial weights in every process
+    load_stages(nets, out, NEEDS[name])
+    torch.manual_seed(cfg.seed)
+    with Clock() as clock:
+        if name == "vae":
+            result = train_vae(cfg, nets["vae"], log)
+        elif name == "clip":
+            result = train_clip(cfg, nets["clip"], log)
+        elif name == "unet":
+            data = cache_unet_data(cfg, nets["vae"].requires_grad_(False),
+                                   models.text_encoder_of(nets["clip"]).requires_grad_(False), log)
+            check = lambda ema, step: unet_check(cfg, nets | {"unet": ema}, log, step)  # noqa: E731
+            nets["unet"] = train_unet(cfg, nets["unet"], data, nets["vae"].cfg.scaling_factor, log, check)
+            del data
+            result = {"check": unet_check(cfg, nets, log, cfg.unet_steps)}
+        elif name == "clip_image":
+            nets["clip"], result = train_clip_image(cfg, nets["clip"], log)
+        else:
+            result = train_dino(cfg, nets["dino"], log)
+    result |= {"wall_s": round(clock.wall, 1), "cpu_s": round(clock.cpu, 1), "threads": torch.get_num_threads(),
+               "load_average": _loadavg()}
+    log(f"{name}: {clock.wall / 60:.1f} min wall, {clock.cpu / 60:.1f} min CPU")
+    atomic_torch_save({"weights": nets[STAGE_NET[name]].state_dict(),
+                       "scaling_factor": nets["vae"].cfg.scaling_factor}, stage_path(out, name))
+    return result
+
+
+def run_group(cfg: PretrainConfig, names: list[str], t0: float) -> dict:
+    """-> {stage: record} of `names`, run side by side in processes of their own (here when only one)."""
+    if len(names) == 1:
+        return {names[0]: run_stage(cfg, names[0], t0)}
+    with ProcessPoolExecutor(len(names), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {name: pool.submit(run_stage, cfg, name, t0, i) for i, name in enumerate(names)}
+        return {name: f.result() for name, f in futures.items()}
+
+
 def pretrain(cfg: PretrainConfig, argv: list[str] | None = None) -> dict:
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "stages").mkdir(parents=True, exist_ok=True)
     log = Log(out / "pretrain.log")
     log(f"command: python -m tinyrpo.toy pretrain {' '.join(argv or [])}".rstrip())
     log(f"config: {json.dumps(asdict(cfg))}")
     log(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
         f"{' '.join(f'{x:.2f}' for x in _loadavg())}")
-    nets = models.new_models(cfg.seed)
-    for name, net in nets.items():
+    for name, net in models.new_models(cfg.seed).items():
         log(f"{name}: {models.n_params(net) / 1e6:.2f} M parameters")
     report_path = out / "pretrain.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
     report.setdefault("stages", {})
+    report.setdefault("groups", {})
 
-    for name in STAGES:
-        path = stage_path(out, name)
-        net = STAGE_NET[name]
-        if path.exists():
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            if name == "clip_image":
-                nets["clip"] = models.with_new_image_tower(nets["clip"])
-            nets[net].load_state_dict(state["weights"])
-            if name == "vae":
-                nets["vae"].cfg.scaling_factor = state["scaling_factor"]
-            log(f"{name}: done before ({path}), loaded")
+    for group in GROUPS:
+        todo = [name for name in group if not stage_path(out, name).exists()]
+        for name in group:
+            if name not in todo:
+                log(f"{name}: done before ({stage_path(out, name)})")
+        if not todo:
             continue
-        torch.manual_seed(cfg.seed)
+        if len(todo) > 1:
+            log(f"{' and '.join(todo)} side by side, one process each")
         with Clock() as clock:
-            if name == "vae":
-                result = train_vae(cfg, nets["vae"], log)
-            elif name == "clip":
-                result = train_clip(cfg, nets["clip"], log)
-            elif name == "unet":
-                data = cache_unet_data(cfg, nets["vae"].requires_grad_(False),
-                                       models.text_encoder_of(nets["clip"]).requires_grad_(False), log)
-                check = lambda ema, step: unet_check(cfg, nets | {"unet": ema}, log, step)  # noqa: E731
-                nets["unet"] = train_unet(cfg, nets["unet"], data, nets["vae"].cfg.scaling_factor, log, check)
-                del data
-                result = {"check": unet_check(cfg, nets, log, cfg.unet_steps)}
-            elif name == "clip_image":
-                nets["clip"], result = train_clip_image(cfg, nets["clip"], log)
-            else:
-                result = train_dino(cfg, nets["dino"], log)
-        result |= {"wall_s": round(clock.wall, 1), "cpu_s": round(clock.cpu, 1), "load_average": _loadavg()}
-        report["stages"][name] = result
-        log(f"{name}: {clock.wall / 60:.1f} min wall, {clock.cpu / 60:.1f} min CPU")
-        atomic_torch_save({"weights": nets[net].state_dict(),
-                           "scaling_factor": nets["vae"].cfg.scaling_factor}, path)
+            report["stages"] |= run_group(cfg, todo, log.t0)
+        report["groups"][" + ".join(group)] = {"wall_s": round(clock.wall, 1), "stages": todo,
+                                              "load_average": _loadavg()}
         report_path.write_text(json.dumps(report, indent=2) + "\n")
 
+    nets = models.new_models(cfg.seed)
+    load_stages(nets, out, STAGES)
     export(out, nets)
     probe = run_probe(str(out), cfg.probe_pictures)
     report["probe_worst_auc"] = probe["worst"]
     log(f"probe ({out}/probe.json, {cfg.probe_pictures} pictures a set): worst AUC {probe['worst']:.3f}")
-    total = {k: round(sum(s.get(k, 0) for s in report["stages"].values()), 1) for k in ("wall_s", "cpu_s")}
-    report["total"] = total
+    report["total"] = total_time(report)
     report["config"] = asdict(cfg)
     report["files_mb"] = {str(p.relative_to(out)): round(p.stat().st_size / 2 ** 20, 2)
                           for p in sorted(out.rglob("*.safetensors"))}
     report_path.write_text(json.dumps(report, indent=2) + "\n")
+    total = report["total"]
     log(f"done: {total['wall_s'] / 60:.1f} min wall, {total['cpu_s'] / 60:.1f} min CPU in the stages; "
         f"weights {sum(report['files_mb'].values()):.1f} MB in {out}/sd, {out}/clip, {out}/dino")
     return report
+
+
+def total_time(report: dict) -> dict:
+    """Wall time: each group's, as measured when its stages ran together (a group whose stages ran in other
+    invocations counts as its stages one after another); CPU time: every stage's."""
+    stages, groups = report["stages"], report.get("groups", {})
+    wall = 0.0
+    for group in GROUPS:
+        key = " + ".join(group)
+        ran = groups.get(key)
+        if ran is not None and set(ran["stages"]) == set(group):
+            wall += ran["wall_s"]
+        else:
+            wall += sum(stages.get(name, {}).get("wall_s", 0) for name in group)
+    return {"wall_s": round(wall, 1), "cpu_s": round(sum(s.get("cpu_s", 0) for s in stages.values()), 1)}
 
 
 def export(out: Path, nets: dict) -> None:

@@ -214,12 +214,14 @@ def contrastive(a: torch.Tensor, b: torch.Tensor, target: torch.Tensor) -> torch
                                                                      else target))
 
 
-def lr_at(step: int, cfg: TowerConfig) -> float:
-    w = max(1, int(cfg.warmup * cfg.steps))
+def lr_at(step: int, steps: int, lr: float, warmup: float, final: float) -> float:
+    """The learning rate of every pretraining stage: a linear warm-up over the first `warmup` share of the
+    steps, then a cosine decay to `final` × lr."""
+    w = max(1, int(warmup * steps))
     if step < w:
-        return cfg.lr * (step + 1) / w
-    cos = 0.5 * (1 + np.cos(np.pi * (step - w) / max(1, cfg.steps - w)))
-    return cfg.lr * (cfg.final_lr + (1 - cfg.final_lr) * cos)
+        return lr * (step + 1) / w
+    cos = 0.5 * (1 + np.cos(np.pi * (step - w) / max(1, steps - w)))
+    return float(lr * (final + (1 - final) * cos))
 
 
 def train_tower(tower: Tower, cfg: TowerConfig, rules: WorldRules, seed: int, bar=None, tokenizer=None) -> float:
@@ -255,7 +257,7 @@ def train_tower(tower: Tower, cfg: TowerConfig, rules: WorldRules, seed: int, ba
                 loss = loss + cfg.caption * contrastive(logits_scale * z, tower.net.encode_text(ids),
                                                         same / same.sum(1, keepdim=True))
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
+            group["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.final_lr)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
