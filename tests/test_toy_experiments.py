@@ -150,6 +150,10 @@ def test_beyond_table_and_its_reading():
     assert data["conclusion"] == ("- reading: L_pref buys fidelity at equal identity over pure L_sim with early "
                                   "stopping with: RPO, label temperature τ 0.1 (+0.200)")
     assert "- RPO, label temperature τ 0.1: fidelity at matched identity +0.200 ± 0.012 (paired, n = 3" in text
+    # in hindsight, L_sim's best step within a 0.05 drop is step 0 (step 80 drops 0.10); the most identity, 240
+    assert data["hindsight"]["lsim"]["toy"] | {} == {"step": 0, "gain": 0.0, "drop": 0.0, "most_step": 240,
+                                                    "most_gain": pytest.approx(0.6), "most_drop": pytest.approx(0.45)}
+    assert "| lsim | +0.000 (+0.000) @ 0 | +0.600 (+0.450) @ 240 |" in text
 
 
 def test_beyond_reading_when_nothing_buys_fidelity():
@@ -211,3 +215,15 @@ def test_train_args_after_the_double_dash_in_any_order():
         args = parse_args(argv)
         assert (args.name, args.seeds, args.train_args) == ("beyond", "0", ["--steps", "40"])
     assert parse_args(["experiment", "all"]).train_args == []
+
+
+def test_hindsight_is_the_best_common_step_within_the_drop():
+    """The step whose mean fidelity drop from step 0 stays within 0.05 and whose mean identity gain is largest;
+    a step beyond the drop is never it, however much identity it has."""
+    runs = [[val(0, .5, .5, 0.0, 0.90), val(80, .5, .5, 0.30, 0.88), val(160, .5, .5, 0.50, 0.80)],
+            [val(0, .5, .5, 0.1, 0.95), val(80, .5, .5, 0.30, 0.91), val(160, .5, .5, 0.70, 0.85)]]
+    h = ex.hindsight(runs)
+    assert h["step"] == 80 and h["gain"] == pytest.approx(0.25) and h["drop"] == pytest.approx(0.03)
+    assert h["most_step"] == 160 and h["most_gain"] == pytest.approx(0.55) and h["most_drop"] == pytest.approx(0.10)
+    worse = [[val(0, .5, .5, 0.0, 0.9), val(80, .5, .5, 0.3, 0.7)]]
+    assert ex.hindsight(worse)["step"] == 0  # only step 0 keeps the drop (gain 0)
