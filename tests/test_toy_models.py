@@ -157,6 +157,23 @@ def test_pretrain_end_to_end_tiny(tmp_path):
     assert np.isfinite(report["total"]["cpu_s"])
 
 
+def test_stages_side_by_side_make_the_files_stages_one_after_another_make(tmp_path, monkeypatch):
+    """Each stage of a group, run in its own process beside the other, gives the very weights it gives run alone
+    in this process (the same initial weights, seeds, inputs from the earlier stages, threads)."""
+    from tinyrpo.toy import pretrain as P
+    cfg = dict(threads=1, vae_steps=3, vae_batch=4, clip_steps=3, clip_batch=8, unet_pictures=16, unet_steps=2,
+               unet_batch=4, clip_image_steps=3, dino_steps=3, tower_groups=2, tower_k=2, tower_supervised_steps=1,
+               tower_big_steps=1, check_pictures=16, check_prompts=2, probe_pictures=4)
+    P.pretrain(P.PretrainConfig(out=str(tmp_path / "together"), **cfg))
+    monkeypatch.setattr(P, "GROUPS", tuple((name,) for name in P.STAGES))
+    report = P.pretrain(P.PretrainConfig(out=str(tmp_path / "apart"), **cfg))
+    assert set(report["groups"]) == set(P.STAGES)
+    for name in P.STAGES:
+        a, b = (torch.load(P.stage_path(tmp_path / run, name), weights_only=True)["weights"]
+                for run in ("together", "apart"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
 @pytest.mark.filterwarnings("ignore:.*px")  # 32-px pictures are below the 256-px advice for photos
 def test_evaluate_reports_exact_metrics_for_a_toy_subject(tmp_path, monkeypatch, capsys):
     """`python -m tinyrpo.evaluate --subject refs/toy`: the toy weights, prompts and resolution come from
