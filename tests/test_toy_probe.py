@@ -71,6 +71,17 @@ def test_hard_negative_groups_differ_only_in_layout():
     assert [p.thing for p in a] == [p.thing for p in b]  # two views of each instance
 
 
+def test_dino_groups_are_the_stream_the_shipped_dino_was_trained_on():
+    """Values printed by the code that trained weights/toy/dino (commit 5a441bc, before near groups): a
+    tower without near groups must not draw one random number more, or pretrain no longer makes that file."""
+    cfg = tower_config(PretrainConfig(), "dino")
+    rng = np.random.default_rng(1)
+    a, b = group_views(rng, tower_rules(), cfg, (14, 22))
+    assert [(p.thing.cls, p.thing.pattern) for p in a[:8:4]] == [("ball", (7, 8)), ("ball", (0,))]
+    assert [p.background for p in b[:3]] == ["yellow", "snow", "yellow"]
+    assert int(rng.integers(10 ** 9)) == 849566497  # as many draws, not only the same first ones
+
+
 def test_near_groups_are_one_cell_apart():
     """CLIP's groups (p_near 1): every instance has as many cells as the first, on visible cells, and
     differs from it by exactly one cell (counted on the rendered pictures' truth, not near_pattern's code)."""

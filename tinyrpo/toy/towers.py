@@ -89,7 +89,9 @@ def group_views(rng: np.random.Generator, rules: WorldRules, cfg: TowerConfig, s
     a, b = [], []
     while len(a) < cfg.groups * cfg.k:
         first = picture(rng, rules, sizes).thing
-        near = len(first.pattern) > 0 and rng.random() < cfg.p_near
+        # drawn only where near groups can happen, so a tower without them (DINO) keeps the picture stream
+        # it was shipped with
+        near = cfg.p_near > 0 and len(first.pattern) > 0 and rng.random() < cfg.p_near
         things, seen = [first], {first.pattern}
         for _ in range(30):
             if len(things) == cfg.k:
