@@ -149,6 +149,8 @@ def test_pretrain_end_to_end_tiny(tmp_path):
     load_clip(tmp_path / "toy" / "clip"), load_dino(tmp_path / "toy" / "dino")
     log = (tmp_path / "toy" / "pretrain.log").read_text()
     assert "command: python -m tinyrpo.toy pretrain --out" in log and "done:" in log
+    machine = report["machine"]  # the files depend on the processor's kernels: the record names it
+    assert machine["torch"] == torch.__version__ and machine["cpu"] and f"threads, {machine['cpu']}," in log
     # a second run finds every stage done and only re-exports
     before = json.loads((tmp_path / "toy" / "pretrain.json").read_text())["stages"]
     pretrain(cfg, [])

@@ -26,6 +26,7 @@ import json
 import math
 import multiprocessing
 import os
+import platform
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -495,7 +496,7 @@ def pretrain(cfg: PretrainConfig, argv: list[str] | None = None) -> dict:
     log = Log(out / "pretrain.log")
     log(f"command: python -m tinyrpo.toy pretrain {' '.join(argv or [])}".rstrip())
     log(f"config: {json.dumps(asdict(cfg))}")
-    log(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
+    log(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {_cpu_name()}, load average "
         f"{' '.join(f'{x:.2f}' for x in _loadavg())}")
     for name, net in models.new_models(cfg.seed).items():
         log(f"{name}: {models.n_params(net) / 1e6:.2f} M parameters")
@@ -527,6 +528,7 @@ def pretrain(cfg: PretrainConfig, argv: list[str] | None = None) -> dict:
     log(f"probe ({out}/probe.json, {cfg.probe_pictures} pictures a set): worst AUC {probe['worst']:.3f}")
     report["total"] = total_time(report)
     report["config"] = asdict(cfg)
+    report["machine"] = {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__}
     report["files_mb"] = {str(p.relative_to(out)): round(p.stat().st_size / 2 ** 20, 2)
                           for p in sorted(out.rglob("*.safetensors"))}
     report_path.write_text(json.dumps(report, indent=2) + "\n")
@@ -570,6 +572,17 @@ def unet_check(cfg: PretrainConfig, nets: dict, log, step: int) -> dict:
     log(f"U-Net step {step}: quick check ({cfg.check_prompts} held-out prompts, guidance {cfg.guidance}): "
         f"{ {k: round(v, 3) for k, v in result.items() if k != 'per_image'} }")
     return {k: v for k, v in result.items() if k != "per_image"}
+
+
+def _cpu_name() -> str:
+    """The processor: torch's sums, so the files, depend on its kernels as on the thread count."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _loadavg() -> list[float]:
