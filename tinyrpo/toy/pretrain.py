@@ -86,7 +86,8 @@ class PretrainConfig:
     clip_image_seed: int = 1          # of its picture stream (the tower shipped)
     dino_seed: int = 1
     clip_image_threads: int = 1       # the shipped tower was trained at one thread: torch's sums depend on the
-                                      # thread count, so it is part of the recipe that reproduces the file
+                                      # thread count (and the processor), so the files do; one thread also
+                                      # leaves the other core to DINO beside it
     tower_groups: int = 16            # hard-negative groups per batch ...
     tower_k: int = 4                  # ... of this many instances that differ only in layout
     tower_temperature: float = 0.1
