@@ -53,3 +53,19 @@ def test_the_toy_page_quotes_the_experiment_tables_as_written(name):
     assert lines
     missing = [x for x in lines if x not in page]
     assert not missing, f"docs/toy-world.md differs from docs/results/{name}.md: {missing[:3]}"
+
+
+def test_the_toy_page_quotes_the_pretraining_rerun_as_recorded():
+    """The measured pretraining time is the rerun's own record (docs/results/pretrain-rerun.json, copied from
+    its --out folder): each group's wall, the U-Net's CPU time and the total, as the page rounds them."""
+    run = json.loads((ROOT / "docs" / "results" / "pretrain-rerun.json").read_text())
+    page = " ".join(TOY_DOC.read_text().split())
+    groups = {key: f"{g['wall_s'] / 60:.1f} min" for key, g in run["groups"].items()}
+    unet = run["stages"]["unet"]
+    quoted = [f"VAE + text tower {groups['vae + clip']}", f"U-Net {groups['unet']}",
+              f"CLIP image tower + DINO {groups['clip_image + dino']}",
+              f"{run['total']['wall_s'] / 60:.1f} min wall, {run['total']['cpu_s'] / 60:.1f} min CPU",
+              f"{unet['wall_s'] / 60:.1f} min wall and {unet['cpu_s'] / 60:.1f} min CPU",
+              f"worst AUC {run['probe_worst_auc']:.3f}", run["machine"]["cpu"], run["machine"]["torch"]]
+    missing = [x for x in quoted if x not in page]
+    assert not missing, f"docs/toy-world.md does not quote docs/results/pretrain-rerun.json: {missing}"

@@ -1,7 +1,7 @@
 """The toy world's commands.
 
     python -m tinyrpo.toy subjects                     # (re)write the subject folders refs/toy and refs/ball
-    python -m tinyrpo.toy pretrain --out weights/toy   # pretrain the toy VAE, CLIP, U-Net and DINO (about 1 h on 2 cores)
+    python -m tinyrpo.toy pretrain --out weights/toy   # pretrain the toy VAE, CLIP, U-Net and DINO (1 h to 1 h 15 on 2 cores: docs/toy-world.md)
     python -m tinyrpo.toy probe                        # do the toy CLIP and DINO see the subject? (AUC table)
     python -m tinyrpo.toy quality                      # how often the toy SD draws the asked background/colour/class
     python -m tinyrpo.toy score runs/toy               # exact identity/fidelity/leak of a run's validations
